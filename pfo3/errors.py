@@ -1,0 +1,176 @@
+"""
+Typed errors of pfo3.
+
+Every failure that reaches a client is one of these exceptions, carried as a
+L{Failure} until the wire, where L{pfo3.wire.error_reply} turns it into an
+error line.  Each class has a stable machine-readable C{codigo}; the human text
+(C{mensaje}) is Spanish, like the rest of the protocol.  The list of codes is
+part of the documented protocol (C{docs/protocol.md}): never rename one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Optional, Type
+
+
+class Pfo3Error(Exception):
+    """
+    Base of every error that pfo3 reports to a client.
+
+    @ivar mensaje: Human-readable explanation (Spanish).
+    @ivar tarea_id: The task's identifier when it is known, else L{None}.
+    """
+
+    codigo: ClassVar[str] = "error"
+
+    def __init__(self, mensaje: str, tarea_id: Optional[str] = None) -> None:
+        super().__init__(mensaje)
+        self.mensaje = mensaje
+        self.tarea_id = tarea_id
+
+
+# --- framing and decoding -------------------------------------------------
+
+
+class LineTooLong(Pfo3Error):
+    """A line exceeded the configured maximum length."""
+
+    codigo = "linea_demasiado_larga"
+
+
+class InvalidUTF8(Pfo3Error):
+    """A line is not valid UTF-8."""
+
+    codigo = "utf8_invalido"
+
+
+class InvalidJSON(Pfo3Error):
+    """A line is not valid JSON."""
+
+    codigo = "json_invalido"
+
+
+class NotAnObject(Pfo3Error):
+    """A line is valid JSON but not a JSON object."""
+
+    codigo = "no_es_objeto"
+
+
+# --- request validation ---------------------------------------------------
+
+
+class InvalidTaskId(Pfo3Error):
+    """C{tarea_id} is present but not a short non-empty string."""
+
+    codigo = "tarea_id_invalido"
+
+
+class DuplicateTaskId(Pfo3Error):
+    """A task with the same C{tarea_id} is still in flight on this connection."""
+
+    codigo = "tarea_id_duplicado"
+
+
+class MissingType(Pfo3Error):
+    """The request has no C{tipo}."""
+
+    codigo = "tipo_faltante"
+
+
+class UnknownType(Pfo3Error):
+    """C{tipo} names no registered task type (or has the wrong JSON type)."""
+
+    codigo = "tipo_desconocido"
+
+
+class MissingContent(Pfo3Error):
+    """The task type needs C{contenido} and the request has none."""
+
+    codigo = "contenido_faltante"
+
+
+class InvalidContent(Pfo3Error):
+    """C{contenido} has the wrong type or value for its task type."""
+
+    codigo = "contenido_invalido"
+
+
+class ExceedsTimeout(Pfo3Error):
+    """The task declares it would run longer than the task timeout."""
+
+    codigo = "excede_timeout"
+
+
+class UnknownOperation(Pfo3Error):
+    """A control request names an unknown C{op}."""
+
+    codigo = "op_desconocida"
+
+
+# --- execution and policy -------------------------------------------------
+
+
+class TaskTimeout(Pfo3Error):
+    """The task did not finish within the task timeout; it was cancelled."""
+
+    codigo = "timeout"
+
+
+class Busy(Pfo3Error):
+    """The server holds as many tasks as it allows; try again later."""
+
+    codigo = "ocupado"
+
+
+class ShuttingDown(Pfo3Error):
+    """The server is shutting down and accepts no new tasks."""
+
+    codigo = "apagando"
+
+
+class TaskFailed(Pfo3Error):
+    """
+    A task refused its input or failed in a way it chose to explain.
+
+    Task functions raise this to send C{mensaje} to the client.  Any other
+    exception is an internal error: its traceback goes to the log and the
+    client only learns that something went wrong.
+    """
+
+    codigo = "tarea_fallida"
+
+
+class InternalError(Pfo3Error):
+    """An unexpected exception inside pfo3 or a task function."""
+
+    codigo = "error_interno"
+
+
+def _all_codes() -> Dict[str, Type[Pfo3Error]]:
+    found: Dict[str, Type[Pfo3Error]] = {}
+    pending = list(Pfo3Error.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found[cls.codigo] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+#: Every error code of the protocol, mapped to its exception class.
+ERROR_CODES: Dict[str, Type[Pfo3Error]] = _all_codes()
+
+
+def error_from_reply(reply: Dict[str, Any]) -> Pfo3Error:
+    """
+    Rebuild the typed exception of an error reply (for clients).
+
+    @param reply: A decoded reply whose C{estado} is C{"error"}.
+    @return: An instance of the class registered for its C{codigo}, or of
+        L{Pfo3Error} itself for a code this version does not know.
+    """
+    codigo = str(reply.get("codigo", "error"))
+    cls = ERROR_CODES.get(codigo, Pfo3Error)
+    exc = cls(str(reply.get("mensaje", "")), reply.get("tarea_id"))
+    if cls is Pfo3Error:
+        exc.codigo = codigo  # type: ignore[misc]
+    return exc

@@ -1,0 +1,284 @@
+"""
+Orchestration: the policy between a decoded request and its executor.
+
+An L{Orchestrator} is shared by every connection of a server; each connection
+gets a L{Session} from it.  A session takes a request line and answers with the
+reply line: at once (bytes) when the task ran inline or was refused, or as a
+L{Deferred} that fires with the reply line (or with L{None} when the
+connection went away and nobody is left to answer).  Nothing here knows about
+sockets; errors travel as typed exceptions and become wire errors in one place,
+L{Session._failed}.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Optional, Set, Union
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pfo3 import wire
+from pfo3.errors import (
+    Busy,
+    DuplicateTaskId,
+    ExceedsTimeout,
+    InternalError,
+    Pfo3Error,
+    ShuttingDown,
+    TaskTimeout,
+)
+from pfo3.tasks import TaskRegistry
+
+ReplyLine = Union[bytes, "Deferred[Optional[bytes]]"]
+
+log = Logger(namespace="pfo3")
+
+
+class Orchestrator:
+    """
+    Limits, timeouts and bookkeeping shared by all connections.
+
+    @ivar active: Tasks accepted and not yet answered, over all connections.
+    @ivar draining: Once true, new tasks are refused with C{apagando}.
+    """
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        executor: Any,
+        clock: IReactorTime,
+        timeout: float = 30.0,
+        max_tasks: int = 50_000,
+        log_every: int = 0,
+    ) -> None:
+        """
+        @param registry: The task types accepted.
+        @param executor: Has C{run(tasktype, arg)} (see L{pfo3.executor}).
+        @param clock: Drives task timeouts.
+        @param timeout: Seconds a task may take before it is cancelled.
+        @param max_tasks: Tasks in flight over all connections past which
+            new ones are refused with C{ocupado}.
+        @param log_every: Log one structured event for every N-th task
+            (C{0}: none; C{1}: all).  Off by default: an event per task costs
+            more than an inline task.
+        """
+        self.registry = registry
+        self.executor = executor
+        self.clock = clock
+        self.timeout = timeout
+        self.max_tasks = max_tasks
+        self.log_every = log_every
+        self.active = 0
+        self.draining = False
+        self.completed = 0
+        self._counter = itertools.count(1)
+        self._sessions: Set[Session] = set()
+        self._idle: List[Deferred[None]] = []
+
+    def session(self, peer: str = "-") -> Session:
+        """
+        @param peer: Describes the client in logs.
+        @return: A new session for one connection.
+        """
+        s = Session(self, peer)
+        self._sessions.add(s)
+        return s
+
+    def _finished(self) -> None:
+        self.active -= 1
+        self.completed += 1
+        if self.active == 0 and self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self) -> Deferred[None]:
+        """
+        Refuse new tasks from now on.
+
+        @return: A Deferred that fires once no task is in flight.
+        """
+        self.draining = True
+        if self.active == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def cancel_all(self) -> None:
+        """
+        Cancel every task still in flight (their clients get C{apagando}).
+        """
+        for s in list(self._sessions):
+            s.cancel_all(ShuttingDown("El servidor se está apagando; la tarea fue cancelada."))
+
+
+class Session:
+    """
+    The tasks of one connection.
+
+    @ivar inflight: Tasks of this connection accepted and not yet answered.
+    """
+
+    def __init__(self, orchestrator: Orchestrator, peer: str) -> None:
+        self.orchestrator = orchestrator
+        self.peer = peer
+        self._pending: Dict[str, Deferred[Any]] = {}
+        self._cancel_reasons: Dict[str, Pfo3Error] = {}
+        self.closed = False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    def handle(self, line: bytes) -> ReplyLine:
+        """
+        Answer one request line.
+
+        @return: The reply line, or a Deferred firing with it (or with
+            L{None} if the session was closed meanwhile).
+        """
+        orch = self.orchestrator
+        try:
+            request = wire.decode_request(line, orch.registry)
+        except Pfo3Error as e:
+            return wire.encode_error(e)
+        if type(request) is wire.ControlRequest:
+            return self._control(request)
+        assert type(request) is wire.TaskRequest
+        tarea_id = request.tarea_id
+        if tarea_id in self._pending:
+            return wire.encode_error(DuplicateTaskId(
+                f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
+                tarea_id,
+            ))
+        if orch.draining:
+            return wire.encode_error(ShuttingDown(
+                "El servidor se está apagando y no acepta tareas nuevas.", tarea_id))
+        if orch.active >= orch.max_tasks:
+            return wire.encode_error(Busy(
+                f"Servidor ocupado: {orch.active} tareas en curso. Reintente más tarde.",
+                tarea_id,
+            ))
+        tasktype = request.tasktype
+        if tasktype.duration is not None and tasktype.duration(request.arg) > orch.timeout:
+            return wire.encode_error(ExceedsTimeout(
+                f"La tarea duraría {tasktype.duration(request.arg):g} s, más que el "
+                f"límite de {orch.timeout:g} s.",
+                tarea_id,
+            ))
+        number = next(orch._counter)
+        sampled = orch.log_every and number % orch.log_every == 0
+        started = orch.clock.seconds() if sampled else 0.0
+        try:
+            outcome = orch.executor.run(tasktype, request.arg)
+        except Exception:
+            orch.completed += 1
+            return self._failed(Failure(), request) or b""
+        if type(outcome) is tuple:
+            orch.completed += 1
+            reply = wire.encode_ok(tarea_id, outcome[0], outcome[1])
+            if sampled:
+                self._log_task(request, outcome[1], "ok", started)
+            return reply
+
+        d: Deferred[Any] = outcome
+        orch.active += 1
+        self._pending[tarea_id] = d
+        d.addTimeout(orch.timeout, orch.clock)
+        d.addCallbacks(
+            self._succeeded, self._failed,
+            callbackArgs=(request, sampled, started),
+            errbackArgs=(request, sampled, started),
+        )
+        return d.addBoth(self._done, tarea_id)
+
+    def _control(self, request: wire.ControlRequest) -> bytes:
+        if request.op == "ping":
+            return wire.encode_control(request.tarea_id, "pong")
+        return wire.encode_control(request.tarea_id, self.orchestrator.registry.describe())
+
+    def _succeeded(
+        self, outcome: Any, request: wire.TaskRequest, sampled: Any = False, started: float = 0.0
+    ) -> Optional[bytes]:
+        if self.closed:
+            return None
+        try:
+            reply = wire.encode_ok(request.tarea_id, outcome[0], outcome[1])
+        except Exception:
+            return self._failed(Failure(), request, sampled, started)
+        if sampled:
+            self._log_task(request, outcome[1], "ok", started)
+        return reply
+
+    def _failed(
+        self, failure: Failure, request: wire.TaskRequest, sampled: Any = False,
+        started: float = 0.0,
+    ) -> Optional[bytes]:
+        """
+        The one place where a failed task becomes a wire error.
+        """
+        tarea_id = request.tarea_id
+        error: Pfo3Error
+        if failure.check(Pfo3Error):
+            error = failure.value
+        elif failure.check(TimeoutError):
+            error = TaskTimeout(
+                f"La tarea superó el límite de {self.orchestrator.timeout:g} s y fue cancelada.",
+                tarea_id,
+            )
+        elif failure.check(CancelledError):
+            reason = self._cancel_reasons.pop(tarea_id, None)
+            if reason is None:
+                return None
+            error = reason
+        else:
+            log.failure(
+                "Task {tarea_id} ({tipo}) raised an unexpected exception",
+                failure, tarea_id=tarea_id, tipo=request.tasktype.name, peer=self.peer,
+            )
+            error = InternalError("Error interno al ejecutar la tarea.", tarea_id)
+        if sampled:
+            self._log_task(request, None, error.codigo, started)
+        if self.closed:
+            return None
+        return wire.encode_error(error, tarea_id)
+
+    def _done(self, reply: Optional[bytes], tarea_id: str) -> Optional[bytes]:
+        del self._pending[tarea_id]
+        self.orchestrator._finished()
+        return reply
+
+    def _log_task(
+        self, request: wire.TaskRequest, worker: Any, estado: str, started: float
+    ) -> None:
+        log.info(
+            "tarea {tarea_id} tipo={tipo} worker={worker} estado={estado} "
+            "duracion={duration:.6f}s peer={peer}",
+            tarea_id=request.tarea_id, tipo=request.tasktype.name, worker=worker,
+            estado=estado, duration=self.orchestrator.clock.seconds() - started,
+            peer=self.peer,
+        )
+
+    def cancel_all(self, reason: Optional[Pfo3Error] = None) -> None:
+        """
+        Cancel every task of this session still in flight.
+
+        @param reason: The error their clients get; L{None} to answer nothing
+            (the connection is gone).
+        """
+        for tarea_id, d in list(self._pending.items()):
+            if reason is not None:
+                self._cancel_reasons[tarea_id] = type(reason)(reason.mensaje, tarea_id)
+            d.cancel()
+
+    def close(self) -> None:
+        """
+        The connection is gone: cancel its tasks and drop their results.
+        """
+        self.closed = True
+        self.cancel_all()
+        self.orchestrator._sessions.discard(self)

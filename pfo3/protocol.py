@@ -1,0 +1,230 @@
+"""
+Framing: the line protocol that carries requests and replies.
+
+L{TaskProtocol} splits the byte stream into lines, hands each to its
+connection's L{pfo3.orchestrator.Session} and writes the reply lines, in the
+order the tasks finish.  It keeps memory bounded in both directions: it stops
+reading while the connection has C{max_inflight} tasks in flight or while the
+transport's write buffer is full (it is the transport's push producer), and a
+line longer than C{max_line} is answered with an error and skipped without
+being buffered.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Set
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pfo3 import wire
+from pfo3.errors import LineTooLong
+from pfo3.orchestrator import Orchestrator, Session
+
+log = Logger(namespace="pfo3")
+
+DEFAULT_MAX_LINE = 1024 * 1024
+DEFAULT_MAX_INFLIGHT = 1000
+
+#: Stands in the queue of held lines for a line that was too long.
+_TOO_LONG = None
+
+
+@implementer(IPushProducer)
+class TaskProtocol(LineOnlyReceiver):
+    """
+    One client connection: JSON lines in, JSON lines out.
+
+    Lines end with C{\\n}; a C{\\r} before it is ignored and blank lines are
+    skipped, so C{nc}, C{telnet} and the seed's client all work.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = DEFAULT_MAX_LINE
+    max_inflight = DEFAULT_MAX_INFLIGHT
+    factory: TaskFactory
+    session: Session
+    transport: Any  # a transport that is also a push producer and consumer
+
+    def __init__(self) -> None:
+        self._held: List[Optional[bytes]] = []
+        self._out: List[bytes] = []
+        self._driving = False
+        self._discarding = False
+        self._write_paused = False
+        self._read_paused = False
+
+    # -- connection life ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.session = self.factory.orchestrator.session(
+            f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        )
+        self.factory.protocols.add(self)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._held.clear()
+        self.session.close()
+        self.factory.protocols.discard(self)
+
+    # -- IPushProducer: the transport tells us its write buffer is full ---------
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._drive()
+
+    def stopProducing(self) -> None:
+        self._held.clear()
+
+    # -- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            data = data[end + 1:]
+            self._discarding = False
+        if self._buffer:
+            data = self._buffer + data
+        lines: List[Optional[bytes]] = data.split(b"\n")  # type: ignore[assignment]
+        rest = lines.pop()
+        assert rest is not None
+        if len(rest) > self.MAX_LENGTH:
+            lines.append(_TOO_LONG)
+            self._buffer = b""
+            self._discarding = True
+        else:
+            self._buffer = rest
+        self._held.extend(lines)
+        self._drive()
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        Handle one complete line (as if it had arrived with its delimiter).
+        """
+        self._held.append(line)
+        self._drive()
+
+    def _drive(self) -> None:
+        """
+        Handle held lines while the limits allow, then write what is ready.
+        """
+        if self._driving:
+            return
+        self._driving = True
+        held = self._held
+        out = self._out
+        session = self.session
+        limit = self.max_inflight
+        max_length = self.MAX_LENGTH
+        i = 0
+        try:
+            while i < len(held):
+                if self._write_paused or session.inflight >= limit:
+                    break
+                if self.transport.disconnecting:
+                    held.clear()
+                    i = 0
+                    break
+                line = held[i]
+                i += 1
+                if line is None or len(line) > max_length:
+                    out.append(wire.encode_error(LineTooLong(
+                        f"Línea demasiado larga: el máximo es {max_length} bytes."
+                    )))
+                    continue
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                if not line or line.isspace():
+                    continue
+                reply = session.handle(line)
+                if isinstance(reply, bytes):
+                    out.append(reply)
+                else:
+                    reply.addCallback(self._reply)
+                    reply.addErrback(self._reply_failed)
+        finally:
+            del held[:i]
+            self._driving = False
+            if out:
+                self._out = []
+                self.transport.write(b"".join(out))
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        want_pause = bool(self._held) or self._write_paused or (
+            self.session.inflight >= self.max_inflight
+        )
+        if want_pause != self._read_paused and self.connected:
+            self._read_paused = want_pause
+            if want_pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    # -- output -----------------------------------------------------------------
+
+    def _reply(self, line: Optional[bytes]) -> None:
+        if line is not None and self.connected:
+            if self._driving:
+                self._out.append(line)
+            else:
+                self.transport.write(line)
+        if self._read_paused and not self._driving:
+            self._drive()
+
+    def _reply_failed(self, failure: Failure) -> None:
+        log.failure("Could not deliver a reply to {peer}", failure, peer=self.session.peer)
+
+
+if TYPE_CHECKING:
+    _FactoryBase = Factory[TaskProtocol]
+else:
+    _FactoryBase = Factory
+
+
+class TaskFactory(_FactoryBase):
+    """
+    Builds a L{TaskProtocol} per connection, all sharing one orchestrator.
+
+    @ivar protocols: The open connections (closed at shutdown).
+    """
+
+    protocol = TaskProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.max_line = max_line
+        self.max_inflight = max_inflight
+        self.protocols: Set[TaskProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> TaskProtocol:
+        p = TaskProtocol()
+        p.factory = self
+        p.MAX_LENGTH = self.max_line
+        p.max_inflight = self.max_inflight
+        return p
+
+    def close_all(self) -> None:
+        """
+        Close every connection once its pending output is written.
+        """
+        for p in list(self.protocols):
+            p.transport.loseConnection()

@@ -1,0 +1,87 @@
+"""
+The server as a Twisted service, with a graceful stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pfo3.orchestrator import Orchestrator
+from pfo3.protocol import TaskFactory
+
+log = Logger(namespace="pfo3")
+
+
+class TaskServerService(MultiService):
+    """
+    The listening endpoints (child services), the thread pool and the
+    orchestrator of one pfo3 server.
+
+    Stopping it (SIGTERM, SIGINT or C{reactor.stop()} under C{twistd}) stops
+    accepting connections, refuses new tasks with C{apagando}, lets the tasks
+    in flight finish and deliver their replies for up to C{shutdown_timeout}
+    seconds, cancels what is left (those clients get C{apagando}), closes the
+    connections and stops the thread pool.
+    """
+
+    def __init__(
+        self,
+        factory: TaskFactory,
+        threadpool: Any,
+        clock: Any,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.factory = factory
+        self.orchestrator: Orchestrator = factory.orchestrator
+        self.threadpool = threadpool
+        self.clock = clock
+        self.shutdown_timeout = shutdown_timeout
+
+    def startService(self) -> None:
+        self.threadpool.start()
+        super().startService()
+        orch = self.orchestrator
+        log.info(
+            "pfo3 started: {workers} worker threads, task timeout {timeout}s, "
+            "task types: {tipos}",
+            workers=self.threadpool.max, timeout=orch.timeout,
+            tipos=", ".join(t.name for t in orch.registry),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._drain())
+        d.addBoth(self._finish)
+        return d
+
+    def _drain(self) -> Deferred[None]:
+        orch = self.orchestrator
+        if orch.active:
+            log.info(
+                "pfo3 stopping: waiting up to {deadline}s for {active} tasks in flight",
+                deadline=self.shutdown_timeout, active=orch.active,
+            )
+        d = orch.drain()
+        d.addTimeout(self.shutdown_timeout, self.clock)
+
+        def late(f: Failure) -> None:
+            f.trap(TimeoutError)
+            log.warn(
+                "pfo3 stopping: cancelling {active} tasks still running after {deadline}s",
+                active=orch.active, deadline=self.shutdown_timeout,
+            )
+            orch.cancel_all()
+
+        return d.addErrback(late)
+
+    def _finish(self, result: Any) -> Any:
+        self.factory.close_all()
+        self.threadpool.stop()
+        log.info("pfo3 stopped after {completed} tasks", completed=self.orchestrator.completed)
+        return result

@@ -1,0 +1,126 @@
+"""
+Configuration: C{twistd pfo3} options and the service they build.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from twisted.application import strports
+from twisted.internet import endpoints
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from pfo3.executor import LocalExecutor
+from pfo3.orchestrator import Orchestrator
+from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
+from pfo3.service import TaskServerService
+from pfo3.tasks import default_registry
+
+DEFAULT_PORT = "tcp:9000"
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd pfo3}.
+    """
+
+    synopsis = "[--port ENDPOINT ...] [options]"
+    longdesc = (
+        "pfo3 task server: clients send one JSON object per line, e.g. "
+        '{"tarea_id": "a1", "tipo": "uppercase", "contenido": "hola"}, and get one '
+        "JSON line back per task, in the order the tasks finish. "
+        "--port takes any Twisted server endpoint and may be repeated: "
+        "tcp:9000, tcp:9000:interface=127.0.0.1, "
+        "ssl:9443:privateKey=key.pem:certKey=cert.pem, unix:/tmp/pfo3.sock, "
+        "haproxy:tcp:9001 (PROXY protocol behind HAProxy). "
+        "The protocol is described in docs/protocol.md."
+    )
+
+    optParameters: List[List[Any]] = [
+        ["workers", "w", 4, "Threads in the pool that runs blocking tasks.", int],
+        ["timeout", "t", 30.0,
+         "Seconds a task may run before it is cancelled and answered with "
+         "'timeout'; a sleep longer than this is refused at once.", float],
+        ["max-line", None, DEFAULT_MAX_LINE,
+         "Longest request line accepted, in bytes; a longer one is answered "
+         "with 'linea_demasiado_larga' and skipped.", int],
+        ["max-inflight", None, DEFAULT_MAX_INFLIGHT,
+         "Tasks one connection may have in flight; past it the server stops "
+         "reading that connection until replies drain (backpressure).", int],
+        ["max-tasks", None, 50_000,
+         "Tasks in flight over all connections past which new ones are "
+         "answered with 'ocupado'.", int],
+        ["shutdown-timeout", None, 10.0,
+         "On SIGTERM/SIGINT, seconds to let tasks in flight finish before "
+         "cancelling them.", float],
+        ["log-tasks", None, 0,
+         "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
+         "every N-th task; 0 logs none, 1 logs all.", int],
+    ]
+
+    optFlags: List[List[Optional[str]]] = [
+        ["no-inline", None,
+         "Run the cheap built-in text tasks on the thread pool too, instead "
+         "of inline in the event loop (slower; see docs/execution.md)."],
+        ["no-plugins", None,
+         "Do not load third-party task types from the 'pfo3.tasks' entry "
+         "points."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, endpoint: str) -> None:
+        """
+        Listen on this server endpoint (repeatable; default tcp:9000).
+        """
+        self["ports"].append(endpoint)
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        if not self["ports"]:
+            self["ports"] = [DEFAULT_PORT]
+        for name in ("workers", "max-line", "max-inflight", "max-tasks"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
+        for name in ("timeout", "shutdown-timeout"):
+            if not self[name] > 0 or self[name] == float("inf"):
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if self["log-tasks"] < 0:
+            raise usage.UsageError("--log-tasks must be 0 or more")
+        from twisted.internet import reactor
+
+        for description in self["ports"]:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except Exception as e:
+                raise usage.UsageError(f"invalid --port {description!r}: {e}")
+
+
+def makeService(options: Options, reactor: Any = None) -> TaskServerService:
+    """
+    Assemble a server from parsed options.
+
+    @param reactor: The reactor to run on; the global one by default.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    registry = default_registry(entry_points=not options["no-plugins"])
+    threadpool = ThreadPool(minthreads=0, maxthreads=options["workers"], name="pfo3")
+    executor = LocalExecutor(reactor, threadpool, inline=not options["no-inline"])
+    orchestrator = Orchestrator(
+        registry, executor, reactor,
+        timeout=options["timeout"],
+        max_tasks=options["max-tasks"],
+        log_every=options["log-tasks"],
+    )
+    factory = TaskFactory(orchestrator, options["max-line"], options["max-inflight"])
+    service = TaskServerService(factory, threadpool, reactor, options["shutdown-timeout"])
+    for description in options["ports"]:
+        strports.service(description, factory, reactor=reactor).setServiceParent(service)
+    return service

@@ -1,0 +1,229 @@
+"""
+The wire protocol: bytes to requests, replies to bytes.
+
+Pure functions, no Twisted: a line (without its delimiter) becomes a
+L{TaskRequest} or a L{ControlRequest}, or raises a L{pfo3.errors.Pfo3Error}
+whose C{codigo} the client receives; replies become one JSON line each.
+C{docs/protocol.md} is the human version of this module.
+
+Replies are UTF-8 JSON, so Spanish text reads as such in C{nc}.  They are
+written with L{json.encoder.encode_basestring} into fixed templates rather
+than through L{json.dumps}: the text is what C{json.dumps(reply,
+ensure_ascii=False)} gives (the tests check it), at a fifth of the cost.  A
+lone surrogate (which JSON input may carry as C{"\\ud800"}) cannot be UTF-8;
+encoding with C{backslashreplace} writes it back as the same C{\\uXXXX}
+escape, so every reply is
+valid UTF-8 and valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from json.encoder import encode_basestring as _quote
+from typing import Any, Dict, Optional, Union
+
+from pfo3.errors import (
+    InvalidJSON,
+    InvalidTaskId,
+    InvalidUTF8,
+    MissingType,
+    NotAnObject,
+    Pfo3Error,
+    UnknownOperation,
+)
+from pfo3.tasks import MISSING, TaskRegistry, TaskType
+
+#: Longest C{tarea_id} accepted, in characters.
+MAX_TASK_ID = 256
+
+#: Control operations a request may name in its C{op} field.
+OPERATIONS = ("ping", "tipos")
+
+_decode = json.JSONDecoder().decode
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+class TaskRequest:
+    """
+    A validated task request.
+
+    @ivar tarea_id: The client's identifier, or a new UUID when it sent none.
+    @ivar tasktype: The L{TaskType} that C{tipo} named.
+    @ivar arg: C{contenido} as the task type's validator returned it.
+    """
+
+    __slots__ = ("tarea_id", "tasktype", "arg")
+
+    def __init__(self, tarea_id: str, tasktype: TaskType, arg: Any) -> None:
+        self.tarea_id = tarea_id
+        self.tasktype = tasktype
+        self.arg = arg
+
+    def __repr__(self) -> str:
+        return f"TaskRequest({self.tarea_id!r}, {self.tasktype.name!r}, {self.arg!r})"
+
+
+class ControlRequest:
+    """
+    A control request: C{{"op": ...}}.  A seed request never has C{op}.
+
+    @ivar op: One of L{OPERATIONS}.
+    @ivar tarea_id: Echoed in the reply when the client sent one.
+    """
+
+    __slots__ = ("op", "tarea_id")
+
+    def __init__(self, op: str, tarea_id: Optional[str]) -> None:
+        self.op = op
+        self.tarea_id = tarea_id
+
+    def __repr__(self) -> str:
+        return f"ControlRequest({self.op!r}, {self.tarea_id!r})"
+
+
+Request = Union[TaskRequest, ControlRequest]
+
+
+def decode_request(line: bytes, registry: TaskRegistry) -> Request:
+    """
+    Decode and validate one request line.
+
+    @param line: The line's bytes, without the delimiter (a trailing C{\\r}
+        is tolerated).  Blank lines are the framing layer's business.
+    @param registry: The task types to resolve C{tipo} against.
+    @raise Pfo3Error: the error to reply with; its C{tarea_id} is set as
+        soon as the request's identifier is known.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidUTF8(f"La línea no es UTF-8 válido (byte {e.start}).")
+    try:
+        obj = _decode(text)
+    except ValueError as e:
+        msg = getattr(e, "msg", str(e))
+        col = getattr(e, "colno", None)
+        where = f" (columna {col})" if col is not None else ""
+        raise InvalidJSON(f"JSON inválido: {msg}{where}.")
+    except RecursionError:
+        raise InvalidJSON("JSON inválido: anidamiento demasiado profundo.")
+    if type(obj) is not dict:
+        raise NotAnObject("La solicitud debe ser un objeto JSON ({...}).")
+
+    tarea_id = obj.get("tarea_id")
+    if tarea_id is not None and (
+        type(tarea_id) is not str or not tarea_id or len(tarea_id) > MAX_TASK_ID
+    ):
+        raise InvalidTaskId(
+            f"'tarea_id' debe ser un texto de 1 a {MAX_TASK_ID} caracteres."
+        )
+
+    if "op" in obj:
+        op = obj["op"]
+        if op not in OPERATIONS or type(op) is not str:
+            raise UnknownOperation(
+                f"Operación desconocida: {op!r}. Operaciones válidas: "
+                + ", ".join(OPERATIONS) + ".",
+                tarea_id,
+            )
+        return ControlRequest(op, tarea_id)
+
+    if tarea_id is None:
+        tarea_id = str(uuid.uuid4())
+    try:
+        tipo = obj.get("tipo", MISSING)
+        if tipo is MISSING or tipo is None:
+            raise MissingType("Falta el campo 'tipo'.")
+        tasktype = registry.lookup(tipo)
+        arg = tasktype.validate(obj.get("contenido", MISSING))
+    except Pfo3Error as e:
+        e.tarea_id = tarea_id
+        raise
+    return TaskRequest(tarea_id, tasktype, arg)
+
+
+def encode_ok(tarea_id: Optional[str], resultado: Any, worker: Any) -> bytes:
+    """
+    @return: The success line C{{"estado": "ok", "resultado": ...,
+        "tarea_id": ..., "worker": ...}}, as the seed wrote it.
+    """
+    if type(resultado) is str:
+        res = _quote(resultado)
+    elif type(resultado) is int:
+        res = int.__repr__(resultado)
+    else:
+        res = _dumps(resultado)
+    if tarea_id is None:
+        tid = "null"
+    else:
+        tid = _quote(tarea_id)
+    if type(worker) is int:
+        w = int.__repr__(worker)
+    else:
+        w = _dumps(worker)
+    return (
+        '{"estado": "ok", "resultado": %s, "tarea_id": %s, "worker": %s}\n' % (res, tid, w)
+    ).encode("utf-8", "backslashreplace")
+
+
+def encode_control(tarea_id: Optional[str], resultado: Any) -> bytes:
+    """
+    @return: The success line of a control request (no C{worker}).
+    """
+    reply: Dict[str, Any] = {"estado": "ok", "resultado": resultado}
+    if tarea_id is not None:
+        reply["tarea_id"] = tarea_id
+    return (_dumps(reply) + "\n").encode("utf-8", "backslashreplace")
+
+
+def encode_error(error: Pfo3Error, tarea_id: Optional[str] = None) -> bytes:
+    """
+    @param error: What went wrong.
+    @param tarea_id: The task's identifier, when the error does not carry it.
+    @return: The error line C{{"estado": "error", "mensaje": ...,
+        "codigo": ..., "tarea_id": ...}}.
+    """
+    tid = error.tarea_id if error.tarea_id is not None else tarea_id
+    return (
+        '{"estado": "error", "mensaje": %s, "codigo": %s, "tarea_id": %s}\n'
+        % (_quote(error.mensaje), _quote(error.codigo), "null" if tid is None else _quote(tid))
+    ).encode("utf-8", "backslashreplace")
+
+
+def decode_reply(line: Union[bytes, str]) -> Dict[str, Any]:
+    """
+    Decode one reply line (for clients).
+
+    @raise ValueError: if it is not a JSON object.
+    """
+    if isinstance(line, bytes):
+        line = line.decode("utf-8")
+    obj = _decode(line)
+    if type(obj) is not dict:
+        raise ValueError(f"reply is not a JSON object: {line!r}")
+    return obj
+
+
+def encode_request(
+    tipo: Union[str, int], contenido: Any, tarea_id: Optional[str] = None
+) -> bytes:
+    """
+    Encode a task request line (for clients).
+    """
+    req: Dict[str, Any] = {}
+    if tarea_id is not None:
+        req["tarea_id"] = tarea_id
+    req["tipo"] = tipo
+    req["contenido"] = contenido
+    return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")
+
+
+def encode_operation(op: str, tarea_id: Optional[str] = None) -> bytes:
+    """
+    Encode a control request line (for clients).
+    """
+    req: Dict[str, Any] = {"op": op}
+    if tarea_id is not None:
+        req["tarea_id"] = tarea_id
+    return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")

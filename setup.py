@@ -1,0 +1,35 @@
+from setuptools import setup
+
+setup(
+    name="pfo3",
+    version="0.1.0",
+    description="A networked task server on Twisted: JSON lines in, JSON lines out.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["pfo3", "twisted.plugins"],
+    package_data={"pfo3": ["py.typed"], "twisted": ["plugins/pfo3_plugin.py"]},
+    install_requires=["twisted[tls]>=22.10"],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6",
+            "ruff>=0.4",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+        ],
+        "bench": ["matplotlib>=3.5", "psutil>=5.9"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pfo3-client = pfo3.client:main",
+            "pfo3-bench = pfo3.bench:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)
