@@ -1,0 +1,481 @@
+"""
+A Twisted client for pfo3.
+
+L{TaskClient} is the client side of the line protocol: it writes requests
+with L{pfo3.wire.encode_request} and L{pfo3.wire.encode_operation}, reads
+replies with L{pfo3.wire.decode_reply}, and matches each reply to its request
+by C{tarea_id}, so one connection carries many tasks at once and replies may
+come back in any order (the server answers in completion order).
+
+    d = connect(reactor, "tcp:host=127.0.0.1:port=9000")
+    d.addCallback(lambda client: client.submit("uppercase", "hola"))
+    # fires with {"estado": "ok", "resultado": "HOLA", "tarea_id": ..., "worker": N}
+
+How a request can fail:
+
+  - the server answers with an error reply: the Deferred fails with the
+    L{pfo3.errors.Pfo3Error} subclass of its C{codigo} (see
+    L{pfo3.errors.error_from_reply}), carrying C{codigo}, C{mensaje} and
+    C{tarea_id};
+  - the connection goes away first: L{ConnectionClosed};
+  - the caller's C{timeout} passes first: L{ReplyTimeout} (a late reply is
+    then dropped quietly);
+  - the request cannot be sent at all (a C{tarea_id} already pending on this
+    connection, a line longer than the server accepts, C{contenido} that is
+    not JSON): the Deferred fails at once, before anything is written.
+
+L{BlockingClient} offers the same client to scripts that do not run a
+reactor.  The command line (C{pfo3-client}, C{python -m pfo3.client}) lives
+in L{pfo3.cli}.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
+
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from pfo3 import wire
+from pfo3.errors import DuplicateTaskId, LineTooLong, error_from_reply
+from pfo3.protocol import DEFAULT_MAX_LINE
+
+log = Logger(namespace="pfo3.client")
+
+#: A decoded reply line.
+Reply = Dict[str, Any]
+
+#: Longest reply line accepted.  Replies can be longer than requests (the
+#: result of a task, the list of task types), so this is generous.
+MAX_REPLY = 64 * 1024 * 1024
+
+_T = TypeVar("_T")
+
+
+class ClientError(Exception):
+    """
+    Base of the failures the client detects itself (as opposed to the
+    server's error replies, which are L{pfo3.errors.Pfo3Error}).
+
+    @ivar tarea_id: The request concerned, when there is one.
+    """
+
+    def __init__(self, mensaje: str, tarea_id: Optional[str] = None) -> None:
+        super().__init__(mensaje)
+        self.mensaje = mensaje
+        self.tarea_id = tarea_id
+
+
+class ConnectionClosed(ClientError):
+    """
+    The connection closed (or was never open) before the reply arrived.
+    """
+
+
+class ReplyTimeout(ClientError, TimeoutError):
+    """
+    No reply came within the caller's timeout; the request was abandoned.
+
+    @ivar seconds: The timeout that passed.
+    """
+
+    def __init__(self, mensaje: str, tarea_id: Optional[str], seconds: float) -> None:
+        ClientError.__init__(self, mensaje, tarea_id)
+        self.seconds = seconds
+
+
+def _describe_loss(reason: Failure) -> str:
+    if reason.check(ConnectionDone):
+        return "el servidor cerró la conexión"
+    return f"se perdió la conexión con el servidor ({reason.getErrorMessage()})"
+
+
+class TaskClient(LineOnlyReceiver):
+    """
+    One connection to a pfo3 server, with any number of requests in flight.
+
+    Build it with L{connect}, or connect it yourself with
+    L{twisted.internet.endpoints.connectProtocol}.
+
+    @ivar clock: Drives the per-call timeouts.
+    @ivar max_request: Longest request line sent, in bytes (without the
+        newline).  A longer one fails at once with
+        L{pfo3.errors.LineTooLong}; the server would answer it with an error
+        that carries no C{tarea_id}.  The default is the server's default.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REPLY
+
+    def __init__(self, clock: IReactorTime, max_request: int = DEFAULT_MAX_LINE) -> None:
+        self.clock = clock
+        self.max_request = max_request
+        self._pending: Dict[str, Deferred[Reply]] = {}
+        # Requests given up on (timeout, cancel) that the server still runs.
+        self._abandoned: Set[str] = set()
+        self._closed_because: Optional[str] = None
+        self._problem: Optional[str] = None
+        self._waiters: List[Deferred[None]] = []
+
+    @property
+    def pending(self) -> int:
+        """
+        Requests sent and not yet answered (nor given up on).
+        """
+        return len(self._pending)
+
+    # -- requests -------------------------------------------------------------
+
+    def submit(
+        self,
+        tipo: Union[str, int],
+        contenido: Any,
+        tarea_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Deferred[Reply]:
+        """
+        Send one task.
+
+        @param tipo: A task type's name, alias or code.
+        @param contenido: The task's input (anything JSON can carry).
+        @param tarea_id: The request's identifier; a new UUID by default.
+        @param timeout: Seconds to wait for the reply; no limit by default.
+        @return: A Deferred firing with the whole success reply
+            (C{estado}, C{resultado}, C{tarea_id}, C{worker}), or failing as
+            the module docstring describes.  Cancelling it abandons the
+            request.
+        """
+        if tarea_id is None:
+            tarea_id = str(uuid.uuid4())
+        try:
+            line = wire.encode_request(tipo, contenido, tarea_id)
+        except (TypeError, ValueError) as e:
+            return fail(e)
+        return self._send(tarea_id, line, timeout)
+
+    def ping(self, timeout: Optional[float] = None) -> Deferred[str]:
+        """
+        @return: A Deferred firing with C{"pong"}.
+        """
+        return self._control("ping", timeout).addCallback(_resultado)
+
+    def tipos(self, timeout: Optional[float] = None) -> Deferred[List[Dict[str, Any]]]:
+        """
+        @return: A Deferred firing with the server's task types, each
+            C{{"codigo": int, "tipo": str, "alias": [...], "descripcion": str}},
+            ordered by code.
+        """
+        return self._control("tipos", timeout).addCallback(_resultado)
+
+    def _control(self, op: str, timeout: Optional[float]) -> Deferred[Reply]:
+        tarea_id = f"{op}-{uuid.uuid4()}"
+        return self._send(tarea_id, wire.encode_operation(op, tarea_id), timeout)
+
+    def _send(self, tarea_id: str, line: bytes, timeout: Optional[float]) -> Deferred[Reply]:
+        if self._closed_because is not None or self.transport is None:
+            return fail(ConnectionClosed(
+                "No hay conexión con el servidor"
+                + (f": {self._closed_because}." if self._closed_because else "."),
+                tarea_id,
+            ))
+        if tarea_id in self._pending or tarea_id in self._abandoned:
+            return fail(DuplicateTaskId(
+                f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
+                tarea_id,
+            ))
+        if len(line) - 1 > self.max_request:
+            return fail(LineTooLong(
+                f"La solicitud ocupa {len(line) - 1} bytes; el máximo es "
+                f"{self.max_request} bytes.",
+                tarea_id,
+            ))
+
+        def abandon(d: Deferred[Reply]) -> None:
+            if self._pending.pop(tarea_id, None) is not None:
+                self._abandoned.add(tarea_id)
+
+        d: Deferred[Reply] = Deferred(abandon)
+        self._pending[tarea_id] = d
+        self.transport.write(line)
+        if timeout is not None:
+            def timed_out(result: Any, seconds: float) -> Any:
+                raise ReplyTimeout(
+                    f"Sin respuesta a la tarea {tarea_id} tras {seconds:g} s.",
+                    tarea_id, seconds,
+                )
+
+            d.addTimeout(timeout, self.clock, onTimeoutCancel=timed_out)
+        return d
+
+    # -- replies --------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if not line.strip():
+            return
+        try:
+            reply = wire.decode_reply(line)
+        except (ValueError, RecursionError):
+            log.error("The server sent a line that is not a reply: {line!r}", line=line[:200])
+            self._give_up("el servidor envió una línea que no es una respuesta JSON")
+            return
+        tarea_id = reply.get("tarea_id")
+        d = self._pending.pop(tarea_id, None) if isinstance(tarea_id, str) else None
+        if d is None:
+            if isinstance(tarea_id, str) and tarea_id in self._abandoned:
+                self._abandoned.discard(tarea_id)
+                return
+            if (
+                tarea_id is None and reply.get("estado") == "error"
+                and len(self._pending) == 1 and not self._abandoned
+            ):
+                # An error that names no task (a line the server could not
+                # read) can only concern the one request it has not answered.
+                tarea_id, d = self._pending.popitem()
+            else:
+                log.warn(
+                    "Dropping a reply that matches no pending request: {reply!r}",
+                    reply=reply, tarea_id=tarea_id,
+                )
+                return
+        if reply.get("estado") == "ok":
+            d.callback(reply)
+        else:
+            error = error_from_reply(reply)
+            if error.tarea_id is None:
+                error.tarea_id = tarea_id
+            d.errback(error)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.error("The server sent a line longer than {max} bytes", max=self.MAX_LENGTH)
+        self._give_up(f"el servidor envió una línea de más de {self.MAX_LENGTH} bytes")
+
+    def _give_up(self, why: str) -> None:
+        if self._problem is None:
+            self._problem = why
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- connection life ------------------------------------------------------
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        why = self._problem or _describe_loss(reason)
+        self._closed_because = why
+        pending, self._pending = self._pending, {}
+        self._abandoned.clear()
+        for tarea_id, d in pending.items():
+            d.errback(ConnectionClosed(
+                f"Sin respuesta a la tarea {tarea_id}: {why}.", tarea_id))
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Close the connection; requests still pending fail with
+        L{ConnectionClosed}.
+
+        @return: A Deferred firing once the connection is closed.
+        """
+        if self._closed_because is not None or self.transport is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        self._problem = self._problem or "el cliente cerró la conexión"
+        self.transport.loseConnection()
+        return d
+
+
+def _resultado(reply: Reply) -> Any:
+    return reply.get("resultado")
+
+
+def connect(
+    reactor: Any,
+    endpoint: Union[str, IStreamClientEndpoint],
+    timeout: Optional[float] = None,
+    max_request: int = DEFAULT_MAX_LINE,
+) -> Deferred[TaskClient]:
+    """
+    Connect to a pfo3 server.
+
+    @param reactor: The reactor to connect with (also the clock of the
+        per-call timeouts).
+    @param endpoint: A client endpoint or its description, e.g.
+        C{"tcp:host=127.0.0.1:port=9000"},
+        C{"tls:example.org:9443:trustRoots=ca-dir"},
+        C{"unix:path=/tmp/pfo3.sock"}.
+    @param timeout: Seconds to wait for the connection; no limit beyond the
+        endpoint's own by default.
+    @param max_request: See L{TaskClient.max_request}.
+    @raise ValueError: if C{endpoint} is a description Twisted cannot parse.
+    @return: A Deferred firing with the connected L{TaskClient}.
+    """
+    if isinstance(endpoint, str):
+        endpoint = endpoints.clientFromString(reactor, endpoint)
+    d: Deferred[TaskClient] = endpoints.connectProtocol(
+        endpoint, TaskClient(reactor, max_request)
+    )
+    if timeout is not None:
+        d.addTimeout(timeout, reactor, onTimeoutCancel=_connect_timed_out)
+    return d
+
+
+def _connect_timed_out(result: Any, seconds: float) -> Any:
+    raise TimeoutError(f"No se pudo conectar con el servidor en {seconds:g} s.")
+
+
+# -- for scripts that do not run a reactor ---------------------------------------
+
+_reactor_lock = threading.Lock()
+_reactor_thread: Optional[threading.Thread] = None
+
+
+def _start_reactor_thread(reactor: Any) -> None:
+    global _reactor_thread
+    with _reactor_lock:
+        if _reactor_thread is None and not reactor.running:
+            _reactor_thread = threading.Thread(
+                target=reactor.run, kwargs={"installSignalHandlers": False},
+                name="pfo3-client-reactor", daemon=True,
+            )
+            _reactor_thread.start()
+
+
+class BlockingClient:
+    """
+    L{TaskClient} for code without a reactor: each call blocks until its
+    reply (or failure) and returns it (or raises it).
+
+    The global reactor runs in a daemon thread, started by the first
+    L{BlockingClient}; never call these methods from the reactor thread.
+
+        with BlockingClient("tcp:host=127.0.0.1:port=9000") as c:
+            print(c.submit("uppercase", "hola")["resultado"])
+    """
+
+    def __init__(
+        self, endpoint: str, timeout: Optional[float] = 30.0, reactor: Any = None,
+    ) -> None:
+        """
+        @param endpoint: As for L{connect}.
+        @param timeout: Default seconds to wait for a connection or a reply;
+            L{None} waits forever.
+        @param reactor: The reactor; the global one by default.
+        """
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+            _start_reactor_thread(reactor)
+        self.reactor = reactor
+        self.timeout = timeout
+        self.client: TaskClient = self._call(connect, reactor, endpoint, timeout)
+
+    def _call(self, f: Callable[..., Deferred[_T]], *args: Any) -> _T:
+        from twisted.internet.threads import blockingCallFromThread
+
+        result: _T = blockingCallFromThread(self.reactor, f, *args)  # type: ignore[arg-type]
+        return result
+
+    def submit(
+        self,
+        tipo: Union[str, int],
+        contenido: Any,
+        tarea_id: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Reply:
+        """
+        Run one task; see L{TaskClient.submit}.
+
+        @param timeout: Overrides the client's default timeout.
+        """
+        return self._call(
+            self.client.submit, tipo, contenido, tarea_id,
+            self.timeout if timeout is None else timeout,
+        )
+
+    def submit_many(
+        self, tasks: Sequence[Sequence[Any]], timeout: Optional[float] = None
+    ) -> List[Union[Reply, Exception]]:
+        """
+        Run several tasks at once over the connection.
+
+        @param tasks: C{(tipo, contenido)} pairs, or C{(tipo, contenido,
+            tarea_id)} triples.
+        @return: For each task, in order, its reply or the exception it
+            failed with.
+        """
+        t = self.timeout if timeout is None else timeout
+
+        def run() -> Deferred[List[Union[Reply, Exception]]]:
+            from twisted.internet.defer import DeferredList
+
+            ds = [
+                self.client.submit(task[0], task[1], task[2] if len(task) > 2 else None, t)
+                for task in tasks
+            ]
+            dl: Deferred[Any] = DeferredList(ds, consumeErrors=True)
+            return dl.addCallback(
+                lambda results: [r if ok else r.value for ok, r in results]
+            )
+
+        return self._call(run)
+
+    def ping(self) -> str:
+        """
+        @return: C{"pong"}.
+        """
+        return self._call(self.client.ping, self.timeout)
+
+    def tipos(self) -> List[Dict[str, Any]]:
+        """
+        @return: The server's task types; see L{TaskClient.tipos}.
+        """
+        return self._call(self.client.tipos, self.timeout)
+
+    def close(self) -> None:
+        """
+        Close the connection (the reactor thread keeps running).
+        """
+        self._call(self.client.disconnect)
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """
+    The C{pfo3-client} command; see L{pfo3.cli}.
+    """
+    from pfo3 import cli
+
+    cli.main(argv)
+
+
+__all__ = [
+    "BlockingClient",
+    "ClientError",
+    "ConnectionClosed",
+    "MAX_REPLY",
+    "Reply",
+    "ReplyTimeout",
+    "TaskClient",
+    "connect",
+    "main",
+]
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
