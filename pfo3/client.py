@@ -460,9 +460,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     """
     The C{pfo3-client} command; see L{pfo3.cli}.
     """
-    from pfo3 import cli
+    from pfo3.cli import main as cli_main
 
-    cli.main(argv)
+    cli_main(argv)
 
 
 __all__ = [
