@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -71,7 +72,7 @@ class TaskProtocol(LineOnlyReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._held.clear()
         self.session.close()
-        self.factory.protocols.discard(self)
+        self.factory._lost(self)
 
     # -- IPushProducer: the transport tells us its write buffer is full ---------
 
@@ -100,7 +101,7 @@ class TaskProtocol(LineOnlyReceiver):
         lines: List[Optional[bytes]] = data.split(b"\n")  # type: ignore[assignment]
         rest = lines.pop()
         assert rest is not None
-        if len(rest) > self.MAX_LENGTH:
+        if len(rest) > self.MAX_LENGTH + 1:  # + 1: it may still end in \r\n
             lines.append(_TOO_LONG)
             self._buffer = b""
             self._discarding = True
@@ -139,13 +140,13 @@ class TaskProtocol(LineOnlyReceiver):
                     break
                 line = held[i]
                 i += 1
+                if line is not None and line[-1:] == b"\r":
+                    line = line[:-1]
                 if line is None or len(line) > max_length:
                     out.append(wire.encode_error(LineTooLong(
                         f"Línea demasiado larga: el máximo es {max_length} bytes."
                     )))
                     continue
-                if line[-1:] == b"\r":
-                    line = line[:-1]
                 if not line or line.isspace():
                     continue
                 reply = session.handle(line)
@@ -214,6 +215,7 @@ class TaskFactory(_FactoryBase):
         self.max_line = max_line
         self.max_inflight = max_inflight
         self.protocols: Set[TaskProtocol] = set()
+        self._all_closed: List[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> TaskProtocol:
         p = TaskProtocol()
@@ -222,9 +224,32 @@ class TaskFactory(_FactoryBase):
         p.max_inflight = self.max_inflight
         return p
 
-    def close_all(self) -> None:
+    def _lost(self, protocol: TaskProtocol) -> None:
+        self.protocols.discard(protocol)
+        if not self.protocols and self._all_closed:
+            waiters, self._all_closed = self._all_closed, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
         """
         Close every connection once its pending output is written.
+
+        @param clock: Measures C{timeout}.
+        @param timeout: Seconds to wait for clients to take their last
+            replies; connections still open then are aborted.
+        @return: A Deferred that fires once every connection is closed.
         """
         for p in list(self.protocols):
             p.transport.loseConnection()
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_closed.append(d)
+
+        def abort(f: Failure) -> None:
+            f.trap(TimeoutError)
+            for p in list(self.protocols):
+                p.transport.abortConnection()
+
+        return d.addTimeout(timeout, clock).addErrback(abort)

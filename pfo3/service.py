@@ -57,7 +57,7 @@ class TaskServerService(MultiService):
     def stopService(self) -> Deferred[None]:
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._drain())
-        d.addBoth(self._finish)
+        d.addBoth(self._close)
         return d
 
     def _drain(self) -> Deferred[None]:
@@ -80,8 +80,13 @@ class TaskServerService(MultiService):
 
         return d.addErrback(late)
 
-    def _finish(self, result: Any) -> Any:
-        self.factory.close_all()
+    def _close(self, result: Any) -> Deferred[Any]:
+        # Wait for the connections to close: the reactor's own shutdown would
+        # drop them with their last replies still unwritten.
+        d = self.factory.close_all(self.clock)
+        return d.addCallback(self._finish, result)
+
+    def _finish(self, ignored: None, result: Any) -> Any:
         self.threadpool.stop()
         log.info("pfo3 stopped after {completed} tasks", completed=self.orchestrator.completed)
         return result

@@ -114,6 +114,8 @@ class TaskRegistry:
 
         @raise ValueError: if its name, code or an alias is already taken.
         """
+        if tasktype in self._types:
+            raise ValueError(f"task type {tasktype.name!r} is already registered")
         keys: List[Union[str, int]] = [tasktype.name, tasktype.code, str(tasktype.code)]
         keys.extend(a.strip().lower() for a in tasktype.aliases)
         for key in keys:

@@ -1,0 +1,163 @@
+"""
+Tests for C{twistd pfo3} options, the service tree and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, List
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from pfo3.protocol import TaskFactory
+from pfo3.service import TaskServerService
+from pfo3.tap import Options, makeService
+from pfo3.testing import FakeReactor, SynchronousThreadPool, make_server
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults() -> None:
+    """
+    With no options pfo3 listens on tcp:9000 with the seed's 4 workers and
+    30 s timeout.
+    """
+    o = parse()
+    assert o["ports"] == ["tcp:9000"]
+    assert (o["workers"], o["timeout"], o["max-line"]) == (4, 30.0, 1024 * 1024)
+    assert not o["no-inline"] and not o["no-plugins"]
+
+
+def test_port_is_repeatable() -> None:
+    """
+    --port and -p may be given several times, with any endpoint type.
+    """
+    o = parse("--port", "tcp:9001", "-p", "unix:/tmp/x.sock", "--port", "haproxy:tcp:9002")
+    assert o["ports"] == ["tcp:9001", "unix:/tmp/x.sock", "haproxy:tcp:9002"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--workers", "0"], ["--workers", "many"], ["--timeout", "0"], ["--timeout", "-1"],
+    ["--timeout", "nan"], ["--timeout", "inf"], ["--max-line", "0"], ["--max-inflight", "0"],
+    ["--max-tasks", "0"], ["--shutdown-timeout", "0"], ["--log-tasks", "-1"],
+    ["--port", "bogus:1"], ["--port", "tcp:notaport"],
+    ["--port", "ssl:9443:privateKey=/no/such/key.pem"], ["--unknown"],
+])
+def test_bad_options_are_usage_errors(argv: List[str]) -> None:
+    """
+    Invalid options raise UsageError (twistd prints it; no traceback).
+    """
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+def test_make_service_tree() -> None:
+    """
+    makeService builds one listening child per --port, all serving one
+    factory whose settings come from the options.
+    """
+    o = parse("-p", "tcp:0:interface=127.0.0.1", "-p", "unix:/tmp/pfo3-t.sock", "-w", "7",
+              "--max-line", "5000", "--max-inflight", "9", "--timeout", "2.5", "--no-plugins",
+              "--no-inline", "--log-tasks", "10")
+    service = makeService(o, FakeReactor())
+    assert isinstance(service, TaskServerService)
+    children = list(service)
+    assert len(children) == 2 and all(isinstance(c, StreamServerEndpointService) for c in children)
+    factory = service.factory
+    assert all(c.factory is factory for c in children)  # type: ignore[attr-defined]
+    assert (factory.max_line, factory.max_inflight) == (5000, 9)
+    orch = factory.orchestrator
+    assert (orch.timeout, orch.log_every) == (2.5, 10)
+    assert orch.executor.inline is False
+    assert service.threadpool.max == 7
+
+
+class ShutdownTests(SynchronousTestCase):
+    """
+    Stopping the service lets tasks in flight finish, within a deadline.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeReactor()
+        self.factory: TaskFactory = make_server(reactor=self.reactor)
+        self.service = TaskServerService(self.factory, SynchronousThreadPool(), self.reactor, 5.0)
+        self.service.startService()
+        self.proto = self.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+        self.proto.makeConnection(self.transport)
+
+    def send(self, obj: Any) -> None:
+        self.proto.dataReceived(json.dumps(obj).encode() + b"\n")
+
+    def replies(self) -> List[Any]:
+        out = [json.loads(x) for x in self.transport.value().splitlines()]
+        self.transport.clear()
+        return out
+
+    def test_in_flight_tasks_finish_and_new_ones_are_refused(self) -> None:
+        """
+        After stopService, a task in flight still gets its reply, a new task
+        gets 'apagando', and once all are answered the connection is closed
+        and the stop completes.
+        """
+        self.send({"tarea_id": "old", "tipo": "sleep", "contenido": 2})
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.send({"tarea_id": "new", "tipo": "uppercase", "contenido": "x"})
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in self.replies()],
+                         [("new", "apagando")])
+        self.reactor.advance(2)
+        self.assertEqual([(r["tarea_id"], r["estado"]) for r in self.replies()], [("old", "ok")])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNoResult(stopped)
+        self.proto.connectionLost()
+        self.successResultOf(stopped)
+
+    def test_deadline_cancels_the_rest(self) -> None:
+        """
+        Tasks still running at the shutdown deadline are cancelled and their
+        clients told 'apagando'; the stop then completes.
+        """
+        self.send({"tarea_id": "long", "tipo": "sleep", "contenido": 20})
+        stopped = self.service.stopService()
+        self.reactor.advance(4.9)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.1)
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in self.replies()],
+                         [("long", "apagando")])
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost()
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_idle_stop_closes_connections(self) -> None:
+        """
+        With nothing in flight the service closes the connections at once and
+        is stopped as soon as they are gone.
+        """
+        stopped = self.service.stopService()
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost()
+        self.successResultOf(stopped)
+
+    def test_client_that_never_closes_is_aborted(self) -> None:
+        """
+        A connection that does not close within the close timeout (its peer
+        reads nothing) is aborted so the stop still completes.
+        """
+        stopped = self.service.stopService()
+        self.reactor.advance(4.9)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.1)
+        self.assertTrue(self.transport.disconnected)
+        self.proto.connectionLost()
+        self.successResultOf(stopped)
