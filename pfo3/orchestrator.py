@@ -13,7 +13,7 @@ L{Session._failed}.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -78,9 +78,11 @@ class Orchestrator:
         self._sessions: Set[Session] = set()
         self._idle: List[Deferred[None]] = []
 
-    def session(self, peer: str = "-") -> Session:
+    def session(self, peer: Callable[[], str] = lambda: "-") -> Session:
         """
-        @param peer: Describes the client in logs.
+        @param peer: Describes the client in logs.  Called only when a log
+            event needs it, so that it can see an address learnt after the
+            connection was made (the PROXY protocol header).
         @return: A new session for one connection.
         """
         s = Session(self, peer)
@@ -123,12 +125,19 @@ class Session:
     @ivar inflight: Tasks of this connection accepted and not yet answered.
     """
 
-    def __init__(self, orchestrator: Orchestrator, peer: str) -> None:
+    def __init__(self, orchestrator: Orchestrator, peer: Callable[[], str]) -> None:
         self.orchestrator = orchestrator
-        self.peer = peer
+        self._peer = peer
         self._pending: Dict[str, Deferred[Any]] = {}
         self._cancel_reasons: Dict[str, Pfo3Error] = {}
         self.closed = False
+
+    @property
+    def peer(self) -> str:
+        """
+        The client, as logs show it.
+        """
+        return self._peer()
 
     @property
     def inflight(self) -> int:

@@ -62,10 +62,7 @@ class TaskProtocol(LineOnlyReceiver):
     # -- connection life ----------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.session = self.factory.orchestrator.session(
-            f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        )
+        self.session = self.factory.orchestrator.session(self._peer)
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
 
@@ -73,6 +70,12 @@ class TaskProtocol(LineOnlyReceiver):
         self._held.clear()
         self.session.close()
         self.factory._lost(self)
+
+    def _peer(self) -> str:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None) or getattr(peer, "name", None) or "-"
+        port = getattr(peer, "port", None)
+        return f"{host}:{port}" if port is not None else str(host)
 
     # -- IPushProducer: the transport tells us its write buffer is full ---------
 

@@ -1,0 +1,174 @@
+"""
+Integration tests: a real HAProxy in front of two pfo3 servers, speaking the
+PROXY protocol (v2) to their C{haproxy:} endpoints and health-checking them
+with C{{"op": "ping"}}.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from .conftest import LineSocket, free_port, server_env, twistd_command, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+PING_HEX = b'{"op": "ping"}\n'.hex()
+
+CONFIG = """\
+global
+    maxconn 512
+    stats socket {stats} mode 600 level admin
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend pfo3
+    bind 127.0.0.1:{front}
+    default_backend orchestrators
+
+backend orchestrators
+    balance roundrobin
+    option tcp-check
+    tcp-check send-binary {ping}
+    tcp-check expect string pong
+{servers}
+"""
+
+SERVER = (
+    "    server {name} 127.0.0.1:{port} send-proxy-v2 check check-send-proxy "
+    "inter 200ms fall 2 rise 1\n"
+)
+
+
+def _haproxy() -> str:
+    path = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(path).exists():
+        pytest.fail("haproxy is not installed (apt-get install -y haproxy); .ci/run installs it")
+    return path
+
+
+class Cluster:
+    """
+    HAProxy on C{front}, balancing over pfo3 servers named s1, s2...
+    """
+
+    def __init__(self, tmp_path: Path, n: int) -> None:
+        self.tmp = tmp_path
+        self.front = free_port()
+        self.stats = tmp_path / "haproxy.sock"
+        self.backends: Dict[str, Tuple[subprocess.Popen, int, Path]] = {}
+        servers = ""
+        for i in range(1, n + 1):
+            name, port = f"s{i}", free_port()
+            log = tmp_path / f"{name}.log"
+            proc = subprocess.Popen(
+                twistd_command("--port", f"haproxy:tcp:{port}:interface=127.0.0.1",
+                               "--log-tasks", "1"),
+                cwd=tmp_path, env=server_env(), stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            self.backends[name] = (proc, port, log)
+            servers += SERVER.format(name=name, port=port)
+        for proc, port, _ in self.backends.values():
+            wait_for_port(port, proc=proc)
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(CONFIG.format(
+            stats=self.stats, front=self.front, ping=PING_HEX, servers=servers))
+        self.log = tmp_path / "haproxy.log"
+        self.haproxy = subprocess.Popen(
+            [_haproxy(), "-db", "-f", str(cfg)],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.front, proc=self.haproxy)
+
+    def status(self) -> Dict[str, str]:
+        """
+        @return: HAProxy's view of each backend server: UP, DOWN...
+        """
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.stats))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = [line.split(",") for line in data.decode().splitlines()[1:] if line]
+        return {r[1]: r[17].split()[0] for r in rows if r[0] == "orchestrators"
+                and r[1].startswith("s")}
+
+    def wait_status(self, want: Dict[str, str], deadline: float = 10.0) -> None:
+        end = time.monotonic() + deadline
+        while self.status() != want:
+            assert time.monotonic() < end, (self.status(), self.log.read_text())
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        procs: List[subprocess.Popen] = [self.haproxy]
+        procs += [p for p, _, _ in self.backends.values()]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, 2)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_balanced_with_real_client_addresses(cluster: Cluster) -> None:
+    """
+    Through HAProxy, tasks are answered by both pfo3 servers (round robin),
+    both pass the ping health check, and each server logs the client's own
+    address and port (read from the PROXY v2 header), not HAProxy's.
+    """
+    cluster.wait_status({"s1": "UP", "s2": "UP"})
+    ports = []
+    for i in range(6):
+        c = LineSocket(cluster.front)
+        ports.append(c.sock.getsockname()[1])
+        c.send_json({"tarea_id": f"t{i}", "tipo": "uppercase", "contenido": f"hola {i}"})
+        assert c.read_json() == {"estado": "ok", "resultado": f"HOLA {i}",
+                                 "tarea_id": f"t{i}", "worker": 0}
+        c.close()
+    logs = {name: log.read_text() for name, (_, _, log) in cluster.backends.items()}
+    for name, text in logs.items():
+        assert "tarea t" in text, name
+    for i, port in enumerate(ports):
+        [text] = [t for t in logs.values() if f"tarea t{i} " in t]
+        assert f"peer=127.0.0.1:{port}" in text
+
+
+def test_failover_when_a_server_stops(cluster: Cluster) -> None:
+    """
+    When one pfo3 server stops, HAProxy's ping check marks it DOWN and every
+    new connection is served by the other.
+    """
+    cluster.wait_status({"s1": "UP", "s2": "UP"})
+    proc, _, _ = cluster.backends["s1"]
+    proc.terminate()
+    proc.wait(10)
+    cluster.wait_status({"s1": "DOWN", "s2": "UP"})
+    for i in range(4):
+        c = LineSocket(cluster.front)
+        c.send_json({"tarea_id": f"f{i}", "tipo": "reverse", "contenido": "abc"})
+        assert c.read_json()["resultado"] == "cba"
+        c.close()
+    assert "tarea f3 " in cluster.backends["s2"][2].read_text()
