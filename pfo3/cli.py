@@ -121,7 +121,8 @@ class Options(usage.Options):
             try:
                 endpoints.clientFromString(reactor, self["endpoint"])
             except Exception as e:
-                raise usage.UsageError(f"invalid --endpoint {self['endpoint']!r}: {e}")
+                reason = str(e) or type(e).__name__
+                raise usage.UsageError(f"invalid --endpoint {self['endpoint']!r}: {reason}")
 
 
 # -- explaining failures ----------------------------------------------------------
@@ -445,7 +446,13 @@ def read_in_thread(reactor: Any, stream: IO[Any], batch: Batch) -> threading.Thr
 
 class Console:
     """
-    Where the command reads and writes, and how it runs blocking reads.
+    Where the command reads and writes, and how it reads without blocking
+    the reactor.
+
+    @ivar in_thread: C{in_thread(f, *args)} runs a blocking call (the menu)
+        and returns a Deferred of its result.
+    @ivar feed: C{feed(reactor, stream, batch)} hands the lines of C{stream}
+        to C{batch} (L{read_in_thread} by default).
     """
 
     def __init__(
@@ -454,11 +461,13 @@ class Console:
         stdout: IO[str],
         stderr: IO[str],
         in_thread: Callable[..., Deferred[Any]],
+        feed: Callable[[Any, IO[Any], Batch], Any] = read_in_thread,
     ) -> None:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
         self.in_thread = in_thread
+        self.feed = feed
 
     def error(self, text: str) -> None:
         self.stderr.write(f"[ERROR] {text}\n")
@@ -580,7 +589,7 @@ async def _run_batch(reactor: Any, options: Options, console: Console, client: T
         progress = task.LoopingCall(show)
         progress.clock = reactor
         progress.start(0.5, now=False)
-    read_in_thread(reactor, getattr(console.stdin, "buffer", console.stdin), batch)
+    console.feed(reactor, getattr(console.stdin, "buffer", console.stdin), batch)
     try:
         status = await batch.done
     finally:

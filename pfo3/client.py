@@ -95,6 +95,15 @@ class ReplyTimeout(ClientError, TimeoutError):
 def _describe_loss(reason: Failure) -> str:
     if reason.check(ConnectionDone):
         return "el servidor cerró la conexión"
+    if reason.type is not None and reason.type.__module__.startswith("OpenSSL"):
+        # pyOpenSSL errors carry a list of (library, function, reason).
+        details = [
+            item[-1] for item in (reason.value.args[0] if reason.value.args else [])
+            if isinstance(item, tuple) and item
+        ]
+        return "falló la conexión TLS con el servidor (" + (
+            "; ".join(str(d) for d in details) or reason.getErrorMessage()
+        ) + ")"
     return f"se perdió la conexión con el servidor ({reason.getErrorMessage()})"
 
 

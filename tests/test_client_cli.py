@@ -181,22 +181,40 @@ def test_end_of_input_stops_the_menu() -> None:
 # -- running in memory ---------------------------------------------------------------
 
 
+class FakeTerminal(io.StringIO):
+    """
+    A stderr that says it is a terminal.
+    """
+
+    def isatty(self) -> bool:
+        return True
+
+
+def feed_at_once(reactor: Any, stream: Any, batch: cli.Batch) -> None:
+    """
+    Hand every line of C{stream} to C{batch} at once, in this thread.
+    """
+    for number, text in enumerate(stream, 1):
+        batch.line(number, text)
+    batch.eof()
+
+
 class Setup:
     """
     A client connected in memory to a real server protocol, and the console
     the command talks to.
     """
 
-    def __init__(self, stdin: str = "", **server_options: Any) -> None:
+    def __init__(self, stdin: str = "", tty: bool = False, **server_options: Any) -> None:
         self.reactor = FakeReactor()
         self.factory = make_server(reactor=self.reactor, **server_options)
         self.client = TaskClient(self.reactor)
         _, self.pump = connect_in_memory(self.factory, self.client)
         self.stdout = io.StringIO()
-        self.stderr = io.StringIO()
+        self.stderr = FakeTerminal() if tty else io.StringIO()
         self.console = cli.Console(
             io.StringIO(stdin), self.stdout, self.stderr,
-            lambda f, *args: maybeDeferred(f, *args),
+            lambda f, *args: maybeDeferred(f, *args), feed_at_once,
         )
 
     def connector(self) -> Deferred[TaskClient]:
@@ -409,6 +427,34 @@ def test_batch_stops_when_the_connection_is_lost() -> None:
     assert batch.stopped
     assert s.stderr.getvalue().count("[ERROR]") == 1
     assert "reset" in s.stderr.getvalue()
+
+
+def test_batch_mode_through_run() -> None:
+    """
+    run() with --batch reads stdin, prints the replies, and stays quiet on
+    a stderr that is not a terminal.
+    """
+    s = Setup(stdin="1 a\n2 ab\n")
+    assert s.run("--batch") == 0
+    assert sorted(json.loads(x)["resultado"] for x in s.stdout.getvalue().splitlines()) == [
+        "A", "ba"]
+    assert s.stderr.getvalue() == ""
+
+
+def test_batch_shows_progress_on_a_terminal_for_large_input() -> None:
+    """
+    With many tasks and a terminal on stderr, batch mode rewrites one
+    progress line there while it runs and clears it at the end; stdout still
+    gets every reply.
+    """
+    s = Setup(stdin="sleep 1\n" * 1500, tty=True)
+    assert s.run("--batch", "--window", "2000") == 0
+    assert len(s.stdout.getvalue().splitlines()) == 1500
+    err = s.stderr.getvalue()
+    assert "\r\x1b[K1500 enviadas, 0 respondidas, 0 fallidas, 1500 en curso" in err
+    assert "1500 enviadas, 1000 respondidas" in err
+    assert err.endswith("\r\x1b[K")
+    assert "[ERROR]" not in err
 
 
 def test_batch_progress_line() -> None:
@@ -637,3 +683,113 @@ def test_module_entry_point_has_help() -> None:
     for flag in ("--host", "--servidor", "--puerto", "--endpoint", "--batch", "--timeout"):
         assert flag in p.stdout
 
+
+
+def _write_certificates(directory: Path) -> Tuple[Path, Path, Path]:
+    """
+    Write a throwaway CA and a server certificate for localhost signed by it.
+
+    @return: The CA directory (for trustRoots), the server key and the
+        server certificate.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfo3 test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False,
+        ), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_dir = directory / "ca"
+    ca_dir.mkdir()
+    (ca_dir / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    key_path, cert_path = directory / "server.key", directory / "server.pem"
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return ca_dir, key_path, cert_path
+
+
+@pytest.mark.integration
+def test_cli_over_tls_with_a_ca_directory(tmp_path: Path) -> None:
+    """
+    --endpoint tls:... with trustRoots pointing at the CA runs a task over
+    TLS against twistd's ssl endpoint; without that CA the certificate is
+    refused with a clear [ERROR] and exit status 1.
+    """
+    ca_dir, key, cert = _write_certificates(tmp_path)
+    port = _free_port()
+    twistd = Path(sys.executable).parent / "twistd"
+    log = (tmp_path / "tls.log").open("wb")
+    proc = subprocess.Popen(
+        [str(twistd), "-n", "--pidfile=", "pfo3", "--port",
+         f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"],
+        cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, (tmp_path / "tls.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "twistd did not start listening"
+                time.sleep(0.05)
+        endpoint = f"tls:localhost:{port}:trustRoots={ca_dir}"
+        ok = client_cmd("--endpoint", endpoint, "--tipo", "1", "--contenido", "seguro",
+                        "--timeout", "10")
+        assert ok.returncode == 0, ok.stderr
+        doc = json.loads(ok.stdout)
+        assert doc["respuesta"]["resultado"] == "SEGURO"
+        assert doc["puerto"] == port
+        other = tmp_path / "empty-ca"
+        other.mkdir()
+        refused = client_cmd("--endpoint", f"tls:localhost:{port}:trustRoots={other}",
+                             "--tipo", "1", "--contenido", "x", "--timeout", "10")
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("[ERROR] ")
+        assert "falló la conexión TLS" in refused.stderr
+        assert "certificate verify failed" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
