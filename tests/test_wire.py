@@ -234,3 +234,25 @@ def test_client_helpers_round_trip() -> None:
     assert wire.decode_reply(b'{"estado": "ok"}\n') == {"estado": "ok"}
     with pytest.raises(ValueError):
         wire.decode_reply(b"[1]")
+
+
+json_texts = st.builds(
+    lambda v, pre, post: pre + json.dumps(v) + post,
+    json_values, st.sampled_from(["", " ", "\t"]), st.sampled_from(["", " ", "x", "}"]),
+) | st.text(max_size=20)
+
+
+@given(text=json_texts)
+def test_fast_parse_agrees_with_json_loads(text: str) -> None:
+    """
+    The decoder's fast path returns what json.loads returns, and raises the
+    same error message for what json.loads refuses.
+    """
+    try:
+        expected = json.loads(text)
+    except ValueError as e:
+        with pytest.raises(ValueError) as info:
+            wire._parse(text)
+        assert str(info.value) == str(e)
+    else:
+        assert wire._parse(text) == expected
