@@ -22,7 +22,7 @@ import math
 import sys
 import threading
 import uuid
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from twisted.internet import endpoints, error, task, threads
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
@@ -324,6 +324,7 @@ class Batch:
         self.failed = 0
         self.inflight = 0
         self.stopped = False
+        self.progress_shown = False
         self._ended = False
         self._flush_call: Any = None
 
@@ -340,7 +341,7 @@ class Batch:
                 text = text.decode("utf-8")
             parsed = parse_task_line(text)
         except ValueError as e:
-            self._complain(f"línea {number}: {e}")
+            self.complain(f"línea {number}: {e}")
             self.bad += 1
             self.failed += 1
             self.slots.release()
@@ -354,6 +355,13 @@ class Batch:
         d = self.client.submit(tipo, contenido, tarea_id, self.timeout)
         d.addCallbacks(self._replied, self._failed, errbackArgs=(number,))
         d.addBoth(self._finished)
+
+    def lines(self, first: int, texts: List[Union[str, bytes]]) -> None:
+        """
+        Handle consecutive input lines, numbered from C{first}.
+        """
+        for number, text in enumerate(texts, first):
+            self.line(number, text)
 
     def eof(self) -> None:
         """
@@ -374,10 +382,13 @@ class Batch:
             self._print(_error_reply(e))
         elif isinstance(e, ConnectionClosed):
             if not self.stopped:
-                self._complain(explain(e))
+                self.complain(
+                    f"Conexión perdida: {e.reason or e.mensaje}; "
+                    f"{self.inflight} tareas quedaron sin respuesta."
+                )
             self.stopped = True
         elif isinstance(e, (ClientError, TypeError, ValueError)):
-            self._complain(f"línea {number}: {explain(e)}")
+            self.complain(f"línea {number}: {explain(e)}")
         else:
             failure.raiseException()
 
@@ -403,7 +414,9 @@ class Batch:
         self._flush_call = None
         self.out.flush()
 
-    def _complain(self, text: str) -> None:
+    def complain(self, text: str) -> None:
+        if self.progress_shown:
+            self.err.write("\r\x1b[K")
         self.err.write(f"[ERROR] {text}\n")
         self.err.flush()
 
@@ -417,24 +430,56 @@ class Batch:
         )
 
 
+def _chunks(stream: IO[Any]) -> Iterator[List[Any]]:
+    """
+    The lines of C{stream} in groups: whatever complete lines one read
+    returned, so a fast input moves in bulk and a slow one line by line.
+    """
+    read1 = getattr(stream, "read1", None)
+    if read1 is None:
+        for line in stream:
+            yield [line]
+        return
+    rest = b""
+    while True:
+        data = read1(65536)
+        if not data:
+            break
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        if lines:
+            yield lines
+    if rest:
+        yield [rest]
+
+
 def read_in_thread(reactor: Any, stream: IO[Any], batch: Batch) -> threading.Thread:
     """
     Feed C{batch} from C{stream} on a daemon thread, without blocking the
-    reactor; the thread waits for a free slot before handing over each line.
+    reactor.  The thread takes a free slot of the window for each line
+    before handing it over, so it stops reading while the window is full.
     """
+    slots = batch.slots
 
     def run() -> None:
-        number = 0
+        number = 1
         try:
-            for text in stream:
-                number += 1
-                batch.slots.acquire()
-                if batch.stopped:
-                    break
-                reactor.callFromThread(batch.line, number, text)
+            for lines in _chunks(stream):
+                i = 0
+                while i < len(lines):
+                    slots.acquire()
+                    if batch.stopped:
+                        return
+                    j = i + 1
+                    while j < len(lines) and slots.acquire(blocking=False):
+                        j += 1
+                    reactor.callFromThread(batch.lines, number, lines[i:j])
+                    number += j - i
+                    i = j
         except Exception as e:  # a read error ends the input
-            reactor.callFromThread(batch._complain, f"no se pudo leer la entrada: {e}")
-        reactor.callFromThread(batch.eof)
+            reactor.callFromThread(batch.complain, f"no se pudo leer la entrada: {e}")
+        finally:
+            reactor.callFromThread(batch.eof)
 
     thread = threading.Thread(target=run, name="pfo3-client-stdin", daemon=True)
     thread.start()
@@ -583,6 +628,7 @@ async def _run_batch(reactor: Any, options: Options, console: Console, client: T
     if _isatty(console.stderr):
         def show() -> None:
             if batch.sent >= PROGRESS_AFTER:
+                batch.progress_shown = True
                 console.stderr.write("\r\x1b[K" + batch.progress())
                 console.stderr.flush()
 
@@ -595,8 +641,9 @@ async def _run_batch(reactor: Any, options: Options, console: Console, client: T
     finally:
         if progress is not None:
             progress.stop()
-            if batch.sent >= PROGRESS_AFTER:
+            if batch.progress_shown:
                 console.stderr.write("\r\x1b[K")
+                console.stderr.flush()
     if batch.failed and not batch.stopped:
         console.error(f"{batch.failed} de {batch.sent + batch.bad} tareas fallaron.")
     return status

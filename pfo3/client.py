@@ -77,7 +77,15 @@ class ClientError(Exception):
 class ConnectionClosed(ClientError):
     """
     The connection closed (or was never open) before the reply arrived.
+
+    @ivar reason: Why the connection closed, in a few words.
     """
+
+    def __init__(
+        self, mensaje: str, tarea_id: Optional[str] = None, reason: Optional[str] = None
+    ) -> None:
+        super().__init__(mensaje, tarea_id)
+        self.reason = reason
 
 
 class ReplyTimeout(ClientError, TimeoutError):
@@ -193,7 +201,7 @@ class TaskClient(LineOnlyReceiver):
             return fail(ConnectionClosed(
                 "No hay conexión con el servidor"
                 + (f": {self._closed_because}." if self._closed_because else "."),
-                tarea_id,
+                tarea_id, self._closed_because,
             ))
         if tarea_id in self._pending or tarea_id in self._abandoned:
             return fail(DuplicateTaskId(
@@ -283,7 +291,7 @@ class TaskClient(LineOnlyReceiver):
         self._abandoned.clear()
         for tarea_id, d in pending.items():
             d.errback(ConnectionClosed(
-                f"Sin respuesta a la tarea {tarea_id}: {why}.", tarea_id))
+                f"Sin respuesta a la tarea {tarea_id}: {why}.", tarea_id, why))
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.callback(None)

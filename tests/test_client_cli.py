@@ -9,13 +9,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
@@ -425,8 +427,10 @@ def test_batch_stops_when_the_connection_is_lost() -> None:
     s.client.connectionLost(Failure(ConnectionLost("reset")))
     assert s.drive(batch.done) == 1
     assert batch.stopped
-    assert s.stderr.getvalue().count("[ERROR]") == 1
-    assert "reset" in s.stderr.getvalue()
+    err = s.stderr.getvalue()
+    assert err.count("[ERROR]") == 1
+    assert "reset" in err
+    assert "3 tareas quedaron sin respuesta" in err
 
 
 def test_batch_mode_through_run() -> None:
@@ -467,6 +471,79 @@ def test_batch_progress_line() -> None:
     batch.line(3, "nope b\n")
     s.pump.flush()
     assert batch.progress() == "3 enviadas, 2 respondidas, 1 fallidas, 1 en curso"
+
+
+class StubBatch:
+    """
+    Records what the reading thread hands over.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.slots = threading.Semaphore(window)
+        self.stopped = False
+        self.got: List[Tuple[int, Any]] = []
+        self.ended = False
+
+    def lines(self, first: int, texts: List[Any]) -> None:
+        self.got.extend(enumerate(texts, first))
+
+    def eof(self) -> None:
+        self.ended = True
+
+    def complain(self, text: str) -> None:
+        raise AssertionError(text)
+
+
+class QueueReactor:
+    """
+    callFromThread queues the call for the test thread to run.
+    """
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[Tuple[Callable[..., Any], Tuple[Any, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_calls(self, wait: float) -> None:
+        try:
+            while True:
+                f, args = self.calls.get(timeout=wait)
+                f(*args)
+        except queue.Empty:
+            pass
+
+
+def test_reading_thread_stops_at_a_full_window() -> None:
+    """
+    The stdin thread hands lines over, numbered, only while the window has
+    free slots, resumes as slots are given back, and signals the end of
+    input (a last line without newline included).
+    """
+    reactor = QueueReactor()
+    batch = StubBatch(window=3)
+    thread = cli.read_in_thread(reactor, io.BytesIO(b"a\nb\nc\nd\ne"), batch)
+    reactor.run_calls(wait=0.3)
+    assert batch.got == [(1, b"a"), (2, b"b"), (3, b"c")]
+    assert not batch.ended
+    batch.slots.release()
+    batch.slots.release()
+    thread.join(5)
+    reactor.run_calls(wait=0.05)
+    assert batch.got[3:] == [(4, b"d"), (5, b"e")]
+    assert batch.ended
+
+
+def test_reading_thread_accepts_text_streams() -> None:
+    """
+    A stream without read1 is read line by line.
+    """
+    reactor = QueueReactor()
+    batch = StubBatch(window=10)
+    cli.read_in_thread(reactor, io.StringIO("1 a\n2 b\n"), batch).join(5)
+    reactor.run_calls(wait=0.05)
+    assert batch.got == [(1, "1 a\n"), (2, "2 b\n")]
+    assert batch.ended
 
 
 # -- against a real twistd ------------------------------------------------------------
