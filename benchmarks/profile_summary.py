@@ -1,0 +1,100 @@
+"""
+Summarise a C{py-spy record --format raw} profile (collapsed stacks).
+
+Prints the functions with the most samples on top of the stack (self) and
+the most samples anywhere in the stack (inclusive), as shares of all samples.
+
+    python benchmarks/profile_summary.py pfo3.raw [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from typing import Dict, List, Tuple
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def frame_name(frame: str) -> str:
+    """
+    @return: C{"function (file)"} of a py-spy frame C{"function (file:line)"},
+        the line number dropped so a function's samples add up; the file is
+        cut to its last two path components.
+    """
+    frame = _LINE.sub(")", frame.strip())
+    if " (" in frame:
+        func, _, where = frame.partition(" (")
+        parts = where.rstrip(")").split("/")
+        frame = f"{func} ({'/'.join(parts[-2:])})"
+    return frame
+
+
+def read_stacks(path: str) -> List[Tuple[List[str], int]]:
+    """
+    @return: C{(frames from root to leaf, samples)} per line of the file.
+    """
+    stacks: List[Tuple[List[str], int]] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            stack, _, count = line.rpartition(" ")
+            try:
+                n = int(count)
+            except ValueError:
+                continue
+            stacks.append(([frame_name(x) for x in stack.split(";") if x], n))
+    return stacks
+
+
+def summarise(
+    stacks: List[Tuple[List[str], int]], top: int = 25
+) -> Tuple[int, List[Tuple[str, float]], List[Tuple[str, float]]]:
+    """
+    @return: C{(total samples, [(function, self share)], [(function,
+        inclusive share)])}, each list sorted by share, at most C{top} long.
+    """
+    total = sum(n for _, n in stacks)
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    for frames, n in stacks:
+        if not frames:
+            continue
+        own[frames[-1]] += n
+        for name in set(frames):
+            incl[name] += n
+    def shares(c: Counter[str]) -> List[Tuple[str, float]]:
+        return [(name, n / total) for name, n in c.most_common(top)] if total else []
+    return total, shares(own), shares(incl)
+
+
+def as_markdown(path: str, top: int = 25) -> str:
+    """
+    @return: Two Markdown tables (self and inclusive shares).
+    """
+    total, own, incl = summarise(read_stacks(path), top)
+    out: List[str] = [f"{total} samples.", "", "| self % | function |", "|---:|---|"]
+    out += [f"| {share * 100:.1f} | `{name}` |" for name, share in own]
+    out += ["", "| inclusive % | function |", "|---:|---|"]
+    out += [f"| {share * 100:.1f} | `{name}` |" for name, share in incl]
+    return "\n".join(out)
+
+
+def main() -> None:
+    """
+    Command line: a raw profile file and C{--top}.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    print(as_markdown(args.path, args.top))
+
+
+_ = Dict  # typing name kept for readers of older Pythons
+
+if __name__ == "__main__":
+    main()

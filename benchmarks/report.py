@@ -1,0 +1,315 @@
+"""
+Render the suite's results (C{benchmarks/results/latest.json}) as
+C{docs/benchmarks.md} and C{docs/benchmarks.png}.
+
+Every comparison is a median of ratios taken within the same round (pfo3 and
+the floor measured minutes apart on the same machine state), never a ratio of
+absolute figures from different runs.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: (what, ratio key, comparison, limit) at the target level.
+TARGETS = (
+    ("throughput ÷ floor", "throughput_vs_floor", ">=", 0.85),
+    ("server CPU per task ÷ floor", "cpu_vs_floor", "<=", 1.5),
+    ("p99 latency ÷ seed architecture", "p99_vs_seed", "<=", 0.2),
+)
+BURST_TARGET_S = 1.5
+IDLE_TARGET_BYTES = 10 * 1024
+
+
+def _median(values: List[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def medians(results: Dict[str, Any]) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    """
+    @return: Per (level, system): the median, min and max of each figure.
+    """
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for run in results["runs"]:
+        groups.setdefault((run["level"], run["system"]), []).append(run)
+    out: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for key, runs in groups.items():
+        row: Dict[str, Any] = {"n": len(runs), "errors": sum(r["errors"] for r in runs)}
+        for fig in ("throughput", "p50_ms", "p99_ms", "server_cpu_us_per_task"):
+            vals = [r[fig] for r in runs if r[fig] is not None]
+            row[fig] = _median(vals)
+            row[fig + "_min"] = min(vals) if vals else None
+            row[fig + "_max"] = max(vals) if vals else None
+        out[key] = row
+    return out
+
+
+def paired(results: Dict[str, Any], level: str, system: str, other: str, fig: str
+           ) -> Optional[float]:
+    """
+    @return: The median over rounds of C{system}'s figure divided by
+        C{other}'s in the same round, at one level.
+    """
+    by_round: Dict[int, Dict[str, float]] = {}
+    for run in results["runs"]:
+        if run["level"] == level and run[fig] is not None:
+            by_round.setdefault(run["round"], {})[run["system"]] = run[fig]
+    ratios = [
+        r[system] / r[other] for r in by_round.values()
+        if system in r and other in r and r[other]
+    ]
+    return _median(ratios)
+
+
+def ratios(results: Dict[str, Any], level: str, system: str) -> Dict[str, Optional[float]]:
+    """
+    @return: A system's paired ratios against the floor and the seed.
+    """
+    return {
+        "throughput_vs_floor": paired(results, level, system, "floor", "throughput"),
+        "cpu_vs_floor": paired(results, level, system, "floor", "server_cpu_us_per_task"),
+        "p99_vs_seed": paired(results, level, system, "seed", "p99_ms"),
+        "throughput_vs_seed": paired(results, level, system, "seed", "throughput"),
+    }
+
+
+def _f(value: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _burst_rows(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    labels = {s["name"]: s["label"] for s in results["systems"]}
+    names = []
+    for b in results.get("burst", []):
+        if b["system"] not in names:
+            names.append(b["system"])
+    for name in names:
+        runs = [b for b in results["burst"] if b["system"] == name]
+        rows.append({
+            "system": name, "label": labels.get(name, name), "burst": runs[0]["burst"],
+            "connections": runs[0]["connections"], "sleep_s": runs[0]["sleep_s"],
+            "wall_s": _median([b["wall_s"] for b in runs]),
+            "for_size": _median([b["wall_s_for_size"] for b in runs]),
+            "extrapolated": runs[0]["extrapolated_to"] is not None,
+            "replies_ok": all(b["replies"] == b["burst"] and not b["errors"] for b in runs),
+            "n": len(runs),
+        })
+    return rows
+
+
+def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str:
+    """
+    @return: The text of C{docs/benchmarks.md}.
+    """
+    meta = results["meta"]
+    med = medians(results)
+    systems = results["systems"]
+    target = results["target_level"]
+    out: List[str] = ["# Benchmarks", ""]
+    out.append(
+        "pfo3 measured side by side with the seed prototype's architecture and with the "
+        "barest asyncio server that speaks the same protocol (the *floor*), in one run, "
+        "interleaved. The machine is noisy: read the **ratios**, which compare figures "
+        "taken in the same round, rather than the absolute numbers."
+    )
+    out.append("")
+    quick = " — **quick run** (smoke test, few rounds)" if results.get("quick") else ""
+    out.append(
+        f"Run of {meta['date']} on {meta['cpus']} CPUs, Python {meta['python']}, Twisted "
+        f"{meta['twisted']}, pfo3 at commit `{meta['commit']}`; {results['rounds']} rounds "
+        f"of {results['duration_s']:g} s per system and load level; the suite took "
+        f"{results.get('suite_seconds', 0):.0f} s{quick}."
+    )
+    out.append("")
+    out.append("| system | what it is |")
+    out.append("|---|---|")
+    for s in systems:
+        out.append(f"| {s['label']} | {s['description']} |")
+    for name, why in results.get("unavailable", {}).items():
+        out.append(f"| {name} | not run: {why} |")
+    out.append("")
+
+    if results["runs"]:
+        have = {s["name"] for s in systems}
+        out += ["## Targets", "",
+                f"At {target} (connections × requests in flight), `uppercase` of `hola mundo`; "
+                "each ratio is the median over rounds of the ratio within a round.", "",
+                "| target | limit | measured | |", "|---|---:|---:|---|"]
+        r = ratios(results, target, "pfo3") if "pfo3" in have else {}
+        for what, key, cmp, limit in TARGETS:
+            value = r.get(key)
+            ok = value is not None and (value >= limit if cmp == ">=" else value <= limit)
+            out.append(f"| {what} | {cmp} {limit:g} | {_f(value)} | "
+                       f"{'met' if ok else ('–' if value is None else 'missed')} |")
+        bursts = {b["system"]: b for b in _burst_rows(results)}
+        if "pfo3" in bursts:
+            b = bursts["pfo3"]
+            ok = b["for_size"] is not None and b["for_size"] <= BURST_TARGET_S
+            out.append(f"| {results.get('burst_size', b['burst'])} concurrent "
+                       f"{b['sleep_s']:g} s sleeps answered | <= {BURST_TARGET_S:g} s | "
+                       f"{_f(b['for_size'], '{:.3f}')} s | {'met' if ok else 'missed'} |")
+        mem = {m["system"]: m for m in results.get("memory", [])}
+        if "pfo3" in mem:
+            per = mem["pfo3"]["bytes_per_connection"]
+            ok = per <= IDLE_TARGET_BYTES
+            out.append(f"| RSS per idle connection ({mem['pfo3']['connections']} held) | "
+                       f"<= 10 KiB | {per / 1024:.2f} KiB | {'met' if ok else 'missed'} |")
+        out.append("")
+
+        out += ["## Load levels", "",
+                "Medians over the rounds (min–max in the chart). *CPU* is the server's "
+                "user + system time per answered task, read with psutil around each run. "
+                "Ratios are paired within a round.", ""]
+        out += ["| load | system | tasks/s | p50 ms | p99 ms | CPU µs/task | "
+                "tasks/s ÷ floor | CPU ÷ floor | p99 ÷ seed | errors |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for level in results["levels"]:
+            for s in systems:
+                row = med.get((level, s["name"]))
+                if row is None:
+                    continue
+                rr = ratios(results, level, s["name"])
+                out.append(
+                    f"| {level} | {s['label']} | {_f(row['throughput'], '{:,.0f}')} | "
+                    f"{_f(row['p50_ms'])} | {_f(row['p99_ms'])} | "
+                    f"{_f(row['server_cpu_us_per_task'], '{:.1f}')} | "
+                    f"{_f(rr['throughput_vs_floor'])} | {_f(rr['cpu_vs_floor'])} | "
+                    f"{_f(rr['p99_vs_seed'])} | {row['errors']} |")
+        out += ["", f"![throughput and p99 per system and load level]({chart_name})", ""]
+
+    bursts_rows = _burst_rows(results)
+    if bursts_rows:
+        size = results.get("burst_size", 0)
+        out += ["## Sleep burst", "",
+                f"{size} requests `sleep` of {bursts_rows[0]['sleep_s']:g} s sent at once "
+                f"over at most 100 connections; wall time from the first request to the last "
+                f"reply (median of {bursts_rows[0]['n']}).", "",
+                f"| system | burst run | wall time | for {size} |", "|---|---|---:|---:|"]
+        for b in bursts_rows:
+            note = " (extrapolated)" if b["extrapolated"] else ""
+            bad = "" if b["replies_ok"] else " — **not all answered ok**"
+            out.append(f"| {b['label']} | {b['burst']} × {b['sleep_s']:g} s on "
+                       f"{b['connections']} connections | {b['wall_s']:.3f} s{bad} | "
+                       f"{b['for_size']:.1f} s{note} |")
+        if any(b["extrapolated"] for b in bursts_rows):
+            out += ["", "The seed architecture runs sleeps on its 4 worker threads, each "
+                    "holding a thread for the whole sleep, so a burst drains 4 at a time: its "
+                    "wall time grows linearly with the burst. It was run with a smaller "
+                    "burst and that wall time scaled by the burst ratio (extrapolated, not "
+                    "measured)."]
+        out.append("")
+
+    if results.get("memory"):
+        out += ["## Memory per idle connection", "",
+                "RSS of a fresh server (after a short warm-up load) before and while it "
+                "holds idle connections, each of which was answered one `ping` first.", "",
+                "| system | connections | RSS before | RSS holding them | per connection |",
+                "|---|---:|---:|---:|---:|"]
+        labels = {s["name"]: s["label"] for s in systems}
+        for m in results["memory"]:
+            out.append(f"| {labels.get(m['system'], m['system'])} | {m['connections']} | "
+                       f"{m['rss_before'] / 2**20:.1f} MiB | {m['rss_during'] / 2**20:.1f} MiB"
+                       f" | {m['bytes_per_connection'] / 1024:.2f} KiB |")
+        out.append("")
+
+    prof = results.get("profile")
+    notes_path = os.path.join(HERE, "profile-notes.md")
+    if prof or os.path.exists(notes_path):
+        out += ["## Where pfo3's server time goes", ""]
+        if os.path.exists(notes_path):
+            with open(notes_path, encoding="utf-8") as f:
+                out += [f.read().strip(), ""]
+        if prof:
+            out += [f"py-spy samples of the pfo3 server (250 Hz) at {prof['level']}, "
+                    f"`uppercase`, this run ({prof['throughput']:,.0f} tasks/s while sampled; "
+                    "shares of the samples in which the server was busy; a C function's time "
+                    "counts as its Python caller's *self*):", "",
+                    prof["markdown"], ""]
+
+    out += ["## How to reproduce", "", "```sh",
+            "pip install -e '.[bench]'            # matplotlib, psutil; py-spy for the profile",
+            "python benchmarks/run_suite.py       # about 7 minutes; rewrites this page",
+            "python benchmarks/run_suite.py --quick          # a 2-minute smoke run",
+            "python benchmarks/run_suite.py --systems pfo3,floor --skip burst,memory",
+            "python benchmarks/run_suite.py --render-only    # re-render from the JSON",
+            "```", "",
+            "Raw figures: `benchmarks/results/latest.json`. The suite raises its open-file "
+            "limit (and so its servers') to hold the idle connections; with a hard limit "
+            "below 20,500 (`ulimit -Hn`) it holds fewer and says how many.", "",
+            "One system by hand:", "", "```sh",
+            "twistd -n --pidfile= pfo3 --port tcp:9000:interface=127.0.0.1 &",
+            "pfo3-bench -e tcp:127.0.0.1:9000 -c 64 -i 8 -d 10",
+            "pfo3-bench -e tcp:127.0.0.1:9000 --mix uppercase:80,sleep=0.01:20 -n 200000",
+            "pfo3-bench -e tcp:127.0.0.1:9000 --burst 10000 --burst-sleep 1 -c 100",
+            "pfo3-bench -e tcp:127.0.0.1:9000 -c 64 -i 8 -d 10 --json   # for scripts",
+            "```", "",
+            "On a machine with more cores, `--procs N` splits the connections over N load "
+            "processes and merges their histograms. On 2 cores the load generator takes "
+            "about one core itself, which is why CPU per task is the sharper measure.", "",
+            "To add a system (pfo3 over RabbitMQ, Celery), append a `System` to "
+            "`benchmarks/systems.py`: how to start its processes on a port, and why it "
+            "cannot run when its broker is missing; the suite interleaves it with the "
+            "others and the report gains its rows.", ""]
+    return "\n".join(out)
+
+
+def chart(results: Dict[str, Any], path: str) -> None:
+    """
+    Draw throughput and p99 per system and load level (median bars, min–max
+    whiskers) into a PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = medians(results)
+    levels = results["levels"]
+    systems = [s for s in results["systems"]
+               if any((lv, s["name"]) in med for lv in levels)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for k, (ax, fig_key, scale, title) in enumerate((
+        (axes[0], "throughput", 1e-3, "throughput (thousand tasks/s, higher is better)"),
+        (axes[1], "p99_ms", 1.0, "p99 latency (ms, log scale, lower is better)"),
+    )):
+        for i, s in enumerate(systems):
+            xs, ys, lo, hi = [], [], [], []
+            for j, lv in enumerate(levels):
+                row = med.get((lv, s["name"]))
+                if row is None or row[fig_key] is None:
+                    continue
+                xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                ys.append(row[fig_key] * scale)
+                lo.append((row[fig_key] - row[fig_key + "_min"]) * scale)
+                hi.append((row[fig_key + "_max"] - row[fig_key]) * scale)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=s["label"])
+        ax.set_xticks(range(len(levels)))
+        ax.set_xticklabels([f"{lv}\n(conns x in flight)" for lv in levels])
+        ax.set_title(title, fontsize=10)
+        if k == 1:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.suptitle(f"pfo3 vs seed architecture vs asyncio floor, uppercase 'hola mundo' "
+                 f"({results['meta']['cpus']} CPUs, medians of {results['rounds']} "
+                 f"interleaved rounds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(results: Dict[str, Any], md_path: str, png_path: str) -> None:
+    """
+    Write both the page and, when there are load runs, the chart.
+    """
+    if results["runs"]:
+        chart(results, png_path)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown(results, os.path.basename(png_path)))

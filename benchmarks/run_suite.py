@@ -1,0 +1,448 @@
+"""
+The comparison suite: pfo3 against the seed architecture and the asyncio floor.
+
+    python benchmarks/run_suite.py            # full run, about 7 minutes
+    python benchmarks/run_suite.py --quick    # about 2 minutes, fewer rounds
+
+Every system runs as its own subprocess on a free loopback port for the whole
+load phase; the load runs are interleaved (round 1: A B C at each load level,
+round 2: B C A, ...), so slow drift of a noisy machine hits every system
+alike.  Each run is one C{pfo3-bench --json} subprocess; the server's CPU
+time (user + system, over all its processes) is read with psutil before and
+after.  Then come the sleep bursts and the idle-connection memory test, each
+on fresh server processes, and, when py-spy is installed, a profile of pfo3
+under the target load.  The results go to C{benchmarks/results/latest.json}
+and are rendered into C{docs/benchmarks.md} and C{docs/benchmarks.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import profile_summary  # noqa: E402
+import report  # noqa: E402
+from systems import REPO, SYSTEMS, System, by_name  # noqa: E402
+
+#: (connections, requests in flight per connection) per load level.
+LEVELS: List[Tuple[int, int]] = [(1, 1), (16, 8), (64, 8), (256, 8)]
+TARGET_LEVEL = (64, 8)
+BURST = 10_000
+BURST_SLEEP = 1.0
+BURST_CONNECTIONS = 100
+IDLE_CONNECTIONS = 10_000
+
+
+def level_name(level: Sequence[int]) -> str:
+    """
+    @return: C{"64x8"} for C{(64, 8)}.
+    """
+    return f"{level[0]}x{level[1]}"
+
+
+def free_port() -> int:
+    """
+    @return: A loopback TCP port that was free a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile(wanted: int) -> int:
+    """
+    Raise this process's open-file limit (inherited by the servers).
+
+    @return: The soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Running:
+    """
+    The processes of one system, started on a port.
+    """
+
+    def __init__(self, system: System, logdir: str) -> None:
+        self.system = system
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update(system.env)
+        self.procs: List[subprocess.Popen[bytes]] = []
+        for i, argv in enumerate(system.commands(self.port)):
+            log = open(os.path.join(logdir, f"{system.name}-{self.port}-{i}.log"), "wb")
+            self.procs.append(subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logdir))
+            log.close()
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"{self.system.name} exited before listening")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b'{"op": "ping"}\n')
+                    if s.recv(4096):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.system.name} did not listen on {self.port}")
+
+    def _processes(self) -> List[psutil.Process]:
+        found: List[psutil.Process] = []
+        for p in self.procs:
+            try:
+                proc = psutil.Process(p.pid)
+                found.append(proc)
+                found.extend(proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def cpu(self) -> float:
+        """
+        @return: User + system CPU seconds of all its processes so far.
+        """
+        total = 0.0
+        for proc in self._processes():
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def rss(self) -> int:
+        """
+        @return: Resident memory of the listening process, in bytes.
+        """
+        return int(psutil.Process(self.procs[0].pid).memory_info().rss)
+
+    def stop(self) -> None:
+        """
+        Stop every process: SIGTERM, then SIGKILL after 10 s.
+        """
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def bench(port: int, args: Sequence[str], timeout: float = 120.0) -> Dict[str, Any]:
+    """
+    Run one C{pfo3-bench --json} against a port.
+    """
+    argv = [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{port}",
+            "--json", "-q", *args]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=timeout)
+    lines = done.stdout.decode().strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"pfo3-bench printed nothing: {done.stderr.decode()[-2000:]}")
+    summary: Dict[str, Any] = json.loads(lines[-1])
+    summary["exit_status"] = done.returncode
+    return summary
+
+
+def measured(running: Running, args: Sequence[str], timeout: float = 120.0) -> Dict[str, Any]:
+    """
+    Run C{pfo3-bench} and read the server's CPU time around it.
+    """
+    before = running.cpu()
+    summary = bench(running.port, args, timeout)
+    cpu = running.cpu() - before
+    summary["server_cpu_s"] = cpu
+    replies = summary["replies"]
+    summary["server_cpu_us_per_task"] = cpu / replies * 1e6 if replies else None
+    return summary
+
+
+def load_phase(
+    systems: List[System], levels: List[Tuple[int, int]], rounds: int, duration: float,
+    logdir: str,
+) -> List[Dict[str, Any]]:
+    """
+    Interleaved load runs: every level, every system, rotated each round.
+    """
+    runs: List[Dict[str, Any]] = []
+    running = {s.name: Running(s, logdir) for s in systems}
+    try:
+        for s in systems:  # warm-up, not recorded
+            bench(running[s.name].port, ["-c", "64", "-i", "8", "-d", "1"])
+        for r in range(rounds):
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
+            for level in levels:
+                for s in order:
+                    summary = measured(running[s.name], [
+                        "-c", str(level[0]), "-i", str(level[1]), "-d", str(duration)])
+                    lat = summary["latency_ms"]
+                    run = {
+                        "round": r, "level": level_name(level), "system": s.name,
+                        "throughput": summary["throughput"], "p50_ms": lat["p50"],
+                        "p90_ms": lat["p90"], "p99_ms": lat["p99"], "max_ms": lat["max"],
+                        "replies": summary["replies"], "errors": summary["error_count"],
+                        "unanswered": summary["unanswered"],
+                        "server_cpu_us_per_task": summary["server_cpu_us_per_task"],
+                        "client_cpu_s": summary["client_cpu_s"],
+                        "elapsed_s": summary["elapsed_s"],
+                    }
+                    runs.append(run)
+                    print(f"  round {r + 1}/{rounds} {run['level']:>6} {s.name:<6} "
+                          f"{run['throughput']:9.0f}/s  p99 {run['p99_ms']:8.2f} ms  "
+                          f"cpu {run['server_cpu_us_per_task'] or 0:6.1f} us/task  "
+                          f"errors {run['errors']}", flush=True)
+    finally:
+        for r_ in running.values():
+            r_.stop()
+    return runs
+
+
+def burst_phase(
+    systems: List[System], rounds: int, size: int, seconds: float, logdir: str
+) -> List[Dict[str, Any]]:
+    """
+    Sleep bursts, interleaved; a system with a C{burst_limit} runs a smaller
+    burst whose wall time is scaled linearly to C{size}.
+    """
+    out: List[Dict[str, Any]] = []
+    running = {s.name: Running(s, logdir) for s in systems}
+    try:
+        for r in range(rounds):
+            for s in systems:
+                n = size if s.burst_limit is None else min(size, s.burst_limit)
+                conns = min(n, BURST_CONNECTIONS)
+                summary = measured(running[s.name], [
+                    "--burst", str(n), "--burst-sleep", str(seconds), "-c", str(conns)],
+                    timeout=seconds * n + 120)
+                wall = summary["elapsed_s"]
+                entry = {
+                    "round": r, "system": s.name, "burst": n, "connections": conns,
+                    "sleep_s": seconds, "wall_s": wall, "replies": summary["replies"],
+                    "errors": summary["error_count"],
+                    "extrapolated_to": size if n < size else None,
+                    "wall_s_for_size": wall * size / n,
+                }
+                out.append(entry)
+                note = f" (extrapolated from {n})" if n < size else ""
+                print(f"  burst round {r + 1}/{rounds} {s.name:<6} {n} x {seconds:g} s: "
+                      f"{wall:.3f} s, {summary['replies']} replies; for {size}: "
+                      f"{entry['wall_s_for_size']:.1f} s{note}", flush=True)
+    finally:
+        for r_ in running.values():
+            r_.stop()
+    return out
+
+
+def hold_connections(port: int, n: int) -> List[socket.socket]:
+    """
+    Open C{n} connections one by one, each answered a ping (so the server
+    has set it up completely), and keep them open.
+    """
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(s)
+            s.sendall(b'{"op": "ping"}\n')
+            if not s.recv(4096):
+                raise RuntimeError("connection closed before the ping was answered")
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def memory_phase(systems: List[System], n: int, logdir: str) -> List[Dict[str, Any]]:
+    """
+    RSS of each system's fresh server before and while it holds C{n} idle
+    connections.
+    """
+    out: List[Dict[str, Any]] = []
+    for s in systems:
+        if not s.idle_memory:
+            continue
+        running = Running(s, logdir)
+        try:
+            bench(running.port, ["-c", "16", "-i", "8", "-d", "1"])  # warm, as in use
+            time.sleep(0.5)
+            before = running.rss()
+            socks = hold_connections(running.port, n)
+            try:
+                time.sleep(1.0)
+                during = running.rss()
+            finally:
+                for sock in socks:
+                    sock.close()
+            entry = {"system": s.name, "connections": n, "rss_before": before,
+                     "rss_during": during, "bytes_per_connection": (during - before) / n}
+            out.append(entry)
+            print(f"  memory {s.name:<6} {before / 2**20:.1f} MiB -> {during / 2**20:.1f} MiB "
+                  f"with {n} idle connections: "
+                  f"{entry['bytes_per_connection'] / 1024:.2f} KiB each", flush=True)
+        finally:
+            running.stop()
+    return out
+
+
+def profile_phase(system: System, level: Tuple[int, int], logdir: str, outdir: str,
+                  seconds: float = 8.0) -> Optional[Dict[str, Any]]:
+    """
+    py-spy profile of a system's server under a load level.
+    """
+    pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(pyspy):
+        print("  py-spy not found: no profile", flush=True)
+        return None
+    running = Running(system, logdir)
+    os.makedirs(outdir, exist_ok=True)
+    raw = os.path.join(outdir, f"{system.name}-{level_name(level)}.raw")
+    try:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO
+        load = subprocess.Popen(
+            [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{running.port}", "-q",
+             "--json", "-c", str(level[0]), "-i", str(level[1]), "-d", str(seconds + 3)],
+            stdout=subprocess.PIPE, env=env)
+        time.sleep(1.5)
+        subprocess.run([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
+                        str(seconds), "-r", "250", "-f", "raw", "-o", raw],
+                       capture_output=True, timeout=seconds + 60)
+        stdout, _ = load.communicate(timeout=seconds + 60)
+    finally:
+        running.stop()
+    if not os.path.exists(raw):
+        print("  py-spy wrote nothing (ptrace not permitted?)", flush=True)
+        return None
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    print(f"  profiled {system.name} at {level_name(level)}: "
+          f"{summary['throughput']:.0f}/s while sampled", flush=True)
+    return {"system": system.name, "level": level_name(level),
+            "markdown": profile_summary.as_markdown(raw, 20),
+            "raw": os.path.basename(raw), "throughput": summary["throughput"]}
+
+
+def machine() -> Dict[str, Any]:
+    """
+    @return: What the report says about where it ran.
+    """
+    import twisted
+
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "twisted": twisted.__version__, "platform": platform.platform(),
+        "commit": commit,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """
+    Run the suite and write the report.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="2 rounds of 2 s, smaller bursts: a smoke run")
+    parser.add_argument("--rounds", type=int, help="load rounds (default 5, quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per run (default 4, quick 2)")
+    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
+                        help="comma-separated systems (default: all)")
+    parser.add_argument("--skip", default="",
+                        help="phases to skip: comma-separated of load,burst,memory,profile")
+    parser.add_argument("--results", default=os.path.join(HERE, "results", "latest.json"))
+    parser.add_argument("--markdown", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    parser.add_argument("--chart", default=os.path.join(REPO, "docs", "benchmarks.png"))
+    parser.add_argument("--render-only", action="store_true",
+                        help="only re-render the report from --results")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        with open(args.results, encoding="utf-8") as f:
+            results = json.load(f)
+        report.write(results, args.markdown, args.chart)
+        return 0
+
+    rounds = args.rounds or (2 if args.quick else 5)
+    duration = args.duration or (2.0 if args.quick else 4.0)
+    skip = {x for x in args.skip.split(",") if x}
+    systems = by_name([x for x in args.systems.split(",") if x])
+    unavailable = {}
+    for s in list(systems):
+        why = s.available()
+        if why is not None:
+            unavailable[s.name] = why
+            systems.remove(s)
+            print(f"skipping {s.name}: {why}", flush=True)
+    nofile = raise_nofile(IDLE_CONNECTIONS + 1000)
+    idle = min(IDLE_CONNECTIONS, nofile - 500) if not args.quick else 2000
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    results: Dict[str, Any] = {
+        "meta": machine(), "quick": args.quick, "rounds": rounds, "duration_s": duration,
+        "nofile": nofile, "levels": [level_name(lv) for lv in LEVELS],
+        "target_level": level_name(TARGET_LEVEL),
+        "systems": [{"name": s.name, "label": s.label, "description": s.description}
+                    for s in systems],
+        "unavailable": unavailable,
+        "runs": [], "burst": [], "memory": [], "profile": None,
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pfo3-suite-") as logdir:
+        if "load" not in skip:
+            print(f"load: {rounds} rounds x {len(LEVELS)} levels x {len(systems)} systems, "
+                  f"{duration:g} s each", flush=True)
+            results["runs"] = load_phase(systems, LEVELS, rounds, duration, logdir)
+        if "burst" not in skip:
+            size, secs = (2000, 1.0) if args.quick else (BURST, BURST_SLEEP)
+            print(f"sleep burst: {size} x {secs:g} s", flush=True)
+            results["burst"] = burst_phase(systems, 1 if args.quick else 3, size, secs, logdir)
+            results["burst_size"] = size
+        if "memory" not in skip:
+            print(f"memory: {idle} idle connections", flush=True)
+            results["memory"] = memory_phase(systems, idle, logdir)
+        pfo3 = [s for s in systems if s.name == "pfo3"]
+        if "profile" not in skip and pfo3:
+            print(f"profile: pfo3 at {level_name(TARGET_LEVEL)}", flush=True)
+            results["profile"] = profile_phase(
+                pfo3[0], TARGET_LEVEL, logdir, os.path.dirname(os.path.abspath(args.results)))
+    results["suite_seconds"] = round(time.monotonic() - started, 1)
+    with open(args.results, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    report.write(results, args.markdown, args.chart)
+    print(f"done in {results['suite_seconds']:.0f} s: {args.markdown}, {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""
+The systems the comparison suite runs, and how to start each.
+
+A L{System} says how to start its processes on a given loopback port; the
+suite starts them, waits until the port accepts connections, points
+C{pfo3-bench} at it and reads the CPU time of all its processes around each
+run.  To add a system (pfo3 over RabbitMQ, a Celery gateway, ...), append one
+to L{SYSTEMS}:
+
+  - C{commands(port)} returns one argv per process: the first listens on
+    C{port} and speaks the JSON-lines protocol, the others are its helpers
+    (workers, a broker) and count in its CPU time;
+  - C{available()} returns why it cannot run here (a broker not reachable, a
+    package missing), or L{None}; the suite then skips it and says so;
+  - C{burst_limit} is the largest sleep burst worth running (a system whose
+    sleeps hold a worker each); beyond it the suite runs that many and
+    extrapolates linearly, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _twistd() -> List[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(beside):
+        return [beside]
+    found = shutil.which("twistd")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _always() -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class System:
+    """
+    One server under test.
+
+    @ivar name: Short key, used on the command line and in the results.
+    @ivar label: Name in tables and charts.
+    @ivar description: One sentence for the report.
+    @ivar commands: C{commands(port)}: one argv per process, the listener first.
+    @ivar env: Extra environment for its processes.
+    @ivar available: Why it cannot run here, or L{None}.
+    @ivar burst_limit: Largest sleep burst to run (L{None}: no limit).
+    @ivar idle_memory: Whether the idle-connection memory test runs on it.
+    """
+
+    name: str
+    label: str
+    description: str
+    commands: Callable[[int], List[List[str]]]
+    env: Dict[str, str] = field(default_factory=dict)
+    available: Callable[[], Optional[str]] = _always
+    burst_limit: Optional[int] = None
+    idle_memory: bool = True
+
+
+def _pfo3(port: int) -> List[List[str]]:
+    return [_twistd() + ["-n", "--pidfile=", "pfo3", "--port",
+                         f"tcp:{port}:interface=127.0.0.1"]]
+
+
+def _seed(port: int) -> List[List[str]]:
+    return [[sys.executable, os.path.join(HERE, "seed_server.py"), "--port", str(port)]]
+
+
+def _floor(port: int) -> List[List[str]]:
+    return [[sys.executable, os.path.join(HERE, "asyncio_floor.py"), "--port", str(port)]]
+
+
+PFO3 = System(
+    "pfo3", "pfo3 (local)",
+    "pfo3 in local mode on its defaults (`twistd -n pfo3`).",
+    _pfo3, env={"PYTHONPATH": REPO},
+)
+SEED = System(
+    "seed", "seed architecture",
+    "The seed prototype's architecture (`benchmarks/seed_server.py`): a thread per "
+    "connection, one shared `queue.Queue`, 4 worker threads.",
+    _seed, burst_limit=20, idle_memory=False,
+)
+FLOOR = System(
+    "floor", "asyncio floor",
+    "A bare asyncio JSON-lines server (`benchmarks/asyncio_floor.py`): tasks inline, "
+    "no validation, limits or storage.",
+    _floor,
+)
+
+#: Every system the suite knows, in report order.
+SYSTEMS: List[System] = [PFO3, SEED, FLOOR]
+
+
+def by_name(names: List[str]) -> List[System]:
+    """
+    @raise KeyError: for an unknown name.
+    """
+    known = {s.name: s for s in SYSTEMS}
+    return [known[n] for n in names]
