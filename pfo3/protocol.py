@@ -63,6 +63,7 @@ class TaskProtocol(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.session = self.factory.orchestrator.session(self._peer)
+        self.last_active = self.factory.clock.seconds()
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
 
@@ -93,6 +94,7 @@ class TaskProtocol(LineOnlyReceiver):
     # -- input ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self.last_active = self.factory.clock.seconds()
         if self._discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -180,6 +182,7 @@ class TaskProtocol(LineOnlyReceiver):
     # -- output -----------------------------------------------------------------
 
     def _reply(self, line: Optional[bytes]) -> None:
+        self.last_active = self.factory.clock.seconds()
         if line is not None and self.connected:
             if self._driving:
                 self._out.append(line)
@@ -213,10 +216,18 @@ class TaskFactory(_FactoryBase):
         orchestrator: Orchestrator,
         max_line: int = DEFAULT_MAX_LINE,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        idle_timeout: float = 0.0,
     ) -> None:
+        """
+        @param idle_timeout: L{close_idle} closes connections that have had
+            no task in flight and sent nothing for this many seconds
+            (C{0}: never).
+        """
         self.orchestrator = orchestrator
+        self.clock = orchestrator.clock
         self.max_line = max_line
         self.max_inflight = max_inflight
+        self.idle_timeout = idle_timeout
         self.protocols: Set[TaskProtocol] = set()
         self._all_closed: List[Deferred[None]] = []
 
@@ -233,6 +244,27 @@ class TaskFactory(_FactoryBase):
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:
                 d.callback(None)
+
+    def close_idle(self) -> int:
+        """
+        Close the connections that have been idle for C{idle_timeout}: no
+        task in flight and nothing received or answered meanwhile.
+
+        @return: How many were closed.
+        """
+        if not self.idle_timeout:
+            return 0
+        cutoff = self.clock.seconds() - self.idle_timeout
+        idle = [
+            p for p in self.protocols
+            if p.last_active <= cutoff and not p.session.inflight and not p._held
+            and not p.transport.disconnecting
+        ]
+        for p in idle:
+            log.info("Closing connection from {peer}: idle for {idle_timeout}s",
+                     peer=p.session.peer, idle_timeout=self.idle_timeout)
+            p.transport.loseConnection()
+        return len(idle)
 
     def close_all(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
         """

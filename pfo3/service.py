@@ -4,10 +4,11 @@ The server as a Twisted service, with a graceful stop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,10 +43,16 @@ class TaskServerService(MultiService):
         self.threadpool = threadpool
         self.clock = clock
         self.shutdown_timeout = shutdown_timeout
+        self._sweeper: Optional[LoopingCall] = None
 
     def startService(self) -> None:
         self.threadpool.start()
         super().startService()
+        idle = self.factory.idle_timeout
+        if idle:
+            self._sweeper = LoopingCall(self.factory.close_idle)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(max(idle / 4, 0.25), now=False)
         orch = self.orchestrator
         log.info(
             "pfo3 started: {workers} worker threads, task timeout {timeout}s, "
@@ -55,6 +62,8 @@ class TaskServerService(MultiService):
         )
 
     def stopService(self) -> Deferred[None]:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._drain())
         d.addBoth(self._close)

@@ -54,6 +54,9 @@ class Options(usage.Options):
         ["shutdown-timeout", None, 10.0,
          "On SIGTERM/SIGINT, seconds to let tasks in flight finish before "
          "cancelling them.", float],
+        ["idle-timeout", None, 300.0,
+         "Close a connection that has had no task in flight and sent nothing "
+         "for this many seconds; 0 keeps idle connections forever.", float],
         ["log-tasks", None, 0,
          "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
          "every N-th task; 0 logs none, 1 logs all.", int],
@@ -89,6 +92,8 @@ class Options(usage.Options):
         for name in ("timeout", "shutdown-timeout"):
             if not self[name] > 0 or self[name] == float("inf"):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if not 0 <= self["idle-timeout"] < float("inf"):
+            raise usage.UsageError("--idle-timeout must be 0 or a positive number of seconds")
         if self["log-tasks"] < 0:
             raise usage.UsageError("--log-tasks must be 0 or more")
         from twisted.internet import reactor
@@ -119,7 +124,9 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         max_tasks=options["max-tasks"],
         log_every=options["log-tasks"],
     )
-    factory = TaskFactory(orchestrator, options["max-line"], options["max-inflight"])
+    factory = TaskFactory(
+        orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"]
+    )
     service = TaskServerService(factory, threadpool, reactor, options["shutdown-timeout"])
     for description in options["ports"]:
         strports.service(description, factory, reactor=reactor).setServiceParent(service)

@@ -67,6 +67,7 @@ def make_server(
     max_line: int = DEFAULT_MAX_LINE,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     inline: bool = True,
+    idle_timeout: float = 0.0,
 ) -> TaskFactory:
     """
     A real pfo3 server factory running on fakes: time moves only when the
@@ -79,7 +80,7 @@ def make_server(
         registry = default_registry(entry_points=False)
     executor = LocalExecutor(reactor, SynchronousThreadPool(), inline=inline)
     orchestrator = Orchestrator(registry, executor, reactor, timeout=timeout, max_tasks=max_tasks)
-    return TaskFactory(orchestrator, max_line, max_inflight)
+    return TaskFactory(orchestrator, max_line, max_inflight, idle_timeout)
 
 
 def connect_in_memory(

@@ -479,3 +479,46 @@ class ReactorFakeTests(SynchronousTestCase):
         seen: List[int] = []
         FakeReactor().callFromThread(seen.append, 1)
         self.assertEqual(seen, [1])
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """
+    Connections that sit idle are closed; busy ones are not.
+    """
+
+    def test_idle_connection_closed_busy_one_kept(self) -> None:
+        """
+        After idle_timeout seconds with nothing received and nothing in
+        flight a connection is closed; one with a task in flight, or that
+        sent something meanwhile, stays open.
+        """
+        factory = make_server(idle_timeout=10)
+        clock = factory.orchestrator.clock
+        (_, t_idle), (busy, t_busy), (chatty, t_chatty) = (
+            connect(factory), connect(factory), connect(factory))
+        send(busy, {"tipo": "sleep", "contenido": 25})
+        clock.advance(6)
+        send(chatty, {"op": "ping"})
+        clock.advance(4)
+        self.assertEqual(factory.close_idle(), 1)
+        self.assertEqual((t_idle.disconnecting, t_busy.disconnecting, t_chatty.disconnecting),
+                         (True, False, False))
+        clock.advance(6)
+        self.assertEqual(factory.close_idle(), 1)
+        self.assertTrue(t_chatty.disconnecting)
+        clock.advance(15)
+        self.assertEqual(replies(t_busy)[0]["estado"], "ok")
+        self.assertEqual(factory.close_idle(), 0)
+        clock.advance(10)
+        self.assertEqual(factory.close_idle(), 1)
+        self.assertTrue(t_busy.disconnecting)
+
+    def test_zero_means_never(self) -> None:
+        """
+        With idle_timeout 0 nothing is ever closed for idleness.
+        """
+        factory = make_server(idle_timeout=0)
+        _, transport = connect(factory)
+        factory.orchestrator.clock.advance(10 ** 6)
+        self.assertEqual(factory.close_idle(), 0)
+        self.assertFalse(transport.disconnecting)

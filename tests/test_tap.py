@@ -49,6 +49,7 @@ def test_port_is_repeatable() -> None:
     ["--workers", "0"], ["--workers", "many"], ["--timeout", "0"], ["--timeout", "-1"],
     ["--timeout", "nan"], ["--timeout", "inf"], ["--max-line", "0"], ["--max-inflight", "0"],
     ["--max-tasks", "0"], ["--shutdown-timeout", "0"], ["--log-tasks", "-1"],
+    ["--idle-timeout", "-1"], ["--idle-timeout", "inf"],
     ["--port", "bogus:1"], ["--port", "tcp:notaport"],
     ["--port", "ssl:9443:privateKey=/no/such/key.pem"], ["--unknown"],
 ])
@@ -67,14 +68,14 @@ def test_make_service_tree() -> None:
     """
     o = parse("-p", "tcp:0:interface=127.0.0.1", "-p", "unix:/tmp/pfo3-t.sock", "-w", "7",
               "--max-line", "5000", "--max-inflight", "9", "--timeout", "2.5", "--no-plugins",
-              "--no-inline", "--log-tasks", "10")
+              "--no-inline", "--log-tasks", "10", "--idle-timeout", "60")
     service = makeService(o, FakeReactor())
     assert isinstance(service, TaskServerService)
     children = list(service)
     assert len(children) == 2 and all(isinstance(c, StreamServerEndpointService) for c in children)
     factory = service.factory
     assert all(c.factory is factory for c in children)  # type: ignore[attr-defined]
-    assert (factory.max_line, factory.max_inflight) == (5000, 9)
+    assert (factory.max_line, factory.max_inflight, factory.idle_timeout) == (5000, 9, 60)
     orch = factory.orchestrator
     assert (orch.timeout, orch.log_every) == (2.5, 10)
     assert orch.executor.inline is False
@@ -138,6 +139,26 @@ class ShutdownTests(SynchronousTestCase):
         self.proto.connectionLost()
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_sweeper_closes_idle_connections(self) -> None:
+        """
+        A running service closes idle connections on its own clock, and
+        stops sweeping when stopped.
+        """
+        reactor = FakeReactor()
+        factory = make_server(reactor=reactor, idle_timeout=8)
+        service = TaskServerService(factory, SynchronousThreadPool(), reactor)
+        service.startService()
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        reactor.advance(6)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(4)
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost()
+        self.successResultOf(service.stopService())
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_idle_stop_closes_connections(self) -> None:
         """
