@@ -189,10 +189,7 @@ class Session:
             return self._failed(Failure(), request) or b""
         if type(outcome) is tuple:
             orch.completed += 1
-            reply = wire.encode_ok(tarea_id, outcome[0], outcome[1])
-            if sampled:
-                self._log_task(request, outcome[1], "ok", started)
-            return reply
+            return self._succeeded(outcome, request, sampled, started) or b""
 
         d: Deferred[Any] = outcome
         orch.active += 1

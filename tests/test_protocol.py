@@ -404,13 +404,20 @@ class TaskFailureTests(SynchronousTestCase):
 
     def test_unserialisable_result_is_internal_error(self) -> None:
         """
-        A task whose result JSON cannot carry gets 'error_interno'.
+        A task whose result JSON cannot carry gets 'error_interno', whether
+        it ran on the pool or inline, and the connection keeps working.
         """
-        factory = make_server(registry_with(TaskType("conjunto", 9, (), "d", set, THREAD)))
+        factory = make_server(registry_with(
+            TaskType("conjunto", 9, (), "d", set, THREAD),
+            TaskType("conjunto_inline", 10, (), "d", set, INLINE),
+        ))
         proto, transport = connect(factory)
-        send(proto, {"tarea_id": "c", "tipo": "conjunto", "contenido": "ab"})
-        self.assertEqual(replies(transport)[0]["codigo"], "error_interno")
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        send(proto, {"tarea_id": "c", "tipo": "conjunto", "contenido": "ab"},
+             {"tarea_id": "ci", "tipo": "conjunto_inline", "contenido": "ab"})
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
+                         [("c", "error_interno"), ("ci", "error_interno")])
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
+        self.assert_serves(proto, transport)
 
 
 class WorkerTests(SynchronousTestCase):
