@@ -33,7 +33,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
@@ -492,7 +492,8 @@ def run_load(
     @param ready: Called with no argument once every connection is open and
         before the first request leaves; it may block (to start several load
         processes together) and return false to abort.
-    @param progress: Called with the L{Result} so far every half second.
+    @param progress: Called every half second of the run with the replies
+        so far and the seconds since the first request left.
     @return: What the load saw.
     """
     from twisted.internet import reactor as global_reactor
@@ -528,8 +529,8 @@ def run_load(
         load.finish()
 
     def watchdog() -> None:
-        if progress is not None:
-            progress(load.result)
+        if progress is not None and load.started and not load.finished:
+            progress(load.result.replies, time.perf_counter() - load.started)
         if load.sending and not load.finished:
             quiet = time.perf_counter() - (load.last_reply or load.started)
             if quiet > plan.timeout:
@@ -565,8 +566,8 @@ def _child(plan: Plan, index: int, queue: Any, go: Any, abort: Any, counters: An
         go.wait()
         return not abort.value
 
-    def progress(result: Result) -> None:
-        counters[index] = result.replies
+    def progress(replies: int, elapsed: float) -> None:
+        counters[index] = replies
 
     result = run_load(plan, ready, progress)
     queue.put(("result", index, result))
@@ -791,21 +792,10 @@ def _raise_nofile(wanted: int) -> None:
             pass
 
 
-def _progress_printer(stream: Any) -> Tuple[Any, Any]:
-    started = [0.0]
-
-    def show(replies: int, elapsed: float) -> None:
-        rate = replies / elapsed if elapsed > 0 else 0.0
-        stream.write(f"\r{elapsed:6.1f} s  {replies:10d} replies  {rate:9.0f}/s ")
-        stream.flush()
-
-    def from_result(result: Result) -> None:
-        now = time.perf_counter()
-        if not started[0]:
-            started[0] = now
-        show(result.replies, now - started[0])
-
-    return show, from_result
+def _show_progress(replies: int, elapsed: float) -> None:
+    rate = replies / elapsed if elapsed > 0 else 0.0
+    sys.stderr.write(f"\r{elapsed:6.1f} s  {replies:10d} replies  {rate:9.0f}/s ")
+    sys.stderr.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -823,12 +813,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     _raise_nofile(options["connections"] + 64)
     live = not options["quiet"] and not options["json"] and sys.stderr.isatty()
-    show, from_result = _progress_printer(sys.stderr)
     plans = options.plans()
     if len(plans) == 1:
-        result = run_load(plans[0], progress=from_result if live else None)
+        result = run_load(plans[0], progress=_show_progress if live else None)
     else:
-        result = run_procs(plans, progress=show if live else None)
+        result = run_procs(plans, progress=_show_progress if live else None)
     if live:
         sys.stderr.write("\r" + " " * 60 + "\r")
     summary = report(options, result)
