@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -29,6 +29,33 @@ def frame_name(frame: str) -> str:
         parts = where.rstrip(")").split("/")
         frame = f"{func} ({'/'.join(parts[-2:])})"
     return frame
+
+
+def package(frame: str) -> str:
+    """
+    @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{twisted},
+        C{json} or C{other}.
+    """
+    where = frame.rpartition(" (")[2]
+    for name in ("pfo3", "twisted", "json"):
+        if f"/{name}/" in where or where.startswith(f"{name}/"):
+            return name
+    return "other"
+
+
+def by_package(path: str) -> List[Tuple[str, float]]:
+    """
+    @return: Shares of the samples whose innermost frame is in each package.
+    """
+    counts: Counter[str] = Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            counts[package(stack.split(";")[-1])] += int(count)
+    total = sum(counts.values())
+    return [(name, n / total) for name, n in counts.most_common()] if total else []
 
 
 def read_stacks(path: str) -> List[Tuple[List[str], int]]:
@@ -55,7 +82,9 @@ def summarise(
 ) -> Tuple[int, List[Tuple[str, float]], List[Tuple[str, float]]]:
     """
     @return: C{(total samples, [(function, self share)], [(function,
-        inclusive share)])}, each list sorted by share, at most C{top} long.
+        inclusive share)])}, each list sorted by share, at most C{top} long;
+        frames found in (nearly) every sample are left out of the inclusive
+        list.
     """
     total = sum(n for _, n in stacks)
     own: Counter[str] = Counter()
@@ -66,8 +95,13 @@ def summarise(
         own[frames[-1]] += n
         for name in set(frames):
             incl[name] += n
+    # frames on every stack (the reactor's main loop and what calls it) say nothing
+    for name in [name for name, n in incl.items() if n >= 0.98 * total]:
+        del incl[name]
+
     def shares(c: Counter[str]) -> List[Tuple[str, float]]:
         return [(name, n / total) for name, n in c.most_common(top)] if total else []
+
     return total, shares(own), shares(incl)
 
 
@@ -76,7 +110,9 @@ def as_markdown(path: str, top: int = 25) -> str:
     @return: Two Markdown tables (self and inclusive shares).
     """
     total, own, incl = summarise(read_stacks(path), top)
-    out: List[str] = [f"{total} samples.", "", "| self % | function |", "|---:|---|"]
+    out: List[str] = [f"{total} samples.", "", "| self % | package |", "|---:|---|"]
+    out += [f"| {share * 100:.1f} | {name} |" for name, share in by_package(path)]
+    out += ["", "| self % | function |", "|---:|---|"]
     out += [f"| {share * 100:.1f} | `{name}` |" for name, share in own]
     out += ["", "| inclusive % | function |", "|---:|---|"]
     out += [f"| {share * 100:.1f} | `{name}` |" for name, share in incl]
@@ -93,8 +129,6 @@ def main() -> None:
     args = parser.parse_args()
     print(as_markdown(args.path, args.top))
 
-
-_ = Dict  # typing name kept for readers of older Pythons
 
 if __name__ == "__main__":
     main()

@@ -218,18 +218,25 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
                        f" | {m['bytes_per_connection'] / 1024:.2f} KiB |")
         out.append("")
 
-    prof = results.get("profile")
+    profiles = results.get("profiles") or []
     notes_path = os.path.join(HERE, "profile-notes.md")
-    if prof or os.path.exists(notes_path):
+    if profiles or os.path.exists(notes_path):
         out += ["## Where pfo3's server time goes", ""]
         if os.path.exists(notes_path):
             with open(notes_path, encoding="utf-8") as f:
                 out += [f.read().strip(), ""]
-        if prof:
-            out += [f"py-spy samples of the pfo3 server (250 Hz) at {prof['level']}, "
-                    f"`uppercase`, this run ({prof['throughput']:,.0f} tasks/s while sampled; "
-                    "shares of the samples in which the server was busy; a C function's time "
-                    "counts as its Python caller's *self*):", "",
+        for prof in profiles:
+            if prof["name"] == "burst":
+                what = (f"during the sleep burst (`pfo3-bench {prof['load']}`, answered in "
+                        f"{prof['elapsed_s']:.3f} s while sampled)")
+            else:
+                what = (f"at {prof['name']}, `uppercase` (`pfo3-bench {prof['load']}`, "
+                        f"{prof['throughput']:,.0f} tasks/s while sampled)")
+            out += [f"### py-spy: pfo3 {what}", "",
+                    "Samples at 250 Hz in which the server was busy; a C function's time "
+                    "(a system call, the JSON scanner, the garbage collector) counts as "
+                    "*self* time of the Python function that called it. Raw stacks: "
+                    f"`benchmarks/results/{prof['raw']}`.", "",
                     prof["markdown"], ""]
 
     out += ["## How to reproduce", "", "```sh",
@@ -241,7 +248,7 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
             "```", "",
             "Raw figures: `benchmarks/results/latest.json`. The suite raises its open-file "
             "limit (and so its servers') to hold the idle connections; with a hard limit "
-            "below 20,500 (`ulimit -Hn`) it holds fewer and says how many.", "",
+            "below 11,000 (`ulimit -Hn`) it holds fewer and says how many.", "",
             "One system by hand:", "", "```sh",
             "twistd -n --pidfile= pfo3 --port tcp:9000:interface=127.0.0.1 &",
             "pfo3-bench -e tcp:127.0.0.1:9000 -c 64 -i 8 -d 10",

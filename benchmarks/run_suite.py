@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -313,41 +314,55 @@ def memory_phase(systems: List[System], n: int, logdir: str) -> List[Dict[str, A
     return out
 
 
-def profile_phase(system: System, level: Tuple[int, int], logdir: str, outdir: str,
-                  seconds: float = 8.0) -> Optional[Dict[str, Any]]:
+def profile_phase(system: System, name: str, load_args: Sequence[str], logdir: str,
+                  outdir: str, seconds: float, lead: float) -> Optional[Dict[str, Any]]:
     """
-    py-spy profile of a system's server under a load level.
+    py-spy profile of a fresh server of a system while C{pfo3-bench
+    LOAD_ARGS} runs; sampling starts C{lead} seconds after the load and
+    lasts C{seconds}.
     """
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(pyspy):
         print("  py-spy not found: no profile", flush=True)
         return None
-    running = Running(system, logdir)
     os.makedirs(outdir, exist_ok=True)
-    raw = os.path.join(outdir, f"{system.name}-{level_name(level)}.raw")
+    raw = os.path.join(outdir, f"{system.name}-{name}.raw")
+    if os.path.exists(raw):
+        os.remove(raw)
+    running = Running(system, logdir)
+    spylog = open(os.path.join(logdir, f"py-spy-{name}.log"), "wb")
     try:
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO
+        if lead < 0:
+            spy = subprocess.Popen([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
+                                    str(math.ceil(seconds)), "-r", "250", "-f", "raw", "-o", raw],
+                                   stdout=spylog, stderr=subprocess.STDOUT)
+            time.sleep(-lead)
         load = subprocess.Popen(
             [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{running.port}", "-q",
-             "--json", "-c", str(level[0]), "-i", str(level[1]), "-d", str(seconds + 3)],
-            stdout=subprocess.PIPE, env=env)
-        time.sleep(1.5)
-        subprocess.run([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
-                        str(seconds), "-r", "250", "-f", "raw", "-o", raw],
-                       capture_output=True, timeout=seconds + 60)
-        stdout, _ = load.communicate(timeout=seconds + 60)
+             "--json", *load_args], stdout=subprocess.PIPE, env=env)
+        if lead >= 0:
+            time.sleep(lead)
+            spy = subprocess.Popen([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
+                                    str(math.ceil(seconds)), "-r", "250", "-f", "raw", "-o", raw],
+                                   stdout=spylog, stderr=subprocess.STDOUT)
+        stdout, _ = load.communicate(timeout=seconds + 120)
+        spy.wait(timeout=seconds + 60)
     finally:
         running.stop()
+        spylog.close()
     if not os.path.exists(raw):
-        print("  py-spy wrote nothing (ptrace not permitted?)", flush=True)
+        with open(spylog.name, encoding="utf-8", errors="replace") as f:
+            print(f"  py-spy wrote nothing: {f.read().strip()[-500:]}", flush=True)
         return None
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    print(f"  profiled {system.name} at {level_name(level)}: "
-          f"{summary['throughput']:.0f}/s while sampled", flush=True)
-    return {"system": system.name, "level": level_name(level),
-            "markdown": profile_summary.as_markdown(raw, 20),
-            "raw": os.path.basename(raw), "throughput": summary["throughput"]}
+    print(f"  profiled {system.name} under {name}: {summary['throughput']:.0f}/s, "
+          f"{summary['elapsed_s']:.3f} s", flush=True)
+    return {"system": system.name, "name": name, "load": " ".join(load_args),
+            "markdown": profile_summary.as_markdown(raw, 15),
+            "raw": os.path.basename(raw), "throughput": summary["throughput"],
+            "elapsed_s": summary["elapsed_s"]}
 
 
 def machine() -> Dict[str, Any]:
@@ -359,6 +374,10 @@ def machine() -> Dict[str, Any]:
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "pfo3",
+                                "twisted"], capture_output=True, text=True).stdout.strip()
+        if dirty:
+            commit += " + uncommitted changes"
     except OSError:
         commit = ""
     return {
@@ -415,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "systems": [{"name": s.name, "label": s.label, "description": s.description}
                     for s in systems],
         "unavailable": unavailable,
-        "runs": [], "burst": [], "memory": [], "profile": None,
+        "runs": [], "burst": [], "memory": [], "profiles": [],
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pfo3-suite-") as logdir:
@@ -433,9 +452,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results["memory"] = memory_phase(systems, idle, logdir)
         pfo3 = [s for s in systems if s.name == "pfo3"]
         if "profile" not in skip and pfo3:
-            print(f"profile: pfo3 at {level_name(TARGET_LEVEL)}", flush=True)
-            results["profile"] = profile_phase(
-                pfo3[0], TARGET_LEVEL, logdir, os.path.dirname(os.path.abspath(args.results)))
+            outdir = os.path.dirname(os.path.abspath(args.results))
+            target = level_name(TARGET_LEVEL)
+            print(f"profile: pfo3 at {target} and under a sleep burst", flush=True)
+            profiles = [
+                profile_phase(pfo3[0], target, [
+                    "-c", str(TARGET_LEVEL[0]), "-i", str(TARGET_LEVEL[1]), "-d", "11"],
+                    logdir, outdir, seconds=8.0, lead=1.5),
+                profile_phase(pfo3[0], "burst", [
+                    "--burst", str(BURST), "--burst-sleep", str(BURST_SLEEP),
+                    "-c", str(BURST_CONNECTIONS)],
+                    logdir, outdir, seconds=4.0, lead=-1.0),
+            ]
+            results["profiles"] = [p for p in profiles if p is not None]
     results["suite_seconds"] = round(time.monotonic() - started, 1)
     with open(args.results, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
