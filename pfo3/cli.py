@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import uuid
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
-from twisted.internet import endpoints, error, task, threads
+from twisted.internet import endpoints, error, task
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from pfo3.client import ClientError, ConnectionClosed, Reply, TaskClient, connect
 from pfo3.errors import Pfo3Error
@@ -305,15 +307,14 @@ class Batch:
         self,
         client: TaskClient,
         clock: IReactorTime,
-        out: IO[str],
-        err: IO[str],
+        console: Console,
         window: int = DEFAULT_WINDOW,
         timeout: Optional[float] = None,
     ) -> None:
         self.client = client
         self.clock = clock
-        self.out = out
-        self.err = err
+        self.console = console
+        self.out = console.stdout
         self.timeout = timeout
         self.slots = threading.Semaphore(window)
         self.done: Deferred[int] = Deferred()
@@ -324,6 +325,7 @@ class Batch:
         self.failed = 0
         self.inflight = 0
         self.stopped = False
+        self.output_closed = False
         self.progress_shown = False
         self._ended = False
         self._flush_call: Any = None
@@ -381,22 +383,19 @@ class Batch:
             self.answered += 1
             self._print(_error_reply(e))
         elif isinstance(e, ConnectionClosed):
-            if not self.stopped:
+            if not self.stopped and not self.output_closed:
                 self.complain(
                     f"Conexión perdida: {e.reason or e.mensaje}; "
                     f"{self.inflight} tareas quedaron sin respuesta."
                 )
             self.stopped = True
-        elif isinstance(e, (ClientError, TypeError, ValueError)):
-            self.complain(f"línea {number}: {explain(e)}")
         else:
-            failure.raiseException()
+            self.complain(f"línea {number}: {explain(e)}")
 
-    def _finished(self, result: Any) -> Any:
+    def _finished(self, result: Any) -> None:
         self.inflight -= 1
         self.slots.release()
         self._check_done()
-        return result
 
     def _check_done(self) -> None:
         if (self._ended or self.stopped) and self.inflight == 0 and not self.done.called:
@@ -404,7 +403,13 @@ class Batch:
             self.done.callback(1 if self.failed or self.stopped else 0)
 
     def _print(self, reply: Reply) -> None:
-        self.out.write(json.dumps(reply, ensure_ascii=False) + "\n")
+        if self.output_closed:
+            return
+        try:
+            self.out.write(json.dumps(reply, ensure_ascii=False) + "\n")
+        except OSError:
+            self._output_gone()
+            return
         if self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush)
 
@@ -412,13 +417,25 @@ class Batch:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        self.out.flush()
+        if self.output_closed:
+            return
+        try:
+            self.out.flush()
+        except OSError:
+            self._output_gone()
+
+    def _output_gone(self) -> None:
+        """
+        Whoever read our output went away (C{| head}): stop quietly.
+        """
+        self.output_closed = True
+        self.stopped = True
+        self.client.disconnect()
 
     def complain(self, text: str) -> None:
-        if self.progress_shown:
-            self.err.write("\r\x1b[K")
-        self.err.write(f"[ERROR] {text}\n")
-        self.err.flush()
+        if self.progress_shown and not self.console.interrupted:
+            self.console.stderr.write("\r\x1b[K")
+        self.console.error(text)
 
     def progress(self) -> str:
         """
@@ -513,8 +530,11 @@ class Console:
         self.stderr = stderr
         self.in_thread = in_thread
         self.feed = feed
+        self.interrupted = False
 
     def error(self, text: str) -> None:
+        if self.interrupted:
+            return
         self.stderr.write(f"[ERROR] {text}\n")
         self.stderr.flush()
 
@@ -612,8 +632,12 @@ async def _run_one(options: Options, console: Console, client: TaskClient) -> in
         "solicitud": {"tarea_id": tarea_id, "tipo": tipo, "contenido": contenido},
         "respuesta": respuesta,
     }
-    console.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-    console.stdout.flush()
+    try:
+        console.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        console.stdout.flush()
+    except OSError:
+        _silence(console.stdout)
+        return 1
     if problem is not None:
         console.error(problem)
         return 1
@@ -621,9 +645,7 @@ async def _run_one(options: Options, console: Console, client: TaskClient) -> in
 
 
 async def _run_batch(reactor: Any, options: Options, console: Console, client: TaskClient) -> int:
-    batch = Batch(
-        client, reactor, console.stdout, console.stderr, options["window"], options["timeout"]
-    )
+    batch = Batch(client, reactor, console, options["window"], options["timeout"])
     progress = None
     if _isatty(console.stderr):
         def show() -> None:
@@ -644,9 +666,24 @@ async def _run_batch(reactor: Any, options: Options, console: Console, client: T
             if batch.progress_shown:
                 console.stderr.write("\r\x1b[K")
                 console.stderr.flush()
-    if batch.failed and not batch.stopped:
+    if batch.output_closed:
+        _silence(console.stdout)
+    elif batch.failed and not batch.stopped:
         console.error(f"{batch.failed} de {batch.sent + batch.bad} tareas fallaron.")
     return status
+
+
+def _silence(stream: IO[str]) -> None:
+    """
+    Point a stream whose reader went away at /dev/null, so the flush at
+    exit does not complain.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _isatty(stream: Any) -> bool:
@@ -667,15 +704,51 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.stderr.write(f"{PROGRAM}: {e}\n{PROGRAM}: see --help\n")
         raise SystemExit(2)
 
-    async def react_main(reactor: Any) -> None:
-        console = Console(
-            sys.stdin, sys.stdout, sys.stderr,
-            lambda f, *args: threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args
-            ),
-        )
+    async def react_main(reactor: Any, console: Console) -> None:
         status = await run(reactor, options, console)
         if status:
             raise SystemExit(status)
 
-    task.react(lambda reactor: ensureDeferred(react_main(reactor)))
+    def start(reactor: Any) -> Deferred[None]:
+        console = Console(sys.stdin, sys.stdout, sys.stderr, in_daemon_thread(reactor))
+        outcome: Deferred[None] = Deferred()
+
+        def finished(result: Any) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+
+        def interrupted() -> None:
+            # Ctrl-C or SIGTERM: the command did not finish.
+            if not outcome.called:
+                console.error("Interrumpido.")
+                console.interrupted = True
+                outcome.errback(SystemExit(130))
+
+        reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+        ensureDeferred(react_main(reactor, console)).addBoth(finished)
+        return outcome
+
+    task.react(start)
+
+
+def in_daemon_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """
+    @return: A C{Console.in_thread} that runs each call on a new daemon
+        thread, so a prompt waiting for input never holds up the exit.
+    """
+
+    def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+
+        def run() -> None:
+            try:
+                result = f(*args)
+            except BaseException:
+                reactor.callFromThread(d.errback, Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
+
+        threading.Thread(target=run, name="pfo3-client-prompt", daemon=True).start()
+        return d
+
+    return call

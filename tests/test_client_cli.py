@@ -10,6 +10,7 @@ import io
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -346,7 +347,7 @@ def test_connection_failure_is_explained() -> None:
 
 def batch_setup(**server_options: Any) -> Tuple[Setup, cli.Batch]:
     s = Setup(**server_options)
-    return s, cli.Batch(s.client, s.reactor, s.stdout, s.stderr, window=10)
+    return s, cli.Batch(s.client, s.reactor, s.console, window=10)
 
 
 def test_batch_prints_one_reply_per_task() -> None:
@@ -459,6 +460,33 @@ def test_batch_shows_progress_on_a_terminal_for_large_input() -> None:
     assert "1500 enviadas, 1000 respondidas" in err
     assert err.endswith("\r\x1b[K")
     assert "[ERROR]" not in err
+
+
+class ClosedPipe(io.StringIO):
+    """
+    A stdout whose reader has gone away.
+    """
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_batch_stops_quietly_when_stdout_is_closed() -> None:
+    """
+    When the reader of stdout goes away (as with '| head'), batch mode stops
+    reading, closes the connection and fails without error messages.
+    """
+    s = Setup()
+    s.console.stdout = ClosedPipe()
+    batch = cli.Batch(s.client, s.reactor, s.console, window=10)
+    for n in range(1, 6):
+        batch.line(n, "sleep 1\n" if n > 1 else "1 a\n")
+    assert s.drive(batch.done) == 1
+    assert batch.output_closed and batch.stopped
+    assert s.stderr.getvalue() == ""
+    assert s.client.pending == 0
+    batch.line(6, "1 b\n")
+    assert batch.sent == 5
 
 
 def test_batch_progress_line() -> None:
@@ -670,6 +698,66 @@ def test_cli_failures_exit_1_without_traceback(server_port: int) -> None:
         assert reason in p.stderr
         assert "Traceback" not in p.stderr
     assert json.loads(bad.stdout)["respuesta"]["codigo"] == "tipo_desconocido"
+
+
+@pytest.mark.integration
+def test_cli_interrupted_exits_130_quietly(server_port: int) -> None:
+    """
+    SIGTERM (or Ctrl-C) while tasks are in flight ends the command at once
+    with status 130 and a single [ERROR] line, no traceback.
+    """
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pfo3.client", "--port", str(server_port), "--batch"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(b"uppercase a\nsleep 20\n")
+        p.stdin.flush()
+        assert json.loads(p.stdout.readline())["resultado"] == "A"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130
+    assert err.decode() == "[ERROR] Interrumpido.\n"
+
+
+@pytest.mark.integration
+def test_batch_into_head_ends_without_traceback(server_port: int) -> None:
+    """
+    Piped into a reader that stops early (like head), batch mode exits
+    without tracebacks or error noise.
+    """
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pfo3.client", "--port", str(server_port), "--batch"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )
+    try:
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        stdin = p.stdin
+
+        def write_input() -> None:
+            try:
+                stdin.write(b"reverse abc\n" * 20_000)
+                stdin.close()
+            except OSError:
+                pass  # the client stopped reading: that is the point
+
+        writer = threading.Thread(target=write_input, daemon=True)
+        writer.start()
+        assert json.loads(p.stdout.readline())["resultado"] == "cba"
+        p.stdout.close()
+        p.wait(20)
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1
+    assert err == b""
 
 
 @pytest.mark.integration
