@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
@@ -209,6 +211,7 @@ class Result:
     errors: Dict[str, int] = field(default_factory=dict)
     unmatched: int = 0
     lost_connections: int = 0
+    lost_reason: str = ""
     elapsed: float = 0.0
     client_cpu: float = 0.0
     hist: Dict[int, int] = field(default_factory=dict)
@@ -228,6 +231,7 @@ class Result:
             self.errors[code] = self.errors.get(code, 0) + n
         self.unmatched += other.unmatched
         self.lost_connections += other.lost_connections
+        self.lost_reason = self.lost_reason or other.lost_reason
         self.elapsed = max(self.elapsed, other.elapsed)
         self.client_cpu += other.client_cpu
         merge_hist(self.hist, other.hist)
@@ -250,6 +254,7 @@ class Result:
             "unanswered": self.sent - self.replies,
             "unmatched": self.unmatched,
             "lost_connections": self.lost_connections,
+            "lost_reason": self.lost_reason,
             "elapsed_s": round(self.elapsed, 6),
             "throughput": round(self.replies / self.elapsed, 1) if self.elapsed > 0 else 0.0,
             "latency_ms": {
@@ -357,6 +362,7 @@ class _LoadProtocol(Protocol):
         self.starts = [0.0] * load.plan.inflight
         self.buffer = b""
         self.sock: Any = None
+        self.lost = False
 
     def connectionMade(self) -> None:
         # On a plain TCP or UNIX connection, requests go straight to the
@@ -365,9 +371,13 @@ class _LoadProtocol(Protocol):
         # costs the generator more than the requests themselves.  If the
         # kernel ever takes less than everything, the rest and all later
         # requests go through the transport, so the order is kept.
-        sock = getattr(self.transport, "socket", None)
-        if sock is not None and getattr(self.transport, "TLS", False) is False:
-            self.sock = sock
+        transport = self.transport
+        if (
+            isinstance(transport, FileDescriptor)
+            and not ISSLTransport.providedBy(transport)
+            and not getattr(transport, "TLS", False)
+        ):
+            self.sock = getattr(transport, "socket", None)
 
     def _write(self, data: bytes) -> None:
         sock = self.sock
@@ -457,10 +467,17 @@ class _LoadProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         load = self.load
+        self.lost = True
         if not load.finished:
-            load.result.lost_connections += 1
+            result = load.result
+            result.lost_connections += 1
+            if not result.lost_reason and reason is not None:
+                result.lost_reason = f"{type(reason.value).__name__}: {reason.value}"
             self.inflight = 0
-            load.check_done()
+            if all(p.lost for p in load.protocols):
+                load.finish()
+            else:
+                load.check_done()
 
 
 def _connect_all(load: _Load, reactor: Any) -> Any:
@@ -804,7 +821,8 @@ def format_report(summary: Dict[str, Any]) -> str:
         lines.append(f"connect      {summary['connect_errors']} failed: "
                      f"{summary['connect_error']}")
     if summary["lost_connections"]:
-        lines.append(f"lost         {summary['lost_connections']} connections closed early")
+        lines.append(f"lost         {summary['lost_connections']} connections closed early "
+                     f"({summary['lost_reason']})")
     lines.append(f"client cpu   {summary['client_cpu_s']:.2f} s")
     return "\n".join(lines)
 

@@ -9,19 +9,27 @@ about speed.
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
 from pfo3 import bench
 
-from .conftest import ROOT, RunningServer, free_port, server_env, wait_for_port
+from .conftest import (
+    ROOT,
+    RunningServer,
+    free_port,
+    server_env,
+    twistd_command,
+    wait_for_port,
+)
 
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -180,6 +188,89 @@ def test_several_load_processes_merge(server: RunningServer) -> None:
     assert_consistent(summary, 1000)
     assert summary["procs"] == 2
     assert summary["connected"] == 4
+
+
+def write_self_signed(directory: Path) -> Tuple[Path, Path]:
+    """
+    Write a self-signed certificate for C{localhost} and its key.
+
+    @return: A directory holding only the certificate (for C{trustRoots})
+        and the PEM file with key and certificate (for the server).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    roots = directory / "roots"
+    roots.mkdir()
+    (roots / "cert.pem").write_bytes(cert_pem)
+    both = directory / "server.pem"
+    both.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()) + cert_pem)
+    return roots, both
+
+
+@pytest.mark.integration
+def test_unix_endpoint(tmp_path: Path) -> None:
+    """
+    A C{unix:} client endpoint works: pfo3 listening on a UNIX socket answers
+    every request.
+    """
+    path = tmp_path / "pfo3.sock"
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(twistd_command("--port", f"unix:{path}"), cwd=tmp_path,
+                            env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        done = run_bench("-e", f"unix:{path}", "-n", "500", "-c", "4", "--json")
+        assert done.returncode == 0, done.stderr
+        assert_consistent(json.loads(done.stdout), 500)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.mark.integration
+def test_tls_endpoint(tmp_path: Path) -> None:
+    """
+    A C{tls:} client endpoint works against pfo3 behind an C{ssl:} server
+    endpoint, with the certificate checked against C{trustRoots}: requests
+    go through the TLS layer, not around it.
+    """
+    roots, pem = write_self_signed(tmp_path)
+    port = free_port()
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        twistd_command("--port", f"ssl:{port}:interface=127.0.0.1:privateKey={pem}"),
+        cwd=tmp_path, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc=proc)
+        done = run_bench("-e", f"tls:localhost:{port}:trustRoots={roots}",
+                         "-n", "500", "-c", "4", "--json")
+        assert done.returncode == 0, done.stderr
+        assert_consistent(json.loads(done.stdout), 500)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        log.close()
 
 
 @pytest.mark.integration
