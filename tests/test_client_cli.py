@@ -21,14 +21,29 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import (
+    Deferred,
+    TimeoutError,
+    ensureDeferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump
 
 from pfo3 import cli
-from pfo3.client import TaskClient
+from pfo3.client import ConnectionClosed, TaskClient
+from pfo3.errors import UnknownType
 from pfo3.testing import FakeReactor, connect_in_memory, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +116,38 @@ def test_usage_error_exits_with_status_2(capsys: pytest.CaptureFixture[str]) -> 
     err = capsys.readouterr().err
     assert err.startswith("pfo3-client: ")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (ConnectionRefusedError(), "conexión rechazada (¿está el servidor en marcha?)"),
+    (DNSLookupError(), "no se pudo resolver el nombre del servidor"),
+    (ConnectingCancelledError(None), "tiempo de espera agotado al conectar"),
+    (TimeoutError("No se pudo conectar con el servidor en 3 s."),
+     "No se pudo conectar con el servidor en 3 s."),
+    (UnknownType("Tipo de tarea desconocido: 'x'.", "t"),
+     "Tipo de tarea desconocido: 'x'. (codigo: tipo_desconocido)"),
+    (ConnectionClosed("Sin respuesta a la tarea t: el servidor cerró la conexión.", "t"),
+     "Sin respuesta a la tarea t: el servidor cerró la conexión."),
+    (OSError("disco lleno"), "disco lleno"),
+    (RuntimeError(), "RuntimeError"),
+])
+def test_explain_gives_one_clear_line(exc: BaseException, expected: str) -> None:
+    """
+    Expected failures become a short human reason for the [ERROR] line.
+    """
+    assert cli.explain(exc) == expected
+
+
+def test_endpoint_output_names_the_unix_socket() -> None:
+    """
+    With --endpoint the document's servidor/puerto come from the peer: a
+    host and port for TCP, the socket path (and no port) for UNIX sockets.
+    """
+    options = parse("--endpoint", "unix:path=/tmp/pfo3.sock")
+    client = TaskClient(FakeReactor())
+    client.makeConnection(StringTransport(peerAddress=UNIXAddress("/tmp/pfo3.sock")))
+    assert cli._where(options, client) == ("/tmp/pfo3.sock", None)
+    assert cli._where(parse("--servidor", "h", "--puerto", "1"), client) == ("h", 1)
 
 
 # -- the menu -----------------------------------------------------------------------
