@@ -54,7 +54,8 @@ class Options(usage.Options):
     """
 
     synopsis = (
-        "[--host HOST] [--port PORT | --endpoint ENDPOINT] [--tipo T --contenido C] [--batch]"
+        f"Usage: {PROGRAM} [--host HOST] [--port PORT | --endpoint ENDPOINT]\n"
+        f"       {' ' * len(PROGRAM)} [--tipo TIPO --contenido CONTENIDO] [--batch]"
     )
     longdesc = (
         "Send tasks to a pfo3 server. With --tipo and --contenido it sends one task and "
@@ -87,6 +88,15 @@ class Options(usage.Options):
         ["batch", "b",
          "Read tasks from stdin, one per line, and print one JSON reply per line."],
     ]
+
+    def opt_version(self) -> None:
+        """
+        Print the version of pfo3 and exit.
+        """
+        from pfo3 import __version__
+
+        print(f"{PROGRAM} (pfo3) {__version__}")
+        raise SystemExit(0)
 
     def opt_servidor(self, host: str) -> None:
         """
@@ -703,6 +713,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     except usage.UsageError as e:
         sys.stderr.write(f"{PROGRAM}: {e}\n{PROGRAM}: see --help\n")
         raise SystemExit(2)
+    except BrokenPipeError:  # --help | head
+        _silence(sys.stdout)
+        raise SystemExit(1)
 
     async def react_main(reactor: Any, console: Console) -> None:
         status = await run(reactor, options, console)
