@@ -241,7 +241,7 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
 
     out += ["## How to reproduce", "", "```sh",
             "pip install -e '.[bench]'            # matplotlib, psutil; py-spy for the profile",
-            "python benchmarks/run_suite.py       # about 7 minutes; rewrites this page",
+            "python benchmarks/run_suite.py       # about 6 minutes; rewrites this page",
             "python benchmarks/run_suite.py --quick          # a 2-minute smoke run",
             "python benchmarks/run_suite.py --systems pfo3,floor --skip burst,memory",
             "python benchmarks/run_suite.py --render-only    # re-render from the JSON",

@@ -1,7 +1,7 @@
 """
 The comparison suite: pfo3 against the seed architecture and the asyncio floor.
 
-    python benchmarks/run_suite.py            # full run, about 7 minutes
+    python benchmarks/run_suite.py            # full run, about 6 minutes
     python benchmarks/run_suite.py --quick    # about 2 minutes, fewer rounds
 
 Every system runs as its own subprocess on a free loopback port for the whole

@@ -40,6 +40,11 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
+__all__ = [
+    "Kind", "Options", "Plan", "Result", "main", "parse_mix", "percentile", "run_load",
+    "run_procs", "schedule", "split",
+]
+
 DEFAULT_ENDPOINT = "tcp:127.0.0.1:9000"
 DEFAULT_TEXT = "hola mundo"
 DEFAULT_SLEEP = 0.01
@@ -883,7 +888,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["Kind", "Options", "Plan", "Result", "main", "parse_mix", "percentile",
-           "run_load", "run_procs", "schedule", "split"]
