@@ -23,7 +23,19 @@ import os
 import sys
 import threading
 import uuid
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    IO,
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from twisted.internet import endpoints, error, task
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
@@ -595,20 +607,35 @@ async def run(
     if connector is None:
         connector = _connector(reactor, options)
     where = options["endpoint"] or f"{options['host']}:{options['port']}"
-    try:
-        client = await connector()
-    except Exception as e:
-        console.error(f"No se pudo conectar con {where}: {explain(e)}")
+    clients: List[TaskClient] = []
+
+    async def open_connection() -> Optional[TaskClient]:
+        try:
+            client = await connector()
+        except Exception as e:
+            console.error(f"No se pudo conectar con {where}: {explain(e)}")
+            return None
+        clients.append(client)
+        return client
+
+    client = await open_connection()
+    if client is None:
         return 1
     try:
         if options["batch"]:
             return await _run_batch(reactor, options, console, client)
-        return await _run_one(options, console, client)
+        return await _run_one(options, console, client, open_connection)
     finally:
-        await client.disconnect()
+        for c in clients:
+            await c.disconnect()
 
 
-async def _run_one(options: Options, console: Console, client: TaskClient) -> int:
+async def _run_one(
+    options: Options,
+    console: Console,
+    client: TaskClient,
+    reconnect: Callable[[], Awaitable[Optional[TaskClient]]],
+) -> int:
     timeout = options["timeout"]
     tipo: Union[str, int, None] = options["tipo"]
     contenido: Any = options["contenido"]
@@ -620,6 +647,12 @@ async def _run_one(options: Options, console: Console, client: TaskClient) -> in
                 ask_task, tipos, line_reader(console.stdin), console.prompt,
                 tipo, contenido,
             )
+            if client.closed:
+                # The server closes connections left idle while the user thinks.
+                reopened = await reconnect()
+                if reopened is None:
+                    return 1
+                client = reopened
         assert tipo is not None
         respuesta = await client.submit(tipo, contenido, tarea_id, timeout)
         problem = None

@@ -149,6 +149,13 @@ class TaskClient(LineOnlyReceiver):
         """
         return len(self._pending)
 
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the connection was open and has closed since.
+        """
+        return self._closed_because is not None
+
     # -- requests -------------------------------------------------------------
 
     def submit(

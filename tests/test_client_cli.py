@@ -259,7 +259,7 @@ class Setup:
         self.reactor = FakeReactor()
         self.factory = make_server(reactor=self.reactor, **server_options)
         self.client = TaskClient(self.reactor)
-        _, self.pump = connect_in_memory(self.factory, self.client)
+        self.server, self.pump = connect_in_memory(self.factory, self.client)
         self.stdout = io.StringIO()
         self.stderr = FakeTerminal() if tty else io.StringIO()
         self.console = cli.Console(
@@ -337,6 +337,38 @@ def test_interactive_menu_through_stdin() -> None:
     assert doc["respuesta"]["resultado"] == "Esperé 1.5 segundos"
     prompts = s.stderr.getvalue()
     assert "4) sleep" in prompts and "Opción inválida" in prompts
+
+
+def test_interactive_reconnects_if_the_server_closed_the_idle_connection() -> None:
+    """
+    If the server closes the connection while the user is at the menu (it
+    closes idle connections), the command connects again to send the task.
+    """
+    s = Setup(stdin="1\nhola\n")
+    first = s.client
+    opened: List[TaskClient] = []
+
+    def connector() -> Deferred[TaskClient]:
+        if not opened:
+            opened.append(first)
+            return succeed(first)
+        again = TaskClient(s.reactor)
+        _, s.pump = connect_in_memory(s.factory, again)
+        opened.append(again)
+        return succeed(again)
+
+    def answer_then_server_closes(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        answer = f(*args)
+        s.server.transport.loseConnection()  # as the server's idle sweep does
+        s.pump.flush()
+        return succeed(answer)
+
+    s.console.in_thread = answer_then_server_closes
+    status = s.drive(ensureDeferred(cli.run(s.reactor, parse(), s.console, connector)))
+    assert status == 0, s.stderr.getvalue()
+    assert first.closed
+    assert len(opened) == 2
+    assert json.loads(s.stdout.getvalue())["respuesta"]["resultado"] == "HOLA"
 
 
 def test_interactive_end_of_input_is_an_error() -> None:
