@@ -403,7 +403,18 @@ class BlockingClient:
             _start_reactor_thread(reactor)
         self.reactor = reactor
         self.timeout = timeout
-        self.client: TaskClient = self._call(connect, reactor, endpoint, timeout)
+        self.endpoint = endpoint
+        self._client: TaskClient = self._call(connect, reactor, endpoint, timeout)
+
+    @property
+    def client(self) -> TaskClient:
+        """
+        The connection, opened again first if the server closed it (as it
+        does with connections left idle).
+        """
+        if self._client.closed:
+            self._client = self._call(connect, self.reactor, self.endpoint, self.timeout)
+        return self._client
 
     def _call(self, f: Callable[..., Deferred[_T]], *args: Any) -> _T:
         from twisted.internet.threads import blockingCallFromThread
@@ -471,7 +482,7 @@ class BlockingClient:
         """
         Close the connection (the reactor thread keeps running).
         """
-        self._call(self.client.disconnect)
+        self._call(self._client.disconnect)
 
     def __enter__(self) -> BlockingClient:
         return self

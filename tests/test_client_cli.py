@@ -896,7 +896,8 @@ def test_batch_pipelines_10000_tasks(server_port: int) -> None:
 def test_blocking_client_for_scripts(server_port: int, tmp_path: Path) -> None:
     """
     A plain script without a reactor uses BlockingClient: one task, several
-    at once, ping, tipos, and a typed exception for an error reply.
+    at once, ping, tipos, a typed exception for an error reply, and a new
+    connection when the previous one was closed.
     """
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(f"""
@@ -911,11 +912,13 @@ def test_blocking_client_for_scripts(server_port: int, tmp_path: Path) -> None:
                 c.submit("nope", "x")
             except UnknownType as e:
                 print(e.codigo)
+            c.close()
+            print(c.submit("reverse", "xy")["resultado"])
     """))
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                        env=_env(), timeout=30)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == ["HOLA", "['ba', 3]", "pong 4", "tipo_desconocido"]
+    assert p.stdout.splitlines() == ["HOLA", "['ba', 3]", "pong 4", "tipo_desconocido", "yx"]
 
 
 def test_module_entry_point_has_help() -> None:
