@@ -646,9 +646,13 @@ def run_procs(plans: Sequence[Plan], progress: Any = None) -> Result:
         while len(results) < len(procs):
             try:
                 message = queue.get(timeout=0.5)
-            except Exception:
-                if not any(p.is_alive() for p in procs):
-                    break
+            except Exception:  # nothing came within the half second
+                if any(i not in results and not p.is_alive() for i, p in enumerate(procs)):
+                    # a load process died without a result: release the others
+                    abort.value = 1
+                    go.set()
+                    if all(i in results or not p.is_alive() for i, p in enumerate(procs)):
+                        break
                 if progress is not None and started:
                     progress(sum(counters[:]), time.perf_counter() - started)
                 continue
