@@ -13,10 +13,11 @@ L{Session._failed}.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, List, Optional, Set, Union
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -77,6 +78,11 @@ class Orchestrator:
         self._counter = itertools.count(1)
         self._sessions: Set[Session] = set()
         self._idle: List[Deferred[None]] = []
+        # Task timeouts: every task gets the same timeout, so deadlines come
+        # in the order tasks are accepted.  One queue and one timer serve
+        # them all, instead of a DelayedCall and closures per task.
+        self._deadlines: Deque[Tuple[float, Deferred[Any], Session, str]] = deque()
+        self._timer: Optional[IDelayedCall] = None
 
     def session(self, peer: Callable[[], str] = lambda: "-") -> Session:
         """
@@ -89,9 +95,43 @@ class Orchestrator:
         self._sessions.add(s)
         return s
 
+    def _watch(self, d: Deferred[Any], session: Session, tarea_id: str) -> None:
+        """
+        Cancel C{d} with a timeout error if it has not fired in C{timeout}
+        seconds.
+        """
+        self._deadlines.append((self.clock.seconds() + self.timeout, d, session, tarea_id))
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        queue = self._deadlines
+        now = self.clock.seconds()
+        while queue and queue[0][0] <= now:
+            _, d, session, tarea_id = queue.popleft()
+            if not d.called:
+                session._cancel_reasons[tarea_id] = TaskTimeout(
+                    f"La tarea superó el límite de {self.timeout:g} s y fue cancelada.",
+                    tarea_id,
+                )
+                d.cancel()
+        if queue:
+            self._timer = self.clock.callLater(queue[0][0] - now, self._expire)
+
     def _finished(self) -> None:
         self.active -= 1
         self.completed += 1
+        queue = self._deadlines
+        if self.active == 0:
+            queue.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif len(queue) > 2 * self.active + 1024:
+            # Forget the deadlines of tasks that are done, so the queue stays
+            # proportional to the tasks in flight (amortised O(1) per task).
+            self._deadlines = deque(e for e in queue if not e[1].called)
         if self.active == 0 and self._idle:
             waiters, self._idle = self._idle, []
             for d in waiters:
@@ -179,9 +219,11 @@ class Session:
                 f"límite de {orch.timeout:g} s.",
                 tarea_id,
             ))
-        number = next(orch._counter)
-        sampled = orch.log_every and number % orch.log_every == 0
-        started = orch.clock.seconds() if sampled else 0.0
+        sampled = False
+        started = 0.0
+        if orch.log_every:
+            sampled = next(orch._counter) % orch.log_every == 0
+            started = orch.clock.seconds()
         try:
             outcome = orch.executor.run(tasktype, request.arg)
         except Exception:
@@ -194,13 +236,23 @@ class Session:
         d: Deferred[Any] = outcome
         orch.active += 1
         self._pending[tarea_id] = d
-        d.addTimeout(orch.timeout, orch.clock)
-        d.addCallbacks(
-            self._succeeded, self._failed,
-            callbackArgs=(request, sampled, started),
-            errbackArgs=(request, sampled, started),
+        orch._watch(d, self, tarea_id)
+        args = (request, sampled, started)
+        return d.addCallbacks(
+            self._async_ok, self._async_failed, callbackArgs=args, errbackArgs=args
         )
-        return d.addBoth(self._done, tarea_id)
+
+    def _async_ok(
+        self, outcome: Any, request: wire.TaskRequest, sampled: bool, started: float
+    ) -> Optional[bytes]:
+        self._done(request.tarea_id)
+        return self._succeeded(outcome, request, sampled, started)
+
+    def _async_failed(
+        self, failure: Failure, request: wire.TaskRequest, sampled: bool, started: float
+    ) -> Optional[bytes]:
+        self._done(request.tarea_id)
+        return self._failed(failure, request, sampled, started)
 
     def _control(self, request: wire.ControlRequest) -> bytes:
         if request.op == "ping":
@@ -208,7 +260,8 @@ class Session:
         return wire.encode_control(request.tarea_id, self.orchestrator.registry.describe())
 
     def _succeeded(
-        self, outcome: Any, request: wire.TaskRequest, sampled: Any = False, started: float = 0.0
+        self, outcome: Any, request: wire.TaskRequest, sampled: bool = False,
+        started: float = 0.0,
     ) -> Optional[bytes]:
         if self.closed:
             return None
@@ -221,7 +274,7 @@ class Session:
         return reply
 
     def _failed(
-        self, failure: Failure, request: wire.TaskRequest, sampled: Any = False,
+        self, failure: Failure, request: wire.TaskRequest, sampled: bool = False,
         started: float = 0.0,
     ) -> Optional[bytes]:
         """
@@ -231,11 +284,6 @@ class Session:
         error: Pfo3Error
         if failure.check(Pfo3Error):
             error = failure.value
-        elif failure.check(TimeoutError):
-            error = TaskTimeout(
-                f"La tarea superó el límite de {self.orchestrator.timeout:g} s y fue cancelada.",
-                tarea_id,
-            )
         elif failure.check(CancelledError):
             reason = self._cancel_reasons.pop(tarea_id, None)
             if reason is None:
@@ -253,10 +301,9 @@ class Session:
             return None
         return wire.encode_error(error, tarea_id)
 
-    def _done(self, reply: Optional[bytes], tarea_id: str) -> Optional[bytes]:
+    def _done(self, tarea_id: str) -> None:
         del self._pending[tarea_id]
         self.orchestrator._finished()
-        return reply
 
     def _log_task(
         self, request: wire.TaskRequest, worker: Any, estado: str, started: float

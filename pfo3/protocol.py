@@ -158,8 +158,7 @@ class TaskProtocol(LineOnlyReceiver):
                 if isinstance(reply, bytes):
                     out.append(reply)
                 else:
-                    reply.addCallback(self._reply)
-                    reply.addErrback(self._reply_failed)
+                    reply.addCallbacks(self._reply, self._reply_failed)
         finally:
             del held[:i]
             self._driving = False

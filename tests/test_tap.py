@@ -49,7 +49,7 @@ def test_port_is_repeatable() -> None:
     ["--workers", "0"], ["--workers", "many"], ["--timeout", "0"], ["--timeout", "-1"],
     ["--timeout", "nan"], ["--timeout", "inf"], ["--max-line", "0"], ["--max-inflight", "0"],
     ["--max-tasks", "0"], ["--shutdown-timeout", "0"], ["--log-tasks", "-1"],
-    ["--idle-timeout", "-1"], ["--idle-timeout", "inf"],
+    ["--idle-timeout", "-1"], ["--idle-timeout", "inf"], ["--gc-threshold", "-5"],
     ["--port", "bogus:1"], ["--port", "tcp:notaport"],
     ["--port", "ssl:9443:privateKey=/no/such/key.pem"], ["--unknown"],
 ])
@@ -80,6 +80,33 @@ def test_make_service_tree() -> None:
     assert (orch.timeout, orch.log_every) == (2.5, 10)
     assert orch.executor.inline is False
     assert service.threadpool.max == 7
+    assert service.gc_threshold == 10_000
+    assert makeService(parse("--gc-threshold", "0"), FakeReactor()).gc_threshold == 0
+
+
+def test_gc_tuning_applied_at_start() -> None:
+    """
+    A service with gc_threshold freezes the heap it starts with and sets the
+    youngest generation's threshold; with 0 it changes nothing.
+    """
+    import gc
+
+    saved = gc.get_threshold()
+    reactor = FakeReactor()
+    try:
+        untouched = TaskServerService(make_server(reactor=reactor), SynchronousThreadPool(),
+                                      reactor, gc_threshold=0)
+        untouched.startService()
+        assert gc.get_threshold() == saved
+        assert gc.get_freeze_count() == 0
+        tuned = TaskServerService(make_server(reactor=reactor), SynchronousThreadPool(),
+                                  reactor, gc_threshold=12_345)
+        tuned.startService()
+        assert gc.get_threshold() == (12_345,) + saved[1:]
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
 
 
 class ShutdownTests(SynchronousTestCase):
