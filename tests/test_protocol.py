@@ -283,6 +283,46 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(never.cancelled, ["arg"])
         self.assertEqual(factory.orchestrator.active, 0)
 
+    def test_staggered_timeouts(self) -> None:
+        """
+        Each task times out exactly `timeout` seconds after it was accepted,
+        whatever came before it; tasks that finish in time are not touched,
+        and no timer is left once nothing is in flight.
+        """
+        never = Never()
+        factory = make_server(
+            registry_with(TaskType("nunca", 9, (), "d", never, ASYNC)), timeout=5)
+        clock = factory.orchestrator.clock
+        proto, transport = connect(factory)
+        timed_out: List[Tuple[float, str]] = []
+        for step in range(24):
+            if step in (0, 4, 8):
+                t = "abc"[step // 4]
+                send(proto, {"tarea_id": t, "tipo": "nunca", "contenido": t},
+                     {"tarea_id": "s" + t, "tipo": "sleep", "contenido": 1})
+            clock.advance(0.5)
+            timed_out += [(clock.seconds(), r["tarea_id"]) for r in replies(transport)
+                          if r["estado"] == "error"]
+        self.assertEqual(timed_out, [(5.0, "a"), (7.0, "b"), (9.0, "c")])
+        self.assertEqual(never.cancelled, ["a", "b", "c"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_deadline_queue_stays_proportional(self) -> None:
+        """
+        The timeout bookkeeping of finished tasks is dropped, so it stays
+        proportional to the tasks in flight, not to all tasks ever run.
+        """
+        factory = make_server(timeout=30)
+        orch = factory.orchestrator
+        proto, transport = connect(factory)
+        send(proto, {"tarea_id": "long", "tipo": "sleep", "contenido": 29})
+        for _round in range(50):
+            send(proto, *[{"tipo": "sleep", "contenido": 0.01} for _ in range(100)])
+            orch.clock.advance(0.01)
+        self.assertEqual(len(replies(transport)), 5000)
+        self.assertEqual(orch.active, 1)
+        self.assertLess(len(orch._deadlines), 2 * orch.active + 1024 + 100)
+
     def test_busy_past_global_limit(self) -> None:
         """
         Past max_tasks in flight over all connections, new tasks get
