@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from pfo3.client import ClientError, ConnectionClosed, Reply, TaskClient, connect
 from pfo3.errors import Pfo3Error
+from pfo3.tasks import MISSING
 
 PROGRAM = "pfo3-client"
 DEFAULT_HOST = "127.0.0.1"
@@ -307,7 +308,7 @@ def parse_task_line(text: str) -> Optional[Tuple[Any, Any, Optional[str]]]:
         tarea_id = obj.get("tarea_id")
         if tarea_id is not None and not (isinstance(tarea_id, str) and tarea_id):
             raise ValueError("'tarea_id' debe ser un texto no vacío")
-        return obj["tipo"], obj.get("contenido"), tarea_id
+        return obj["tipo"], obj.get("contenido", MISSING), tarea_id
     parts = text.split(None, 1)
     return parts[0], parts[1] if len(parts) > 1 else "", None
 

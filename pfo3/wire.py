@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import uuid
 from json.encoder import encode_basestring as _quote
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from pfo3.errors import (
     InvalidJSON,
@@ -42,7 +42,7 @@ OPERATIONS = ("ping", "tipos")
 
 _decoder = json.JSONDecoder()
 _decode = _decoder.decode
-_scan = _decoder.scan_once
+_scan: Callable[[str, int], Tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def _parse(text: str) -> Any:
@@ -225,16 +225,20 @@ def decode_reply(line: Union[bytes, str]) -> Dict[str, Any]:
 
 
 def encode_request(
-    tipo: Union[str, int], contenido: Any, tarea_id: Optional[str] = None
+    tipo: Union[str, int], contenido: Any = MISSING, tarea_id: Optional[str] = None
 ) -> bytes:
     """
     Encode a task request line (for clients).
+
+    @param contenido: The task's input; leave it out (L{MISSING}) to send a
+        request without C{contenido}.
     """
     req: Dict[str, Any] = {}
     if tarea_id is not None:
         req["tarea_id"] = tarea_id
     req["tipo"] = tipo
-    req["contenido"] = contenido
+    if contenido is not MISSING:
+        req["contenido"] = contenido
     return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")
 
 

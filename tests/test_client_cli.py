@@ -477,6 +477,19 @@ def test_batch_reports_bad_lines_and_error_replies() -> None:
     assert batch.failed == 4
 
 
+def test_batch_json_line_without_contenido_sends_none() -> None:
+    """
+    A JSON batch line without "contenido" is sent without it, so the server
+    answers contenido_faltante (not contenido_invalido for a null).
+    """
+    s, batch = batch_setup()
+    batch.line(1, '{"tarea_id": "v", "tipo": "uppercase"}\n')
+    batch.eof()
+    assert s.drive(batch.done) == 1
+    [reply] = [json.loads(x) for x in s.stdout.getvalue().splitlines()]
+    assert (reply["tarea_id"], reply["codigo"]) == ("v", "contenido_faltante")
+
+
 def test_batch_window_bounds_the_tasks_in_flight() -> None:
     """
     The reading side needs a slot per line; with a full window of tasks in

@@ -231,6 +231,7 @@ def test_client_helpers_round_trip() -> None:
     assert (req.tarea_id, req.tasktype, req.arg) == ("id1", WORD_COUNT, "a b")
     op = wire.decode_request(wire.encode_operation("ping", "p").rstrip(b"\n"), REGISTRY)
     assert isinstance(op, wire.ControlRequest) and (op.op, op.tarea_id) == ("ping", "p")
+    assert wire.encode_request(3) == b'{"tipo": 3}\n'
     assert wire.decode_reply(b'{"estado": "ok"}\n') == {"estado": "ok"}
     with pytest.raises(ValueError):
         wire.decode_reply(b"[1]")
