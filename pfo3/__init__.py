@@ -5,7 +5,8 @@ Clients send one JSON object per line; the server validates it, runs the task
 (inline, on a thread pool, or as a timer) and answers with one JSON line.
 """
 
-from pfo3.client import BlockingClient, ConnectionClosed, ReplyTimeout, TaskClient, connect
+from typing import Any
+
 from pfo3.errors import ERROR_CODES, Pfo3Error, TaskFailed
 from pfo3.executor import LocalExecutor
 from pfo3.orchestrator import Orchestrator, Session
@@ -13,6 +14,19 @@ from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.tasks import ASYNC, INLINE, THREAD, TaskRegistry, TaskType, default_registry
 
 __version__ = "0.1.0"
+
+_CLIENT_NAMES = ("BlockingClient", "ConnectionClosed", "ReplyTimeout", "TaskClient", "connect")
+
+
+def __getattr__(name: str) -> Any:
+    # The client is imported on first use, so that "python -m pfo3.client"
+    # does not find pfo3.client already imported by its own package.
+    if name in _CLIENT_NAMES:
+        from pfo3 import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'pfo3' has no attribute {name!r}")
+
 
 __all__ = [
     "ASYNC",
