@@ -35,7 +35,7 @@ import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
 
-from twisted.internet import endpoints
+from twisted.internet import endpoints, error
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -45,7 +45,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from pfo3 import wire
-from pfo3.errors import DuplicateTaskId, LineTooLong, error_from_reply
+from pfo3.errors import DuplicateTaskId, LineTooLong, Pfo3Error, error_from_reply
 from pfo3.protocol import DEFAULT_MAX_LINE
 
 log = Logger(namespace="pfo3.client")
@@ -500,7 +500,28 @@ def main(argv: Optional[List[str]] = None) -> None:
     cli_main(argv)
 
 
+def explain(failure: BaseException) -> str:
+    """
+    @return: A one-line reason for an expected failure, for C{[ERROR]}.
+    """
+    if isinstance(failure, Pfo3Error):
+        return f"{failure.mensaje} (codigo: {failure.codigo})"
+    if isinstance(failure, ClientError):
+        return failure.mensaje
+    if isinstance(failure, error.ConnectionRefusedError):
+        return "conexión rechazada (¿está el servidor en marcha?)"
+    if isinstance(failure, error.DNSLookupError):
+        return "no se pudo resolver el nombre del servidor"
+    if isinstance(failure, (TimeoutError, error.TimeoutError)):
+        return str(failure) or "tiempo de espera agotado"
+    if isinstance(failure, error.ConnectingCancelledError):
+        return "tiempo de espera agotado al conectar"
+    text = str(failure).strip()
+    return text or type(failure).__name__
+
+
 __all__ = [
+    "explain",
     "BlockingClient",
     "ClientError",
     "ConnectionClosed",

@@ -174,3 +174,14 @@ def error_from_reply(reply: Dict[str, Any]) -> Pfo3Error:
     if cls is Pfo3Error:
         exc.codigo = codigo  # type: ignore[misc]
     return exc
+
+
+def error_reply(error: Pfo3Error) -> Dict[str, Any]:
+    """
+    The inverse of L{error_from_reply}: the decoded error reply that carries
+    C{error}.
+    """
+    return {
+        "estado": "error", "mensaje": error.mensaje, "codigo": error.codigo,
+        "tarea_id": error.tarea_id,
+    }

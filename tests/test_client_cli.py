@@ -41,8 +41,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump
 
+from pfo3 import batch as batch_mode
 from pfo3 import cli
-from pfo3.client import ConnectionClosed, TaskClient
+from pfo3.client import ConnectionClosed, TaskClient, explain
 from pfo3.errors import UnknownType
 from pfo3.testing import FakeReactor, connect_in_memory, make_server
 
@@ -135,7 +136,7 @@ def test_explain_gives_one_clear_line(exc: BaseException, expected: str) -> None
     """
     Expected failures become a short human reason for the [ERROR] line.
     """
-    assert cli.explain(exc) == expected
+    assert explain(exc) == expected
 
 
 def test_endpoint_output_names_the_unix_socket() -> None:
@@ -240,7 +241,7 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def feed_at_once(reactor: Any, stream: Any, batch: cli.Batch) -> None:
+def feed_at_once(reactor: Any, stream: Any, batch: batch_mode.Batch) -> None:
     """
     Hand every line of C{stream} to C{batch} at once, in this thread.
     """
@@ -424,9 +425,9 @@ def test_connection_failure_is_explained() -> None:
     assert "rechazada" in err
 
 
-def batch_setup(**server_options: Any) -> Tuple[Setup, cli.Batch]:
+def batch_setup(**server_options: Any) -> Tuple[Setup, batch_mode.Batch]:
     s = Setup(**server_options)
-    return s, cli.Batch(s.client, s.reactor, s.console, window=10)
+    return s, batch_mode.Batch(s.client, s.reactor, s.console, window=10)
 
 
 def test_batch_prints_one_reply_per_task() -> None:
@@ -570,7 +571,7 @@ def test_batch_stops_quietly_when_stdout_is_closed() -> None:
     """
     s = Setup()
     s.console.stdout = ClosedPipe()
-    batch = cli.Batch(s.client, s.reactor, s.console, window=10)
+    batch = batch_mode.Batch(s.client, s.reactor, s.console, window=10)
     for n in range(1, 6):
         batch.line(n, "sleep 1\n" if n > 1 else "1 a\n")
     assert s.drive(batch.done) == 1
@@ -642,7 +643,7 @@ def test_reading_thread_stops_at_a_full_window() -> None:
     """
     reactor = QueueReactor()
     batch = StubBatch(window=3)
-    thread = cli.read_in_thread(reactor, io.BytesIO(b"a\nb\nc\nd\ne"), batch)
+    thread = batch_mode.read_in_thread(reactor, io.BytesIO(b"a\nb\nc\nd\ne"), batch)
     reactor.run_calls(wait=0.3)
     assert batch.got == [(1, b"a"), (2, b"b"), (3, b"c")]
     assert not batch.ended
@@ -660,7 +661,7 @@ def test_reading_thread_accepts_text_streams() -> None:
     """
     reactor = QueueReactor()
     batch = StubBatch(window=10)
-    cli.read_in_thread(reactor, io.StringIO("1 a\n2 b\n"), batch).join(5)
+    batch_mode.read_in_thread(reactor, io.StringIO("1 a\n2 b\n"), batch).join(5)
     reactor.run_calls(wait=0.05)
     assert batch.got == [(1, "1 a\n"), (2, "2 b\n")]
     assert batch.ended
