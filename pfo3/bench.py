@@ -691,7 +691,7 @@ class Options(usage.Options):
     Command-line options of C{pfo3-bench}.
     """
 
-    synopsis = "[options]"
+    synopsis = "Usage: pfo3-bench [options]"
     longdesc = (
         "Load generator for pfo3 (and any server speaking its JSON-lines protocol). "
         "Examples: pfo3-bench -c 64 -i 8 -d 10; "
@@ -728,6 +728,15 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["tipos"] = []
+
+    def opt_version(self) -> None:
+        """
+        Print the version of pfo3 and exit.
+        """
+        from pfo3 import __version__
+
+        print(f"pfo3-bench (pfo3) {__version__}")
+        sys.exit(0)
 
     def opt_tipo(self, spec: str) -> None:
         """

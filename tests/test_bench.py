@@ -347,6 +347,24 @@ def test_bad_options_exit_2(args: List[str]) -> None:
     assert "pfo3-bench:" in done.stderr
 
 
+def test_help_and_version() -> None:
+    """
+    C{--help} shows the usage line and every load option; C{--version} names
+    pfo3's version; both exit with 0.
+    """
+    from pfo3 import __version__
+
+    done = run_bench("--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("Usage: pfo3-bench [options]")
+    for option in ("--endpoint", "--connections", "--inflight", "--duration", "--count",
+                   "--mix", "--tipo", "--size", "--procs", "--burst", "--json"):
+        assert option in done.stdout
+    done = run_bench("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"pfo3-bench (pfo3) {__version__}"
+
+
 def test_options_plans_split_the_work() -> None:
     """
     The connections and the count are split over the load processes, each
