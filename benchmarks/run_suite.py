@@ -216,7 +216,7 @@ def load_phase(
                         "elapsed_s": summary["elapsed_s"],
                     }
                     runs.append(run)
-                    print(f"  round {r + 1}/{rounds} {run['level']:>6} {s.name:<6} "
+                    print(f"  round {r + 1}/{rounds} {run['level']:>6} {s.name:<9} "
                           f"{run['throughput']:9.0f}/s  p99 {run['p99_ms']:8.2f} ms  "
                           f"cpu {run['server_cpu_us_per_task'] or 0:6.1f} us/task  "
                           f"errors {run['errors']}", flush=True)
@@ -234,6 +234,7 @@ def burst_phase(
     burst whose wall time is scaled linearly to C{size}.
     """
     out: List[Dict[str, Any]] = []
+    systems = [s for s in systems if s.burst]
     running = {s.name: Running(s, logdir) for s in systems}
     try:
         for r in range(rounds):
@@ -253,7 +254,7 @@ def burst_phase(
                 }
                 out.append(entry)
                 note = f" (extrapolated from {n})" if n < size else ""
-                print(f"  burst round {r + 1}/{rounds} {s.name:<6} {n} x {seconds:g} s: "
+                print(f"  burst round {r + 1}/{rounds} {s.name:<9} {n} x {seconds:g} s: "
                       f"{wall:.3f} s, {summary['replies']} replies; for {size}: "
                       f"{entry['wall_s_for_size']:.1f} s{note}", flush=True)
     finally:
@@ -306,7 +307,7 @@ def memory_phase(systems: List[System], n: int, logdir: str) -> List[Dict[str, A
             entry = {"system": s.name, "connections": n, "rss_before": before,
                      "rss_during": during, "bytes_per_connection": (during - before) / n}
             out.append(entry)
-            print(f"  memory {s.name:<6} {before / 2**20:.1f} MiB -> {during / 2**20:.1f} MiB "
+            print(f"  memory {s.name:<9} {before / 2**20:.1f} MiB -> {during / 2**20:.1f} MiB "
                   f"with {n} idle connections: "
                   f"{entry['bytes_per_connection'] / 1024:.2f} KiB each", flush=True)
         finally:

@@ -56,6 +56,8 @@ class System:
     @ivar available: Why it cannot run here, or L{None}.
     @ivar burst_limit: Largest sleep burst to run (L{None}: no limit).
     @ivar idle_memory: Whether the idle-connection memory test runs on it.
+    @ivar burst: Whether the sleep burst runs on it (off for a variant whose
+        sleeps run exactly as another system's do).
     """
 
     name: str
@@ -66,11 +68,16 @@ class System:
     available: Callable[[], Optional[str]] = _always
     burst_limit: Optional[int] = None
     idle_memory: bool = True
+    burst: bool = True
 
 
 def _pfo3(port: int) -> List[List[str]]:
     return [_twistd() + ["-n", "--pidfile=", "pfo3", "--port",
                          f"tcp:{port}:interface=127.0.0.1"]]
+
+
+def _pfo3_pool(port: int) -> List[List[str]]:
+    return [_pfo3(port)[0] + ["--no-inline"]]
 
 
 def _seed(port: int) -> List[List[str]]:
@@ -86,6 +93,13 @@ PFO3 = System(
     "pfo3 in local mode on its defaults (`twistd -n pfo3`).",
     _pfo3, env={"PYTHONPATH": REPO},
 )
+PFO3_POOL = System(
+    "pfo3-pool", "pfo3 --no-inline",
+    "pfo3 with the built-in text tasks sent to its 4-thread pool "
+    "(`deferToThreadPool`) instead of run inline: the measure behind running "
+    "them inline (`docs/execution.md`).",
+    _pfo3_pool, env={"PYTHONPATH": REPO}, idle_memory=False, burst=False,
+)
 SEED = System(
     "seed", "seed architecture",
     "The seed prototype's architecture (`benchmarks/seed_server.py`): a thread per "
@@ -100,7 +114,7 @@ FLOOR = System(
 )
 
 #: Every system the suite knows, in report order.
-SYSTEMS: List[System] = [PFO3, SEED, FLOOR]
+SYSTEMS: List[System] = [PFO3, PFO3_POOL, SEED, FLOOR]
 
 
 def by_name(names: List[str]) -> List[System]:
