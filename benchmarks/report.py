@@ -240,7 +240,7 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
                     prof["markdown"], ""]
 
     out += ["## How to reproduce", "", "```sh",
-            "pip install -e '.[bench]'            # matplotlib, psutil; py-spy for the profile",
+            "pip install -e '.[bench]'            # matplotlib, psutil, py-spy",
             "python benchmarks/run_suite.py       # about 6 minutes; rewrites this page",
             "python benchmarks/run_suite.py --quick          # a 2-minute smoke run",
             "python benchmarks/run_suite.py --systems pfo3,floor --skip burst,memory",
