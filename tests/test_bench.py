@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from pfo3 import bench
+from pfo3 import bench, load
 
 from .conftest import (
     ROOT,
@@ -387,18 +387,18 @@ def test_parse_mix() -> None:
     C{TIPO[=CONTENIDO][:WEIGHT]}: contenido is JSON when it parses, text
     otherwise; sleeps default to a short sleep, other tasks to the text.
     """
-    kinds = bench.parse_mix(["uppercase:80,sleep=0.01:20", "reverse=hola: mundo", "espera"],
+    kinds = load.parse_mix(["uppercase:80,sleep=0.01:20", "reverse=hola: mundo", "espera"],
                             text="abc")
     assert kinds == [
-        bench.Kind("uppercase", "abc", 80),
-        bench.Kind("sleep", 0.01, 20),
-        bench.Kind("reverse", "hola: mundo", 1),
-        bench.Kind("espera", bench.DEFAULT_SLEEP, 1),
+        load.Kind("uppercase", "abc", 80),
+        load.Kind("sleep", 0.01, 20),
+        load.Kind("reverse", "hola: mundo", 1),
+        load.Kind("espera", load.DEFAULT_SLEEP, 1),
     ]
-    assert bench.parse_mix(['1="123":2']) == [bench.Kind("1", "123", 2)]
+    assert load.parse_mix(['1="123":2']) == [load.Kind("1", "123", 2)]
     for bad in ["", "uppercase:0", "=x"]:
         with pytest.raises(ValueError):
-            bench.parse_mix([bad])
+            load.parse_mix([bad])
 
 
 def test_schedule_is_proportional_and_spread() -> None:
@@ -406,12 +406,12 @@ def test_schedule_is_proportional_and_spread() -> None:
     The mix's cycle holds each kind in proportion to its (reduced) weight,
     and the rarer kind is not bunched together.
     """
-    kinds = [bench.Kind("a", "", 80), bench.Kind("b", "", 20)]
-    cycle = bench.schedule(kinds)
+    kinds = [load.Kind("a", "", 80), load.Kind("b", "", 20)]
+    cycle = load.schedule(kinds)
     assert sorted(cycle) == [0, 0, 0, 0, 1]
-    cycle = bench.schedule([bench.Kind("a", "", 1), bench.Kind("b", "", 1)])
+    cycle = load.schedule([load.Kind("a", "", 1), load.Kind("b", "", 1)])
     assert cycle in ([0, 1], [1, 0])
-    cycle = bench.schedule([bench.Kind("a", "", 2), bench.Kind("b", "", 3)])
+    cycle = load.schedule([load.Kind("a", "", 2), load.Kind("b", "", 3)])
     assert cycle.count(1) == 3 and cycle.count(0) == 2
     assert "00" not in "".join(map(str, cycle))
 
@@ -420,9 +420,9 @@ def test_make_text() -> None:
     """
     C{--size} text has exactly the size asked for.
     """
-    assert bench.make_text(0) == ""
-    assert bench.make_text(4) == "hola"
-    assert len(bench.make_text(1000)) == 1000
+    assert load.make_text(0) == ""
+    assert load.make_text(4) == "hola"
+    assert len(load.make_text(1000)) == 1000
 
 
 def test_percentile_and_merge() -> None:
@@ -431,12 +431,12 @@ def test_percentile_and_merge() -> None:
     histograms add their counts.
     """
     hist: Dict[int, int] = {}
-    assert bench.percentile(hist, 0.5) == 0.0
-    bench.merge_hist(hist, {10: 50, 100: 49})
-    bench.merge_hist(hist, {1000: 1})
-    assert bench.percentile(hist, 0.5) == pytest.approx(10.5 * bench.BUCKET)
-    assert bench.percentile(hist, 0.99) == pytest.approx(100.5 * bench.BUCKET)
-    assert bench.percentile(hist, 1.0) == pytest.approx(1000.5 * bench.BUCKET)
+    assert load.percentile(hist, 0.5) == 0.0
+    load.merge_hist(hist, {10: 50, 100: 49})
+    load.merge_hist(hist, {1000: 1})
+    assert load.percentile(hist, 0.5) == pytest.approx(10.5 * load.BUCKET)
+    assert load.percentile(hist, 0.99) == pytest.approx(100.5 * load.BUCKET)
+    assert load.percentile(hist, 1.0) == pytest.approx(1000.5 * load.BUCKET)
 
 
 def test_result_merge() -> None:
@@ -444,9 +444,9 @@ def test_result_merge() -> None:
     Merging results adds counts and error codes, keeps the longest elapsed
     time and the first connection error.
     """
-    a = bench.Result(connections=2, connected=2, sent=10, replies=10, ok=9,
+    a = load.Result(connections=2, connected=2, sent=10, replies=10, ok=9,
                      errors={"ocupado": 1}, elapsed=1.0, hist={5: 10})
-    b = bench.Result(connections=1, connected=0, connect_errors=1, connect_error="refused",
+    b = load.Result(connections=1, connected=0, connect_errors=1, connect_error="refused",
                      errors={"ocupado": 2, "timeout": 1}, elapsed=2.0, hist={5: 1})
     a.merge(b)
     assert (a.connections, a.connected, a.connect_errors) == (3, 2, 1)
@@ -461,8 +461,8 @@ def test_split() -> None:
     """
     Work splits into parts differing by at most one that add up.
     """
-    assert bench.split(10, 3) == [4, 3, 3]
-    assert bench.split(2, 4) == [1, 1, 0, 0]
+    assert load.split(10, 3) == [4, 3, 3]
+    assert load.split(2, 4) == [1, 1, 0, 0]
 
 
 def test_report_ratios_are_paired_within_rounds() -> None:
