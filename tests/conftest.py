@@ -85,23 +85,112 @@ class RunningServer:
         return self.proc.returncode
 
 
-def start_server(tmp_path: Path, *extra: str, port: Optional[int] = None) -> RunningServer:
+def start_server(
+    workdir: Path, *extra: str, port: Optional[int] = None, endpoint: Optional[str] = None,
+    unix: Optional[Path] = None,
+) -> RunningServer:
     """
-    Start C{twistd -n pfo3} on a free loopback port and wait until it accepts.
+    Start C{twistd -n pfo3} and wait until it accepts connections.
+
+    @param extra: More C{twistd pfo3} options.
+    @param port: The TCP port to listen and wait on (a free one by default).
+    @param endpoint: The C{--port} endpoint, when it is not plain loopback TCP
+        on C{port} (C{ssl:PORT:...}).
+    @param unix: Listen on this UNIX socket instead, and wait for it.
     """
     port = port or free_port()
-    log = tmp_path / f"pfo3-{port}.log"
+    if unix is not None:
+        endpoint = f"unix:{unix}"
+    log = workdir / f"pfo3-{port}.log"
     proc = subprocess.Popen(
-        twistd_command("--port", f"tcp:{port}:interface=127.0.0.1", *extra),
-        cwd=tmp_path, env=server_env(),
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        twistd_command("--port", endpoint or f"tcp:{port}:interface=127.0.0.1", *extra),
+        cwd=workdir, env=server_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port, proc=proc)
+        if unix is None:
+            wait_for_port(port, proc=proc)
+        else:
+            deadline = time.monotonic() + 15
+            while not unix.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"no socket at {unix}")
+                time.sleep(0.05)
     except Exception:
         proc.kill()
+        proc.wait(5)
         raise RuntimeError(log.read_text())
     return RunningServer(proc, port, log)
+
+
+class TLSFiles:
+    """
+    A throwaway certificate authority and a C{localhost} server certificate
+    it signed, as files.
+
+    @ivar ca_dir: A directory holding only the CA certificate (C{ca.pem}),
+        for Twisted's C{trustRoots}.
+    @ivar ca: The CA certificate file, for L{ssl.create_default_context}.
+    @ivar key: The server's private key.
+    @ivar cert: The server's certificate.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfo3 test CA")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name).issuer_name(ca_name)
+            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca_dir = directory / "ca"
+        self.ca_dir.mkdir()
+        self.ca = self.ca_dir / "ca.pem"
+        self.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.key, self.cert = directory / "server.key", directory / "server.pem"
+        self.key.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ))
+        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def endpoint(self, port: int) -> str:
+        """
+        @return: The C{ssl:} server endpoint for this certificate on C{port}.
+        """
+        return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ about speed.
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -25,9 +24,10 @@ from pfo3 import bench, load
 from .conftest import (
     ROOT,
     RunningServer,
+    TLSFiles,
     free_port,
     server_env,
-    twistd_command,
+    start_server,
     wait_for_port,
 )
 
@@ -190,41 +190,6 @@ def test_several_load_processes_merge(server: RunningServer) -> None:
     assert summary["connected"] == 4
 
 
-def write_self_signed(directory: Path) -> Tuple[Path, Path]:
-    """
-    Write a self-signed certificate for C{localhost} and its key.
-
-    @return: A directory holding only the certificate (for C{trustRoots})
-        and the PEM file with key and certificate (for the server).
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    roots = directory / "roots"
-    roots.mkdir()
-    (roots / "cert.pem").write_bytes(cert_pem)
-    both = directory / "server.pem"
-    both.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()) + cert_pem)
-    return roots, both
-
-
 @pytest.mark.integration
 def test_unix_endpoint(tmp_path: Path) -> None:
     """
@@ -232,20 +197,13 @@ def test_unix_endpoint(tmp_path: Path) -> None:
     every request.
     """
     path = tmp_path / "pfo3.sock"
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(twistd_command("--port", f"unix:{path}"), cwd=tmp_path,
-                            env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    running = start_server(tmp_path, unix=path)
     try:
-        deadline = time.monotonic() + 15
-        while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
         done = run_bench("-e", f"unix:{path}", "-n", "500", "-c", "4", "--json")
         assert done.returncode == 0, done.stderr
         assert_consistent(json.loads(done.stdout), 500)
     finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+        running.stop()
 
 
 @pytest.mark.integration
@@ -255,22 +213,16 @@ def test_tls_endpoint(tmp_path: Path) -> None:
     endpoint, with the certificate checked against C{trustRoots}: requests
     go through the TLS layer, not around it.
     """
-    roots, pem = write_self_signed(tmp_path)
+    tls = TLSFiles(tmp_path)
     port = free_port()
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        twistd_command("--port", f"ssl:{port}:interface=127.0.0.1:privateKey={pem}"),
-        cwd=tmp_path, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    running = start_server(tmp_path, port=port, endpoint=tls.endpoint(port))
     try:
-        wait_for_port(port, proc=proc)
-        done = run_bench("-e", f"tls:localhost:{port}:trustRoots={roots}",
+        done = run_bench("-e", f"tls:localhost:{port}:trustRoots={tls.ca_dir}",
                          "-n", "500", "-c", "4", "--json")
         assert done.returncode == 0, done.stderr
         assert_consistent(json.loads(done.stdout), 500)
     finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+        running.stop()
 
 
 @pytest.mark.integration

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -46,6 +43,8 @@ from pfo3 import cli
 from pfo3.client import ConnectionClosed, TaskClient, explain
 from pfo3.errors import UnknownType
 from pfo3.testing import FakeReactor, connect_in_memory, make_server
+
+from .conftest import TLSFiles, free_port, server_env, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -670,15 +669,8 @@ def test_reading_thread_accepts_text_streams() -> None:
 # -- against a real twistd ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = server_env()
     env["PYTHONIOENCODING"] = "utf-8"
     return env
 
@@ -688,35 +680,11 @@ def server_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """
     A real C{twistd -n pfo3} on a free loopback port, stopped afterwards.
     """
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("twistd")
-    log = (workdir / "twistd.log").open("wb")
-    twistd = Path(sys.executable).parent / "twistd"
-    proc = subprocess.Popen(
-        [str(twistd), "-n", "--pidfile=", "pfo3", "--port", f"tcp:{port}:interface=127.0.0.1"],
-        cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
+    running = start_server(tmp_path_factory.mktemp("twistd"))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError((workdir / "twistd.log").read_text())
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield port
+        yield running.port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        running.stop()
 
 
 def client_cmd(*args: str, input: str = "", timeout: float = 20,
@@ -784,7 +752,7 @@ def test_cli_failures_exit_1_without_traceback(server_port: int) -> None:
     bad = client_cmd("--port", str(server_port), "--tipo", "nope", "--contenido", "x")
     slow = client_cmd("--port", str(server_port), "--tipo", "sleep", "--contenido", "5",
                       "--timeout", "0.3")
-    down = client_cmd("--port", str(_free_port()), "--tipo", "1", "--contenido", "x")
+    down = client_cmd("--port", str(free_port()), "--tipo", "1", "--contenido", "x")
     for p, reason in [(bad, "tipo_desconocido"), (slow, "Sin respuesta"), (down, "rechazada")]:
         assert p.returncode == 1
         assert p.stderr.startswith("[ERROR] ") or "\n[ERROR] " in p.stderr
@@ -946,64 +914,6 @@ def test_module_entry_point_has_help() -> None:
 
 
 
-def _write_certificates(directory: Path) -> Tuple[Path, Path, Path]:
-    """
-    Write a throwaway CA and a server certificate for localhost signed by it.
-
-    @return: The CA directory (for trustRoots), the server key and the
-        server certificate.
-    """
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfo3 test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True,
-            content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, encipher_only=False, decipher_only=False,
-        ), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_dir = directory / "ca"
-    ca_dir.mkdir()
-    (ca_dir / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    key_path, cert_path = directory / "server.key", directory / "server.pem"
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return ca_dir, key_path, cert_path
-
-
 @pytest.mark.integration
 def test_cli_over_tls_with_a_ca_directory(tmp_path: Path) -> None:
     """
@@ -1011,26 +921,11 @@ def test_cli_over_tls_with_a_ca_directory(tmp_path: Path) -> None:
     TLS against twistd's ssl endpoint; without that CA the certificate is
     refused with a clear [ERROR] and exit status 1.
     """
-    ca_dir, key, cert = _write_certificates(tmp_path)
-    port = _free_port()
-    twistd = Path(sys.executable).parent / "twistd"
-    log = (tmp_path / "tls.log").open("wb")
-    proc = subprocess.Popen(
-        [str(twistd), "-n", "--pidfile=", "pfo3", "--port",
-         f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"],
-        cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    running = start_server(tmp_path, port=port, endpoint=tls.endpoint(port))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, (tmp_path / "tls.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "twistd did not start listening"
-                time.sleep(0.05)
-        endpoint = f"tls:localhost:{port}:trustRoots={ca_dir}"
+        endpoint = f"tls:localhost:{port}:trustRoots={tls.ca_dir}"
         ok = client_cmd("--endpoint", endpoint, "--tipo", "1", "--contenido", "seguro",
                         "--timeout", "10")
         assert ok.returncode == 0, ok.stderr
@@ -1047,10 +942,4 @@ def test_cli_over_tls_with_a_ca_directory(tmp_path: Path) -> None:
         assert "certificate verify failed" in refused.stderr
         assert "Traceback" not in refused.stderr
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        running.stop()

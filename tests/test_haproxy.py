@@ -11,11 +11,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator
 
 import pytest
 
-from .conftest import LineSocket, free_port, server_env, twistd_command, wait_for_port
+from .conftest import LineSocket, RunningServer, free_port, start_server, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -66,21 +66,15 @@ class Cluster:
         self.tmp = tmp_path
         self.front = free_port()
         self.stats = tmp_path / "haproxy.sock"
-        self.backends: Dict[str, Tuple[subprocess.Popen, int, Path]] = {}
+        self.backends: Dict[str, RunningServer] = {}
         servers = ""
         for i in range(1, n + 1):
             name, port = f"s{i}", free_port()
-            log = tmp_path / f"{name}.log"
-            proc = subprocess.Popen(
-                twistd_command("--port", f"haproxy:tcp:{port}:interface=127.0.0.1",
-                               "--log-tasks", "1"),
-                cwd=tmp_path, env=server_env(), stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
+            self.backends[name] = start_server(
+                tmp_path, "--log-tasks", "1",
+                port=port, endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1",
             )
-            self.backends[name] = (proc, port, log)
             servers += SERVER.format(name=name, port=port)
-        for proc, port, _ in self.backends.values():
-            wait_for_port(port, proc=proc)
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(CONFIG.format(
             stats=self.stats, front=self.front, ping=PING_HEX, servers=servers))
@@ -112,16 +106,13 @@ class Cluster:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        procs: List[subprocess.Popen] = [self.haproxy]
-        procs += [p for p, _, _ in self.backends.values()]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        self.haproxy.terminate()
+        try:
+            self.haproxy.wait(10)
+        except subprocess.TimeoutExpired:
+            self.haproxy.kill()
+        for backend in self.backends.values():
+            backend.stop()
 
 
 @pytest.fixture
@@ -148,7 +139,7 @@ def test_balanced_with_real_client_addresses(cluster: Cluster) -> None:
         assert c.read_json() == {"estado": "ok", "resultado": f"HOLA {i}",
                                  "tarea_id": f"t{i}", "worker": 0}
         c.close()
-    logs = {name: log.read_text() for name, (_, _, log) in cluster.backends.items()}
+    logs = {name: b.log.read_text() for name, b in cluster.backends.items()}
     for name, text in logs.items():
         assert "tarea t" in text, name
     for i, port in enumerate(ports):
@@ -162,13 +153,11 @@ def test_failover_when_a_server_stops(cluster: Cluster) -> None:
     new connection is served by the other.
     """
     cluster.wait_status({"s1": "UP", "s2": "UP"})
-    proc, _, _ = cluster.backends["s1"]
-    proc.terminate()
-    proc.wait(10)
+    cluster.backends["s1"].stop()
     cluster.wait_status({"s1": "DOWN", "s2": "UP"})
     for i in range(4):
         c = LineSocket(cluster.front)
         c.send_json({"tarea_id": f"f{i}", "tipo": "reverse", "contenido": "abc"})
         assert c.read_json()["resultado"] == "cba"
         c.close()
-    assert "tarea f3 " in cluster.backends["s2"][2].read_text()
+    assert "tarea f3 " in cluster.backends["s2"].log.read_text()

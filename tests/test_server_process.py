@@ -5,12 +5,10 @@ clients that write raw lines exactly as netcat would.
 
 from __future__ import annotations
 
-import datetime
 import json
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from .conftest import LineSocket, RunningServer, free_port, server_env, twistd_command
+from .conftest import LineSocket, RunningServer, TLSFiles, free_port, start_server
 from .test_wire import BAD_LINES
 
 pytestmark = pytest.mark.integration
@@ -142,64 +140,31 @@ def test_dropped_client_is_not_leaked(server: RunningServer) -> None:
     assert "Server Shut Down." in log and "Traceback" not in log
 
 
-def _self_signed(tmp_path: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
 def test_tls_and_unix_endpoints(tmp_path: Path) -> None:
     """
-    One server listens on TLS and on a UNIX socket given as endpoint strings;
-    both serve the protocol (TLS verified against the server's certificate).
+    A server listening on TLS (verified against its CA) and one on a UNIX
+    socket, both given as endpoint strings, serve the protocol.
     """
-    _self_signed(tmp_path)
+    tls = TLSFiles(tmp_path)
     port = free_port()
+    secure = start_server(tmp_path, port=port, endpoint=tls.endpoint(port))
     sock_path = tmp_path / "pfo3.sock"
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        twistd_command(
-            "--port", f"ssl:{port}:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem",
-            "--port", f"unix:{sock_path}",
-        ),
-        cwd=tmp_path, env=server_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
+    local = start_server(tmp_path, unix=sock_path)
     try:
-        deadline = time.monotonic() + 15
-        while not sock_path.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b'{"tarea_id": "tls", "tipo": 1, "contenido": "seguro"}\n')
-                assert json.loads(tls.recv(4096))["resultado"] == "SEGURO"
+            with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b'{"tarea_id": "tls", "tipo": 1, "contenido": "seguro"}\n')
+                assert json.loads(conn.recv(4096))["resultado"] == "SEGURO"
         with socket.socket(socket.AF_UNIX) as u:
             u.settimeout(10)
             u.connect(str(sock_path))
             u.sendall(b'{"tarea_id": "unix", "tipo": 2, "contenido": "local"}\n')
             assert json.loads(u.recv(4096))["resultado"] == "lacol"
     finally:
-        proc.terminate()
-        proc.wait(15)
-    assert "Server Shut Down." in log.read_text()
+        secure.stop()
+        local.stop()
+    assert "Server Shut Down." in secure.log.read_text()
 
 
 def test_many_clients_at_once(server: RunningServer) -> None:
