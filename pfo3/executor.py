@@ -15,6 +15,7 @@ from typing import Any, Callable, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from pfo3.tasks import ASYNC, INLINE, TaskType
 
@@ -48,12 +49,27 @@ class LocalExecutor:
         self.inline = inline
         self._local = threading.local()
         self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @property
+    def running(self) -> int:
+        """
+        Blocking tasks handed to the pool whose function has not returned,
+        including those whose callers gave up on them (timeout, client gone):
+        Python cannot stop a thread.
+        """
+        return self._running
 
     def _in_thread(self, func: Callable[[Any], Any], arg: Any) -> Outcome:
-        number = getattr(self._local, "number", None)
-        if number is None:
-            number = self._local.number = next(self._numbers)
-        return func(arg), number
+        try:
+            number = getattr(self._local, "number", None)
+            if number is None:
+                number = self._local.number = next(self._numbers)
+            return func(arg), number
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def run(self, tasktype: TaskType, arg: Any) -> MaybeDeferredOutcome:
         """
@@ -68,7 +84,22 @@ class LocalExecutor:
         if mode == ASYNC:
             d: Deferred[Any] = tasktype.run(self.reactor, arg)
             return d.addCallback(_with_worker, REACTOR_WORKER)
+        with self._lock:
+            self._running += 1
         return deferToThreadPool(self.reactor, self.threadpool, self._in_thread, tasktype.run, arg)
+
+
+class DaemonThreadPool(ThreadPool):
+    """
+    A thread pool whose threads do not keep the process alive.
+
+    A blocking task still running when the server stops (past its timeout
+    and the shutdown deadline) cannot be interrupted; with daemon threads
+    the server can still exit instead of waiting for it forever.
+    """
+
+    def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
+        return threading.Thread(*args, daemon=True, **kwargs)
 
 
 def _with_worker(result: Any, worker: Any) -> Outcome:

@@ -83,6 +83,7 @@ class Orchestrator:
         # them all, instead of a DelayedCall and closures per task.
         self._deadlines: Deque[Tuple[float, Deferred[Any], Session, str]] = deque()
         self._timer: Optional[IDelayedCall] = None
+        self._expiring = False
 
     def session(self, peer: Callable[[], str] = lambda: "-") -> Session:
         """
@@ -97,41 +98,60 @@ class Orchestrator:
 
     def _watch(self, d: Deferred[Any], session: Session, tarea_id: str) -> None:
         """
-        Cancel C{d} with a timeout error if it has not fired in C{timeout}
+        Cancel C{d} with a timeout error if it is still pending in C{timeout}
         seconds.
         """
         self._deadlines.append((self.clock.seconds() + self.timeout, d, session, tarea_id))
-        if self._timer is None:
-            self._timer = self.clock.callLater(self.timeout, self._expire)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """
+        Keep exactly one timer, for the earliest deadline, while there are
+        deadlines; none otherwise.  L{_expire} calls it once it is done, so
+        tasks accepted while it runs (a timeout frees a paused connection,
+        which reads its next lines) do not start a second timer.
+        """
+        if self._expiring:
+            return
+        if not self._deadlines:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        elif self._timer is None:
+            delay = max(0.0, self._deadlines[0][0] - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
-        queue = self._deadlines
-        now = self.clock.seconds()
-        while queue and queue[0][0] <= now:
-            _, d, session, tarea_id = queue.popleft()
-            if not d.called:
-                session._cancel_reasons[tarea_id] = TaskTimeout(
-                    f"La tarea superó el límite de {self.timeout:g} s y fue cancelada.",
-                    tarea_id,
-                )
-                d.cancel()
-        if queue:
-            self._timer = self.clock.callLater(queue[0][0] - now, self._expire)
+        self._expiring = True
+        try:
+            now = self.clock.seconds()
+            # Re-read the queue each time: cancelling fires callbacks that may
+            # finish tasks (and compact the queue) or accept new ones.
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, d, session, tarea_id = self._deadlines.popleft()
+                if session._pending.get(tarea_id) is d:
+                    session._cancel_reasons[tarea_id] = TaskTimeout(
+                        f"La tarea superó el límite de {self.timeout:g} s y fue cancelada.",
+                        tarea_id,
+                    )
+                    d.cancel()
+        finally:
+            self._expiring = False
+        self._schedule()
 
     def _finished(self) -> None:
         self.active -= 1
         self.completed += 1
-        queue = self._deadlines
         if self.active == 0:
-            queue.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        elif len(queue) > 2 * self.active + 1024:
+            self._deadlines.clear()
+            self._schedule()
+        elif len(self._deadlines) > 2 * self.active + 1024:
             # Forget the deadlines of tasks that are done, so the queue stays
             # proportional to the tasks in flight (amortised O(1) per task).
-            self._deadlines = deque(e for e in queue if not e[1].called)
+            self._deadlines = deque(
+                e for e in self._deadlines if e[2]._pending.get(e[3]) is e[1]
+            )
         if self.active == 0 and self._idle:
             waiters, self._idle = self._idle, []
             for d in waiters:
@@ -194,6 +214,13 @@ class Session:
         try:
             request = wire.decode_request(line, orch.registry)
         except Pfo3Error as e:
+            cause = e.__cause__
+            if isinstance(e, InternalError) and cause is not None:
+                log.failure(
+                    "Validating task {tarea_id} raised an unexpected exception",
+                    Failure(cause, type(cause), cause.__traceback__),
+                    tarea_id=e.tarea_id, peer=self.peer,
+                )
             return wire.encode_error(e)
         if type(request) is wire.ControlRequest:
             return self._control(request)
@@ -213,12 +240,17 @@ class Session:
                 tarea_id,
             ))
         tasktype = request.tasktype
-        if tasktype.duration is not None and tasktype.duration(request.arg) > orch.timeout:
-            return wire.encode_error(ExceedsTimeout(
-                f"La tarea duraría {tasktype.duration(request.arg):g} s, más que el "
-                f"límite de {orch.timeout:g} s.",
-                tarea_id,
-            ))
+        if tasktype.duration is not None:
+            try:
+                duration = float(tasktype.duration(request.arg))
+            except Exception:
+                return self._failed(Failure(), request) or b""
+            if duration > orch.timeout:
+                return wire.encode_error(ExceedsTimeout(
+                    f"La tarea duraría {duration:g} s, más que el "
+                    f"límite de {orch.timeout:g} s.",
+                    tarea_id,
+                ))
         sampled = False
         started = 0.0
         if orch.log_every:
@@ -282,13 +314,15 @@ class Session:
         """
         tarea_id = request.tarea_id
         error: Pfo3Error
-        if failure.check(Pfo3Error):
-            error = failure.value
-        elif failure.check(CancelledError):
-            reason = self._cancel_reasons.pop(tarea_id, None)
-            if reason is None:
-                return None
+        # A task pfo3 cancelled (timeout, shutdown) gets the reason recorded
+        # before cancelling, whatever exception its canceller raised.
+        reason = self._cancel_reasons.pop(tarea_id, None)
+        if reason is not None:
             error = reason
+        elif self.closed and failure.check(CancelledError):
+            return None  # cancelled because its client left: nobody to tell
+        elif failure.check(Pfo3Error):
+            error = failure.value
         else:
             log.failure(
                 "Task {tarea_id} ({tipo}) raised an unexpected exception",

@@ -72,6 +72,19 @@ class TaskProtocol(LineOnlyReceiver):
         self.session.close()
         self.factory._lost(self)
 
+    def close(self) -> None:
+        """
+        Close the connection once the replies already written are sent.
+
+        The protocol stops being the transport's producer first: a transport
+        with a registered producer does not finish closing (TLS waits for it
+        to unregister; TCP asks a paused producer for more data instead).
+        """
+        if self.transport.disconnecting:
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def _peer(self) -> str:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None) or getattr(peer, "name", None) or "-"
@@ -247,7 +260,9 @@ class TaskFactory(_FactoryBase):
     def close_idle(self) -> int:
         """
         Close the connections that have been idle for C{idle_timeout}: no
-        task in flight and nothing received or answered meanwhile.
+        task in flight, nothing received or answered meanwhile, and the
+        server waiting for the client to send (not paused because the client
+        does not read its replies: that client is slow, not idle).
 
         @return: How many were closed.
         """
@@ -257,12 +272,12 @@ class TaskFactory(_FactoryBase):
         idle = [
             p for p in self.protocols
             if p.last_active <= cutoff and not p.session.inflight and not p._held
-            and not p.transport.disconnecting
+            and not p._read_paused and not p.transport.disconnecting
         ]
         for p in idle:
             log.info("Closing connection from {peer}: idle for {idle_timeout}s",
                      peer=p.session.peer, idle_timeout=self.idle_timeout)
-            p.transport.loseConnection()
+            p.close()
         return len(idle)
 
     def close_all(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
@@ -275,7 +290,7 @@ class TaskFactory(_FactoryBase):
         @return: A Deferred that fires once every connection is closed.
         """
         for p in list(self.protocols):
-            p.transport.loseConnection()
+            p.close()
         if not self.protocols:
             return succeed(None)
         d: Deferred[None] = Deferred()

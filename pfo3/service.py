@@ -28,7 +28,9 @@ class TaskServerService(MultiService):
     accepting connections, refuses new tasks with C{apagando}, lets the tasks
     in flight finish and deliver their replies for up to C{shutdown_timeout}
     seconds, cancels what is left (those clients get C{apagando}), closes the
-    connections and stops the thread pool.
+    connections once their last replies are written, and stops the thread
+    pool (unless blocking tasks are still running on it: joining it would
+    wait for them without limit).
     """
 
     def __init__(
@@ -114,6 +116,14 @@ class TaskServerService(MultiService):
         return d.addCallback(self._finish, result)
 
     def _finish(self, ignored: None, result: Any) -> Any:
-        self.threadpool.stop()
+        stuck = getattr(self.orchestrator.executor, "running", 0)
+        if stuck:
+            # Joining the pool would wait for them without limit.
+            log.warn(
+                "pfo3 stopping: not waiting for {stuck} blocking tasks still running",
+                stuck=stuck,
+            )
+        else:
+            self.threadpool.stop()
         log.info("pfo3 stopped after {completed} tasks", completed=self.orchestrator.completed)
         return result

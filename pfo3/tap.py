@@ -9,9 +9,8 @@ from typing import Any, List, Optional
 from twisted.application import strports
 from twisted.internet import endpoints
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
-from pfo3.executor import LocalExecutor
+from pfo3.executor import DaemonThreadPool, LocalExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
@@ -123,7 +122,7 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
 
         reactor = global_reactor
     registry = default_registry(entry_points=not options["no-plugins"])
-    threadpool = ThreadPool(minthreads=0, maxthreads=options["workers"], name="pfo3")
+    threadpool = DaemonThreadPool(minthreads=0, maxthreads=options["workers"], name="pfo3")
     executor = LocalExecutor(reactor, threadpool, inline=not options["no-inline"])
     orchestrator = Orchestrator(
         registry, executor, reactor,

@@ -24,6 +24,7 @@ from json.encoder import encode_basestring as _quote
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from pfo3.errors import (
+    InternalError,
     InvalidJSON,
     InvalidTaskId,
     InvalidUTF8,
@@ -159,6 +160,10 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
     except Pfo3Error as e:
         e.tarea_id = tarea_id
         raise
+    except Exception as e:
+        # A task type's validator failed in a way it did not mean to: the
+        # server's fault, not the request's.  The caller logs the cause.
+        raise InternalError("Error interno al validar la tarea.", tarea_id) from e
     return TaskRequest(tarea_id, tasktype, arg)
 
 

@@ -569,3 +569,162 @@ class IdleTimeoutTests(SynchronousTestCase):
         factory.orchestrator.clock.advance(10 ** 6)
         self.assertEqual(factory.close_idle(), 0)
         self.assertFalse(transport.disconnecting)
+
+
+class CancellationTests(SynchronousTestCase):
+    """
+    Timeouts and shutdown cancel the right tasks and answer with the right
+    code, whatever the task's Deferred looks like.
+    """
+
+    def test_task_waiting_on_a_chained_deferred_times_out(self) -> None:
+        """
+        A task whose Deferred has fired but waits on another Deferred
+        returned by a callback (d.called is true) still times out, and the
+        inner Deferred is cancelled.
+        """
+        inner_cancelled: List[bool] = []
+
+        def chained(clock: Any, arg: Any) -> Deferred[Any]:
+            inner: Deferred[Any] = Deferred(lambda d: inner_cancelled.append(True))
+            outer: Deferred[Any] = Deferred()
+            outer.addCallback(lambda _: inner)
+            outer.callback(None)
+            return outer
+
+        factory = make_server(
+            registry_with(TaskType("cadena", 9, (), "d", chained, ASYNC)), timeout=5)
+        proto, transport = connect(factory)
+        send(proto, {"tarea_id": "c", "tipo": "cadena", "contenido": 1})
+        factory.orchestrator.clock.advance(5)
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
+                         [("c", "timeout")])
+        self.assertEqual(inner_cancelled, [True])
+        self.assertEqual(factory.orchestrator.active, 0)
+
+    def test_code_does_not_depend_on_the_cancellers_exception(self) -> None:
+        """
+        A task whose canceller fails it with its own exception (not
+        CancelledError) is still answered 'timeout' on timeout and
+        'apagando' at the shutdown deadline, and leaves nothing behind.
+        """
+        class Gone(Exception):
+            pass
+
+        def own_error(clock: Any, arg: Any) -> Deferred[Any]:
+            return Deferred(lambda d: d.errback(Gone()))
+
+        factory = make_server(
+            registry_with(TaskType("propio", 9, (), "d", own_error, ASYNC)), timeout=5)
+        proto, transport = connect(factory)
+        send(proto, {"tarea_id": "t", "tipo": "propio", "contenido": 1})
+        factory.orchestrator.clock.advance(5)
+        send(proto, {"tarea_id": "s", "tipo": "propio", "contenido": 1})
+        factory.orchestrator.cancel_all()
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
+                         [("t", "timeout"), ("s", "apagando")])
+        self.assertEqual(proto.session._cancel_reasons, {})
+        self.assertEqual(self.flushLoggedErrors(Gone), [])
+
+    def test_task_failing_with_cancelled_error_by_itself_is_answered(self) -> None:
+        """
+        A task that fails with CancelledError of its own accord, on an open
+        connection, is answered 'error_interno' rather than left unanswered.
+        """
+        from twisted.internet.defer import CancelledError, fail
+
+        factory = make_server(registry_with(
+            TaskType("anula", 9, (), "d", lambda c, a: fail(CancelledError()), ASYNC)))
+        proto, transport = connect(factory)
+        send(proto, {"tarea_id": "x", "tipo": "anula", "contenido": 1})
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
+                         [("x", "error_interno")])
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 1)
+
+    def test_one_timer_when_timeouts_free_held_lines(self) -> None:
+        """
+        When a timeout frees a connection held at max_inflight and the next
+        held task is accepted during the expiry, there is still only one
+        deadline timer, and none once nothing is in flight.
+        """
+        never = Never()
+        factory = make_server(registry_with(TaskType("nunca", 9, (), "d", never, ASYNC)),
+                              timeout=5, max_inflight=1)
+        clock = factory.orchestrator.clock
+        proto, transport = connect(factory)
+        send(proto, *[{"tarea_id": str(i), "tipo": "nunca", "contenido": i} for i in range(6)])
+        for n in range(6):
+            self.assertEqual(len(clock.getDelayedCalls()), 1, n)
+            clock.advance(5)
+        self.assertEqual([r["codigo"] for r in replies(transport)], ["timeout"] * 6)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class PluginFaultTests(SynchronousTestCase):
+    """
+    A task type whose validation code breaks costs its request an
+    'error_interno', never the connection or its other tasks.
+    """
+
+    def check(self, tasktype: TaskType, exc: type) -> None:
+        factory = make_server(registry_with(tasktype))
+        proto, transport = connect(factory)
+        send(proto, {"tarea_id": "s", "tipo": "sleep", "contenido": 1},
+             {"tarea_id": "p", "tipo": tasktype.name, "contenido": "abc"})
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
+                         [("p", "error_interno")])
+        self.assertEqual(len(self.flushLoggedErrors(exc)), 1)
+        self.assertFalse(transport.disconnecting)
+        factory.orchestrator.clock.advance(1)
+        self.assertEqual(replies(transport)[0]["tarea_id"], "s")
+
+    def test_validator_raising(self) -> None:
+        """
+        validate() raising a TypeError.
+        """
+        def validate(contenido: Any) -> Any:
+            return contenido["clave"]
+
+        self.check(TaskType("roto", 9, (), "d", str, INLINE, validate), TypeError)
+
+    def test_duration_raising(self) -> None:
+        """
+        duration() raising a ValueError.
+        """
+        self.check(TaskType("roto", 9, (), "d", Never(), ASYNC,
+                            duration=lambda a: float(a)), ValueError)
+
+
+class CloseTests(SynchronousTestCase):
+    """
+    Closing a connection from the server side.
+    """
+
+    def test_close_stops_being_the_transports_producer(self) -> None:
+        """
+        close() unregisters the protocol as the transport's producer before
+        closing: a transport with a registered producer does not finish
+        closing (TLS waits for it; TCP asks a paused one for more data).
+        """
+        factory = make_server(idle_timeout=1)
+        proto, transport = connect(factory)
+        self.assertIs(transport.producer, proto)
+        factory.orchestrator.clock.advance(1)
+        self.assertEqual(factory.close_idle(), 1)
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_that_does_not_read_is_not_idle(self) -> None:
+        """
+        A connection the server stopped reading because its client does not
+        read the replies is not closed as idle: its unread requests would be
+        lost.
+        """
+        factory = make_server(idle_timeout=1)
+        proto, transport = connect(factory)
+        proto.pauseProducing()
+        factory.orchestrator.clock.advance(5)
+        self.assertEqual(factory.close_idle(), 0)
+        proto.resumeProducing()
+        factory.orchestrator.clock.advance(1)
+        self.assertEqual(factory.close_idle(), 1)

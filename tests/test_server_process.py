@@ -167,6 +167,65 @@ def test_tls_and_unix_endpoints(tmp_path: Path) -> None:
     assert "Server Shut Down." in secure.log.read_text()
 
 
+def test_idle_tls_connection_is_closed(tmp_path: Path) -> None:
+    """
+    Over TLS, a connection idle for --idle-timeout is closed cleanly (the
+    client sees the end of the stream) after getting its reply.
+    """
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    running = start_server(tmp_path, "--idle-timeout", "1", port=port,
+                           endpoint=tls.endpoint(port))
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        with socket.create_connection(("127.0.0.1", port), timeout=6) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+                data = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        assert json.loads(data)["resultado"] == "HOLA"
+    finally:
+        running.stop()
+
+
+def test_slow_reader_is_not_idle(tmp_path: Path) -> None:
+    """
+    A client that sends large tasks and then reads nothing for longer than
+    --idle-timeout is not idle (the server stopped reading it, not the other
+    way round): once it reads, every reply arrives; then, idle for real, the
+    connection is closed after the last reply.
+    """
+    running = start_server(tmp_path, "--idle-timeout", "1")
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", running.port))
+        body = b"".join(
+            json.dumps({"tarea_id": str(i), "tipo": 1, "contenido": "a" * 60_000}).encode()
+            + b"\n" for i in range(40))
+        sender = threading.Thread(target=sock.sendall, args=(body,), daemon=True)
+        sender.start()
+        time.sleep(3)
+        sock.settimeout(10)
+        data = b""
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        sender.join(10)
+        replies = [json.loads(line) for line in data.splitlines()]
+        assert sorted(int(r["tarea_id"]) for r in replies) == list(range(40))
+        assert all(r["resultado"] == "A" * 60_000 for r in replies)
+        sock.close()
+    finally:
+        running.stop()
+
+
 def test_many_clients_at_once(server: RunningServer) -> None:
     """
     50 threads, each with its own connection pipelining 200 mixed tasks, all

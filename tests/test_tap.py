@@ -84,6 +84,28 @@ def test_make_service_tree() -> None:
     assert makeService(parse("--gc-threshold", "0"), FakeReactor()).gc_threshold == 0
 
 
+def test_pool_threads_are_daemons() -> None:
+    """
+    The server's pool threads do not keep the process alive, so a blocking
+    task that never returns cannot stop the server from exiting.
+    """
+    import threading
+
+    from pfo3.executor import DaemonThreadPool
+
+    pool = DaemonThreadPool(0, 1)
+    seen: List[bool] = []
+    done = threading.Event()
+    pool.start()
+    try:
+        pool.callInThread(lambda: (seen.append(threading.current_thread().daemon), done.set()))
+        assert done.wait(10)
+    finally:
+        pool.stop()
+    assert seen == [True]
+    assert isinstance(makeService(parse(), FakeReactor()).threadpool, DaemonThreadPool)
+
+
 def test_gc_tuning_applied_at_start() -> None:
     """
     A service with gc_threshold freezes the heap it starts with and sets the
@@ -166,6 +188,55 @@ class ShutdownTests(SynchronousTestCase):
         self.proto.connectionLost()
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_blocking_task_still_running_does_not_hang_the_stop(self) -> None:
+        """
+        A blocking task still running on the pool at the shutdown deadline is
+        answered 'apagando' and the stop completes without joining the pool
+        (which would wait for the task without limit); with no such task the
+        pool is stopped.
+        """
+        class HoldingPool(SynchronousThreadPool):
+            def __init__(self) -> None:
+                self.held: List[Any] = []
+                self.stopped = False
+
+            def callInThreadWithCallback(self, onResult: Any, f: Any, *args: Any,
+                                         **kwargs: Any) -> None:
+                self.held.append((onResult, f, args))
+
+            def stop(self) -> None:
+                self.stopped = True
+
+        from pfo3.tasks import BUILTINS, THREAD, TaskRegistry, TaskType
+
+        def stop_with(run_held: bool) -> HoldingPool:
+            reactor = FakeReactor()
+            factory = make_server(TaskRegistry(BUILTINS + (
+                TaskType("bloquea", 9, (), "d", str.upper, THREAD),)), reactor=reactor)
+            pool = HoldingPool()
+            factory.orchestrator.executor.threadpool = pool
+            service = TaskServerService(factory, pool, reactor, 5.0)
+            service.startService()
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(b'{"tarea_id": "b", "tipo": "bloquea", "contenido": "x"}\n')
+            self.assertEqual(factory.orchestrator.executor.running, 1)
+            stopped = service.stopService()
+            if run_held:
+                on_result, f, args = pool.held.pop()
+                on_result(True, f(*args))
+            reactor.advance(5)
+            proto.connectionLost()
+            self.successResultOf(stopped)
+            reply = json.loads(transport.value())
+            self.assertEqual(reply.get("codigo", reply["estado"]),
+                             "ok" if run_held else "apagando")
+            return pool
+
+        self.assertFalse(stop_with(run_held=False).stopped)
+        self.assertTrue(stop_with(run_held=True).stopped)
 
     def test_sweeper_closes_idle_connections(self) -> None:
         """
