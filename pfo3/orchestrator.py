@@ -146,16 +146,15 @@ class Orchestrator:
         if self.active == 0:
             self._deadlines.clear()
             self._schedule()
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
         elif len(self._deadlines) > 2 * self.active + 1024:
             # Forget the deadlines of tasks that are done, so the queue stays
             # proportional to the tasks in flight (amortised O(1) per task).
             self._deadlines = deque(
                 e for e in self._deadlines if e[2]._pending.get(e[3]) is e[1]
             )
-        if self.active == 0 and self._idle:
-            waiters, self._idle = self._idle, []
-            for d in waiters:
-                d.callback(None)
 
     def drain(self) -> Deferred[None]:
         """

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -280,11 +280,10 @@ class TaskFactory(_FactoryBase):
             p.close()
         return len(idle)
 
-    def close_all(self, clock: IReactorTime, timeout: float = 5.0) -> Deferred[None]:
+    def close_all(self, timeout: float = 5.0) -> Deferred[None]:
         """
         Close every connection once its pending output is written.
 
-        @param clock: Measures C{timeout}.
         @param timeout: Seconds to wait for clients to take their last
             replies; connections still open then are aborted.
         @return: A Deferred that fires once every connection is closed.
@@ -301,4 +300,4 @@ class TaskFactory(_FactoryBase):
             for p in list(self.protocols):
                 p.transport.abortConnection()
 
-        return d.addTimeout(timeout, clock).addErrback(abort)
+        return d.addTimeout(timeout, self.clock).addErrback(abort)

@@ -112,7 +112,7 @@ class TaskServerService(MultiService):
     def _close(self, result: Any) -> Deferred[Any]:
         # Wait for the connections to close: the reactor's own shutdown would
         # drop them with their last replies still unwritten.
-        d = self.factory.close_all(self.clock)
+        d = self.factory.close_all()
         return d.addCallback(self._finish, result)
 
     def _finish(self, ignored: None, result: Any) -> Any:

@@ -61,6 +61,8 @@ def _parse(text: str) -> Any:
     if end != len(text):
         return _decode(text)
     return obj
+
+
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
 
