@@ -2,7 +2,7 @@
 Typed errors of pfo3.
 
 Every failure that reaches a client is one of these exceptions, carried as a
-L{Failure} until the wire, where L{pfo3.wire.error_reply} turns it into an
+L{Failure} until the wire, where L{pfo3.wire.encode_error} turns it into an
 error line.  Each class has a stable machine-readable C{codigo}; the human text
 (C{mensaje}) is Spanish, like the rest of the protocol.  The list of codes is
 part of the documented protocol (C{docs/protocol.md}): never rename one.
@@ -27,6 +27,21 @@ class Pfo3Error(Exception):
         super().__init__(mensaje)
         self.mensaje = mensaje
         self.tarea_id = tarea_id
+
+
+#: Longest piece of a client's input echoed back in an error message.
+MAX_ECHO = 60
+
+
+def echo(value: Any) -> str:
+    """
+    A client's value as an error message quotes it: its C{repr}, cut short
+    so that a reply never grows with the input.
+    """
+    if isinstance(value, str) and len(value) > MAX_ECHO:
+        return repr(value[:MAX_ECHO]) + "…"
+    text = repr(value)
+    return text if len(text) <= 2 * MAX_ECHO else text[: 2 * MAX_ECHO] + "…"
 
 
 # --- framing and decoding -------------------------------------------------

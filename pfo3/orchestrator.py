@@ -2,12 +2,18 @@
 Orchestration: the policy between a decoded request and its executor.
 
 An L{Orchestrator} is shared by every connection of a server; each connection
-gets a L{Session} from it.  A session takes a request line and answers with the
-reply line: at once (bytes) when the task ran inline or was refused, or as a
-L{Deferred} that fires with the reply line (or with L{None} when the
-connection went away and nobody is left to answer).  Nothing here knows about
-sockets; errors travel as typed exceptions and become wire errors in one place,
-L{Session._failed}.
+gets a L{Session} from it.  A session takes a decoded request
+(L{pfo3.wire.TaskRequest} or L{pfo3.wire.ControlRequest}) and answers with a
+reply object (L{pfo3.wire.TaskResult}, L{pfo3.wire.ControlResult}): at once
+when the task ran inline, or as a L{Deferred} of it.  A refusal raises, and a
+failed task fails its Deferred with, a L{pfo3.errors.Pfo3Error}: this module
+is the one place where an unexpected exception, a timeout or a shutdown
+becomes an error code.  Nothing here knows about bytes or sockets.
+
+A task's reply is a Deferred of the session's own, separate from the
+executor's: a timeout or a shutdown answers the client at once, then gives up
+on the work (cancels the executor's Deferred), whatever that work or its
+canceller then do.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import itertools
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,9 +37,11 @@ from pfo3.errors import (
     ShuttingDown,
     TaskTimeout,
 )
+from pfo3.executor import IExecutor
 from pfo3.tasks import TaskRegistry
 
-ReplyLine = Union[bytes, "Deferred[Optional[bytes]]"]
+#: What L{Session.handle} answers: a reply, or a Deferred of one.
+MaybeDeferredReply = Union[wire.Reply, "Deferred[wire.Reply]"]
 
 log = Logger(namespace="pfo3")
 
@@ -44,12 +52,13 @@ class Orchestrator:
 
     @ivar active: Tasks accepted and not yet answered, over all connections.
     @ivar draining: Once true, new tasks are refused with C{apagando}.
+    @ivar completed: Tasks answered since start.
     """
 
     def __init__(
         self,
         registry: TaskRegistry,
-        executor: Any,
+        executor: IExecutor,
         clock: IReactorTime,
         timeout: float = 30.0,
         max_tasks: int = 50_000,
@@ -57,11 +66,13 @@ class Orchestrator:
     ) -> None:
         """
         @param registry: The task types accepted.
-        @param executor: Has C{run(tasktype, arg)} (see L{pfo3.executor}).
+        @param executor: Runs the tasks (see L{pfo3.executor.IExecutor}).
         @param clock: Drives task timeouts.
-        @param timeout: Seconds a task may take before it is cancelled.
-        @param max_tasks: Tasks in flight over all connections past which
-            new ones are refused with C{ocupado}.
+        @param timeout: Seconds a task may take before it is cancelled.  A
+            task that declares its duration must declare less than this.
+        @param max_tasks: Tasks in flight over all connections (counting
+            blocking work still running after its client was answered) past
+            which new ones are refused with C{ocupado}.
         @param log_every: Log one structured event for every N-th task
             (C{0}: none; C{1}: all).  Off by default: an event per task costs
             more than an inline task.
@@ -81,7 +92,7 @@ class Orchestrator:
         # Task timeouts: every task gets the same timeout, so deadlines come
         # in the order tasks are accepted.  One queue and one timer serve
         # them all, instead of a DelayedCall and closures per task.
-        self._deadlines: Deque[Tuple[float, Deferred[Any], Session, str]] = deque()
+        self._deadlines: Deque[Tuple[float, _Task]] = deque()
         self._timer: Optional[IDelayedCall] = None
         self._expiring = False
 
@@ -96,12 +107,12 @@ class Orchestrator:
         self._sessions.add(s)
         return s
 
-    def _watch(self, d: Deferred[Any], session: Session, tarea_id: str) -> None:
+    def _watch(self, task: _Task) -> None:
         """
-        Cancel C{d} with a timeout error if it is still pending in C{timeout}
-        seconds.
+        Give up on C{task} with a timeout error if it is still pending in
+        C{timeout} seconds.
         """
-        self._deadlines.append((self.clock.seconds() + self.timeout, d, session, tarea_id))
+        self._deadlines.append((self.clock.seconds() + self.timeout, task))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -126,19 +137,18 @@ class Orchestrator:
         self._expiring = True
         try:
             now = self.clock.seconds()
-            # Re-read the queue each time: cancelling fires callbacks that may
-            # finish tasks (and compact the queue) or accept new ones.
+            # Re-read the queue each time: answering a task may finish others
+            # (and compact the queue) or accept new ones.
             while self._deadlines and self._deadlines[0][0] <= now:
-                _, d, session, tarea_id = self._deadlines.popleft()
-                if session._pending.get(tarea_id) is d:
-                    session._cancel_reasons[tarea_id] = TaskTimeout(
+                task = self._deadlines.popleft()[1]
+                if not task.done:
+                    task.session._give_up(task, TaskTimeout(
                         f"La tarea superó el límite de {self.timeout:g} s y fue cancelada.",
-                        tarea_id,
-                    )
-                    d.cancel()
+                        task.request.tarea_id,
+                    ))
         finally:
             self._expiring = False
-        self._schedule()
+            self._schedule()
 
     def _finished(self) -> None:
         self.active -= 1
@@ -152,9 +162,7 @@ class Orchestrator:
         elif len(self._deadlines) > 2 * self.active + 1024:
             # Forget the deadlines of tasks that are done, so the queue stays
             # proportional to the tasks in flight (amortised O(1) per task).
-            self._deadlines = deque(
-                e for e in self._deadlines if e[2]._pending.get(e[3]) is e[1]
-            )
+            self._deadlines = deque(e for e in self._deadlines if not e[1].done)
 
     def drain(self) -> Deferred[None]:
         """
@@ -171,24 +179,45 @@ class Orchestrator:
 
     def cancel_all(self) -> None:
         """
-        Cancel every task still in flight (their clients get C{apagando}).
+        Give up on every task still in flight (their clients get
+        C{apagando}).
         """
         for s in list(self._sessions):
             s.cancel_all(ShuttingDown("El servidor se está apagando; la tarea fue cancelada."))
+
+
+class _Task:
+    """
+    A task in flight: its request, the executor's Deferred (C{work}) and the
+    Deferred of its reply.
+    """
+
+    __slots__ = ("request", "session", "work", "reply", "done", "sampled", "started")
+
+    def __init__(
+        self, request: wire.TaskRequest, session: Session, work: Deferred[Any],
+        sampled: bool, started: float,
+    ) -> None:
+        self.request = request
+        self.session = session
+        self.work = work
+        self.reply: Deferred[wire.Reply] = Deferred()
+        self.done = False
+        self.sampled = sampled
+        self.started = started
 
 
 class Session:
     """
     The tasks of one connection.
 
-    @ivar inflight: Tasks of this connection accepted and not yet answered.
+    @ivar closed: The connection is gone; replies are no longer given.
     """
 
     def __init__(self, orchestrator: Orchestrator, peer: Callable[[], str]) -> None:
         self.orchestrator = orchestrator
         self._peer = peer
-        self._pending: Dict[str, Deferred[Any]] = {}
-        self._cancel_reasons: Dict[str, Pfo3Error] = {}
+        self._pending: Dict[str, _Task] = {}
         self.closed = False
 
     @property
@@ -200,56 +229,48 @@ class Session:
 
     @property
     def inflight(self) -> int:
+        """
+        Tasks of this connection accepted and not yet answered.
+        """
         return len(self._pending)
 
-    def handle(self, line: bytes) -> ReplyLine:
+    def handle(self, request: wire.Request) -> MaybeDeferredReply:
         """
-        Answer one request line.
+        Answer one decoded request.
 
-        @return: The reply line, or a Deferred firing with it (or with
-            L{None} if the session was closed meanwhile).
+        @return: The reply, or a Deferred firing with it or failing with a
+            L{Pfo3Error}.
+        @raise Pfo3Error: if the request is refused or its task failed at
+            once.
         """
-        orch = self.orchestrator
-        try:
-            request = wire.decode_request(line, orch.registry)
-        except Pfo3Error as e:
-            cause = e.__cause__
-            if isinstance(e, InternalError) and cause is not None:
-                log.failure(
-                    "Validating task {tarea_id} raised an unexpected exception",
-                    Failure(cause, type(cause), cause.__traceback__),
-                    tarea_id=e.tarea_id, peer=self.peer,
-                )
-            return wire.encode_error(e)
-        if type(request) is wire.ControlRequest:
+        if type(request) is not wire.TaskRequest:
+            assert type(request) is wire.ControlRequest
             return self._control(request)
-        assert type(request) is wire.TaskRequest
+        orch = self.orchestrator
         tarea_id = request.tarea_id
         if tarea_id in self._pending:
-            return wire.encode_error(DuplicateTaskId(
+            raise DuplicateTaskId(
                 f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
                 tarea_id,
-            ))
+            )
         if orch.draining:
-            return wire.encode_error(ShuttingDown(
-                "El servidor se está apagando y no acepta tareas nuevas.", tarea_id))
-        if orch.active >= orch.max_tasks:
-            return wire.encode_error(Busy(
-                f"Servidor ocupado: {orch.active} tareas en curso. Reintente más tarde.",
-                tarea_id,
-            ))
+            raise ShuttingDown("El servidor se está apagando y no acepta tareas nuevas.", tarea_id)
+        busy = orch.active + orch.executor.abandoned
+        if busy >= orch.max_tasks:
+            raise Busy(
+                f"Servidor ocupado: {busy} tareas en curso. Reintente más tarde.", tarea_id)
         tasktype = request.tasktype
         if tasktype.duration is not None:
             try:
                 duration = float(tasktype.duration(request.arg))
             except Exception:
-                return self._failed(Failure(), request) or b""
-            if duration > orch.timeout:
-                return wire.encode_error(ExceedsTimeout(
-                    f"La tarea duraría {duration:g} s, más que el "
+                raise self._as_error(Failure(), request)
+            if duration >= orch.timeout:
+                raise ExceedsTimeout(
+                    f"La tarea duraría {duration:g} s; debe durar menos que el "
                     f"límite de {orch.timeout:g} s.",
                     tarea_id,
-                ))
+                )
         sampled = False
         started = 0.0
         if orch.log_every:
@@ -259,84 +280,96 @@ class Session:
             outcome = orch.executor.run(tasktype, request.arg)
         except Exception:
             orch.completed += 1
-            return self._failed(Failure(), request) or b""
+            error = self._as_error(Failure(), request)
+            if sampled:
+                self._log_task(request, None, error.codigo, started)
+            raise error
         if type(outcome) is tuple:
             orch.completed += 1
-            return self._succeeded(outcome, request, sampled, started) or b""
+            if sampled:
+                self._log_task(request, outcome[1], "ok", started)
+            return wire.TaskResult(tarea_id, outcome[0], outcome[1])
 
-        d: Deferred[Any] = outcome
+        work: Deferred[Any] = outcome  # type: ignore[assignment]
+        task = _Task(request, self, work, sampled, started)
         orch.active += 1
-        self._pending[tarea_id] = d
-        orch._watch(d, self, tarea_id)
-        args = (request, sampled, started)
-        return d.addCallbacks(
-            self._async_ok, self._async_failed, callbackArgs=args, errbackArgs=args
-        )
+        self._pending[tarea_id] = task
+        orch._watch(task)
+        work.addCallbacks(self._work_ok, self._work_failed, callbackArgs=(task,),
+                          errbackArgs=(task,))
+        return task.reply
 
-    def _async_ok(
-        self, outcome: Any, request: wire.TaskRequest, sampled: bool, started: float
-    ) -> Optional[bytes]:
-        self._done(request.tarea_id)
-        return self._succeeded(outcome, request, sampled, started)
-
-    def _async_failed(
-        self, failure: Failure, request: wire.TaskRequest, sampled: bool, started: float
-    ) -> Optional[bytes]:
-        self._done(request.tarea_id)
-        return self._failed(failure, request, sampled, started)
-
-    def _control(self, request: wire.ControlRequest) -> bytes:
+    def _control(self, request: wire.ControlRequest) -> wire.ControlResult:
         if request.op == "ping":
-            return wire.encode_control(request.tarea_id, "pong")
-        return wire.encode_control(request.tarea_id, self.orchestrator.registry.describe())
+            return wire.ControlResult(request.tarea_id, "pong")
+        return wire.ControlResult(request.tarea_id, self.orchestrator.registry.describe())
 
-    def _succeeded(
-        self, outcome: Any, request: wire.TaskRequest, sampled: bool = False,
-        started: float = 0.0,
-    ) -> Optional[bytes]:
-        if self.closed:
-            return None
-        try:
-            reply = wire.encode_ok(request.tarea_id, outcome[0], outcome[1])
-        except Exception:
-            return self._failed(Failure(), request, sampled, started)
-        if sampled:
-            self._log_task(request, outcome[1], "ok", started)
-        return reply
+    def _work_ok(self, outcome: Any, task: _Task) -> None:
+        if not task.done:
+            request = task.request
+            self._finish(task, wire.TaskResult(request.tarea_id, outcome[0], outcome[1]))
 
-    def _failed(
-        self, failure: Failure, request: wire.TaskRequest, sampled: bool = False,
-        started: float = 0.0,
-    ) -> Optional[bytes]:
+    def _work_failed(self, failure: Failure, task: _Task) -> None:
+        if not task.done:
+            self._finish(task, self._as_error(failure, task.request))
+        # else: given up on (timeout, client gone, shutdown) and answered
+        # already; the cancellation or a late failure ends here.
+
+    def _finish(self, task: _Task, reply: Union[wire.Reply, Pfo3Error, None]) -> None:
         """
-        The one place where a failed task becomes a wire error.
+        Account for a task that is over, then give its reply (none when
+        C{reply} is L{None}).
+        """
+        task.done = True
+        request = task.request
+        del self._pending[request.tarea_id]
+        self.orchestrator._finished()
+        if task.sampled:
+            if isinstance(reply, wire.TaskResult):
+                self._log_task(request, reply.worker, "ok", task.started)
+            else:
+                estado = reply.codigo if isinstance(reply, Pfo3Error) else "abandonada"
+                self._log_task(request, None, estado, task.started)
+        if reply is None:
+            return
+        if isinstance(reply, Pfo3Error):
+            task.reply.errback(Failure(reply))
+        else:
+            task.reply.callback(reply)
+
+    def _give_up(self, task: _Task, reason: Optional[Pfo3Error]) -> None:
+        """
+        Answer C{task} with C{reason} (nothing when L{None}) and cancel its
+        work.  A canceller that raises is logged: it cannot keep the task
+        from being answered nor stop later timeouts.
+        """
+        self._finish(task, reason)
+        try:
+            task.work.cancel()
+        except Exception:
+            log.failure(
+                "Cancelling task {tarea_id} ({tipo}) raised an exception",
+                tarea_id=task.request.tarea_id, tipo=task.request.tasktype.name,
+                peer=self.peer,
+            )
+
+    def _as_error(self, failure: Failure, request: wire.TaskRequest) -> Pfo3Error:
+        """
+        The one place where a failed task becomes a protocol error: a
+        L{Pfo3Error} is the task's own; anything else is logged with its
+        traceback and becomes C{error_interno}.
         """
         tarea_id = request.tarea_id
-        error: Pfo3Error
-        # A task pfo3 cancelled (timeout, shutdown) gets the reason recorded
-        # before cancelling, whatever exception its canceller raised.
-        reason = self._cancel_reasons.pop(tarea_id, None)
-        if reason is not None:
-            error = reason
-        elif self.closed and failure.check(CancelledError):
-            return None  # cancelled because its client left: nobody to tell
-        elif failure.check(Pfo3Error):
-            error = failure.value
-        else:
-            log.failure(
-                "Task {tarea_id} ({tipo}) raised an unexpected exception",
-                failure, tarea_id=tarea_id, tipo=request.tasktype.name, peer=self.peer,
-            )
-            error = InternalError("Error interno al ejecutar la tarea.", tarea_id)
-        if sampled:
-            self._log_task(request, None, error.codigo, started)
-        if self.closed:
-            return None
-        return wire.encode_error(error, tarea_id)
-
-    def _done(self, tarea_id: str) -> None:
-        del self._pending[tarea_id]
-        self.orchestrator._finished()
+        error = failure.value
+        if isinstance(error, Pfo3Error):
+            if error.tarea_id is None:
+                error.tarea_id = tarea_id
+            return error
+        log.failure(
+            "Task {tarea_id} ({tipo}) raised an unexpected exception",
+            failure, tarea_id=tarea_id, tipo=request.tasktype.name, peer=self.peer,
+        )
+        return InternalError("Error interno al ejecutar la tarea.", tarea_id)
 
     def _log_task(
         self, request: wire.TaskRequest, worker: Any, estado: str, started: float
@@ -351,19 +384,21 @@ class Session:
 
     def cancel_all(self, reason: Optional[Pfo3Error] = None) -> None:
         """
-        Cancel every task of this session still in flight.
+        Give up on every task of this session still in flight.
 
         @param reason: The error their clients get; L{None} to answer nothing
             (the connection is gone).
         """
-        for tarea_id, d in list(self._pending.items()):
-            if reason is not None:
-                self._cancel_reasons[tarea_id] = type(reason)(reason.mensaje, tarea_id)
-            d.cancel()
+        for task in list(self._pending.values()):
+            if not task.done:
+                why = None
+                if reason is not None:
+                    why = type(reason)(reason.mensaje, task.request.tarea_id)
+                self._give_up(task, why)
 
     def close(self) -> None:
         """
-        The connection is gone: cancel its tasks and drop their results.
+        The connection is gone: give up on its tasks, answering nothing.
         """
         self.closed = True
         self.cancel_all()

@@ -1,9 +1,12 @@
 """
 Framing: the line protocol that carries requests and replies.
 
-L{TaskProtocol} splits the byte stream into lines, hands each to its
-connection's L{pfo3.orchestrator.Session} and writes the reply lines, in the
-order the tasks finish.  It keeps memory bounded in both directions: it stops
+L{TaskProtocol} splits the byte stream into lines, decodes each with
+L{pfo3.wire}, hands the request to its connection's
+L{pfo3.orchestrator.Session} and writes the replies, in the order the tasks
+finish.  When the client ends its input (C{shutdown(SHUT_WR)}, C{nc -N}) or
+the server shuts down, the connection finishes the tasks in flight, writes
+their replies and only then closes.  It keeps memory bounded in both directions: it stops
 reading while the connection has C{max_inflight} tasks in flight or while the
 transport's write buffer is full (it is the transport's push producer), and a
 line longer than C{max_line} is answered with an error and skipped without
@@ -14,16 +17,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, List, Optional, Set
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3 import wire
-from pfo3.errors import LineTooLong
+from pfo3.errors import InternalError, LineTooLong, Pfo3Error
 from pfo3.orchestrator import Orchestrator, Session
 
 log = Logger(namespace="pfo3")
@@ -35,7 +40,7 @@ DEFAULT_MAX_INFLIGHT = 1000
 _TOO_LONG = None
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class TaskProtocol(LineOnlyReceiver):
     """
     One client connection: JSON lines in, JSON lines out.
@@ -58,6 +63,8 @@ class TaskProtocol(LineOnlyReceiver):
         self._discarding = False
         self._write_paused = False
         self._read_paused = False
+        self._input_done = False
+        self._finishing = False
 
     # -- connection life ----------------------------------------------------
 
@@ -72,6 +79,39 @@ class TaskProtocol(LineOnlyReceiver):
         self.session.close()
         self.factory._lost(self)
 
+    def readConnectionLost(self) -> None:
+        """
+        The client ended its input: a last line without its C{\\n} still
+        counts; then answer every task and close.
+        """
+        if self._input_done:
+            return
+        self._input_done = True
+        if self._discarding:
+            self._held.append(_TOO_LONG)
+        elif self._buffer:
+            self._held.append(self._buffer)
+        self._buffer = b""
+        self._discarding = False
+        self.finish()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Nothing more can be written: no reply can be given.
+        """
+        self.transport.loseConnection()
+
+    def finish(self) -> None:
+        """
+        Read no more; close once every line already received is answered.
+        """
+        self._finishing = True
+        self._drive()
+
+    def _finish_if_done(self) -> None:
+        if self._finishing and not self._held and not self.session.inflight:
+            self.close()
+
     def close(self) -> None:
         """
         Close the connection once the replies already written are sent.
@@ -84,6 +124,19 @@ class TaskProtocol(LineOnlyReceiver):
             return
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def is_idle(self, since: float) -> bool:
+        """
+        @return: Whether nothing happened on this connection since C{since}:
+            no task in flight, nothing received or answered meanwhile, and
+            the server waiting for the client to send (not paused because
+            the client does not read its replies: that client is slow, not
+            idle).
+        """
+        return (
+            self.last_active <= since and not self.session.inflight and not self._held
+            and not self._read_paused and not self.transport.disconnecting
+        )
 
     def _peer(self) -> str:
         peer = self.transport.getPeer()
@@ -145,6 +198,7 @@ class TaskProtocol(LineOnlyReceiver):
         held = self._held
         out = self._out
         session = self.session
+        registry = session.orchestrator.registry
         limit = self.max_inflight
         max_length = self.MAX_LENGTH
         i = 0
@@ -167,11 +221,14 @@ class TaskProtocol(LineOnlyReceiver):
                     continue
                 if not line or line.isspace():
                     continue
-                reply = session.handle(line)
-                if isinstance(reply, bytes):
-                    out.append(reply)
-                else:
-                    reply.addCallbacks(self._reply, self._reply_failed)
+                try:
+                    reply = session.handle(wire.decode_request(line, registry))
+                    if type(reply) is Deferred:
+                        reply.addCallbacks(self._reply, self._reply_failed)
+                    else:
+                        out.append(wire.encode_reply(reply))  # type: ignore[arg-type]
+                except Pfo3Error as e:
+                    out.append(self._error_line(e))
         finally:
             del held[:i]
             self._driving = False
@@ -179,32 +236,62 @@ class TaskProtocol(LineOnlyReceiver):
                 self._out = []
                 self.transport.write(b"".join(out))
         self._update_reading()
+        if self._finishing:
+            self._finish_if_done()
 
     def _update_reading(self) -> None:
-        want_pause = bool(self._held) or self._write_paused or (
+        if self._input_done or not self.connected:
+            return  # a transport that saw the end of input must not read again
+        want_pause = self._finishing or bool(self._held) or self._write_paused or (
             self.session.inflight >= self.max_inflight
         )
-        if want_pause != self._read_paused and self.connected:
+        if want_pause != self._read_paused:
             self._read_paused = want_pause
             if want_pause:
                 self.transport.pauseProducing()
             else:
                 self.transport.resumeProducing()
 
+    def _error_line(self, error: Pfo3Error) -> bytes:
+        """
+        The one place where errors become lines; an internal error's cause
+        is logged here with its traceback.
+        """
+        cause = error.__cause__
+        if isinstance(error, InternalError) and cause is not None:
+            log.failure(
+                "Task {tarea_id}: unexpected exception",
+                Failure(cause, type(cause), cause.__traceback__),
+                tarea_id=error.tarea_id, peer=self.session.peer,
+            )
+        return wire.encode_error(error)
+
     # -- output -----------------------------------------------------------------
 
-    def _reply(self, line: Optional[bytes]) -> None:
-        self.last_active = self.factory.clock.seconds()
-        if line is not None and self.connected:
-            if self._driving:
-                self._out.append(line)
-            else:
-                self.transport.write(line)
-        if self._read_paused and not self._driving:
-            self._drive()
+    def _reply(self, reply: wire.Reply) -> None:
+        try:
+            line = wire.encode_reply(reply)
+        except Pfo3Error as e:
+            line = self._error_line(e)
+        self._write(line)
 
     def _reply_failed(self, failure: Failure) -> None:
-        log.failure("Could not deliver a reply to {peer}", failure, peer=self.session.peer)
+        error = failure.value
+        if not isinstance(error, Pfo3Error):
+            log.failure("Unexpected failure of a task", failure, peer=self.session.peer)
+            error = InternalError("Error interno al ejecutar la tarea.")
+        self._write(self._error_line(error))
+
+    def _write(self, line: bytes) -> None:
+        self.last_active = self.factory.clock.seconds()
+        if not self.connected:
+            return
+        if self._driving:
+            self._out.append(line)
+            return
+        self.transport.write(line)
+        if self._read_paused or self._finishing:
+            self._drive()
 
 
 if TYPE_CHECKING:
@@ -255,49 +342,66 @@ class TaskFactory(_FactoryBase):
         if not self.protocols and self._all_closed:
             waiters, self._all_closed = self._all_closed, []
             for d in waiters:
-                d.callback(None)
+                if not d.called:  # not cancelled by a timeout
+                    d.callback(None)
 
     def close_idle(self) -> int:
         """
-        Close the connections that have been idle for C{idle_timeout}: no
-        task in flight, nothing received or answered meanwhile, and the
-        server waiting for the client to send (not paused because the client
-        does not read its replies: that client is slow, not idle).
+        Close the connections idle for C{idle_timeout} (see
+        L{TaskProtocol.is_idle}).
 
         @return: How many were closed.
         """
         if not self.idle_timeout:
             return 0
         cutoff = self.clock.seconds() - self.idle_timeout
-        idle = [
-            p for p in self.protocols
-            if p.last_active <= cutoff and not p.session.inflight and not p._held
-            and not p._read_paused and not p.transport.disconnecting
-        ]
+        idle = [p for p in self.protocols if p.is_idle(cutoff)]
         for p in idle:
             log.info("Closing connection from {peer}: idle for {idle_timeout}s",
                      peer=p.session.peer, idle_timeout=self.idle_timeout)
             p.close()
         return len(idle)
 
-    def close_all(self, timeout: float = 5.0) -> Deferred[None]:
+    def finish_all(self) -> Deferred[None]:
         """
-        Close every connection once its pending output is written.
+        Ask every connection to finish: read no more, answer what it has
+        received, write the replies, then close.
 
-        @param timeout: Seconds to wait for clients to take their last
-            replies; connections still open then are aborted.
         @return: A Deferred that fires once every connection is closed.
         """
         for p in list(self.protocols):
-            p.close()
+            p.finish()
+        return self.closed()
+
+    def closed(self) -> Deferred[None]:
+        """
+        @return: A Deferred that fires once no connection is open.
+        """
         if not self.protocols:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._all_closed.append(d)
+        return d
 
-        def abort(f: Failure) -> None:
-            f.trap(TimeoutError)
-            for p in list(self.protocols):
-                p.transport.abortConnection()
+    def abort_all(self) -> None:
+        """
+        Drop every connection now, written or not.
+        """
+        for p in list(self.protocols):
+            p.transport.abortConnection()
 
-        return d.addTimeout(timeout, self.clock).addErrback(abort)
+
+def _half_close_through_proxy(wrapper: HAProxyProtocolWrapper) -> Optional[IHalfCloseableProtocol]:
+    """
+    The protocol behind a C{haproxy:} endpoint's wrapper, when it handles
+    half-closed connections.
+
+    The wrapper does not declare L{IHalfCloseableProtocol} itself, so a
+    client's end of input (which HAProxy passes on) would close the whole
+    connection before the replies are written.  With this adapter the
+    transport hands C{readConnectionLost} to the L{TaskProtocol} behind it.
+    """
+    return IHalfCloseableProtocol(wrapper.wrappedProtocol, None)
+
+
+registerAdapter(_half_close_through_proxy, HAProxyProtocolWrapper, IHalfCloseableProtocol)

@@ -5,7 +5,9 @@ The server as a Twisted service, with a graceful stop.
 from __future__ import annotations
 
 import gc
-from typing import Any, Optional
+import signal
+import threading
+from typing import Any, Dict, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
@@ -13,35 +15,41 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pfo3.executor import IExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import TaskFactory
 
 log = Logger(namespace="pfo3")
 
+#: Seconds that clients get to take their last replies once every task has
+#: been answered or cancelled; connections still open then are dropped.
+CLOSE_GRACE = 5.0
+
 
 class TaskServerService(MultiService):
     """
-    The listening endpoints (child services), the thread pool and the
+    The listening endpoints (child services), the executor and the
     orchestrator of one pfo3 server.
 
     Stopping it (SIGTERM, SIGINT or C{reactor.stop()} under C{twistd}) stops
-    accepting connections, refuses new tasks with C{apagando}, lets the tasks
-    in flight finish and deliver their replies for up to C{shutdown_timeout}
-    seconds, cancels what is left (those clients get C{apagando}), closes the
-    connections once their last replies are written, and stops the thread
-    pool (unless blocking tasks are still running on it: joining it would
-    wait for them without limit).
+    accepting connections and refuses new tasks with C{apagando}; every
+    connection finishes the tasks it has in flight, writes their replies and
+    closes.  Tasks still running after C{shutdown_timeout} seconds, or at
+    once on a second SIGTERM/SIGINT, are cancelled (those clients get
+    C{apagando}).  Then the executor stops.
     """
 
     def __init__(
         self,
         factory: TaskFactory,
-        threadpool: Any,
+        executor: IExecutor,
         clock: Any,
         shutdown_timeout: float = 10.0,
         gc_threshold: int = 0,
+        handle_signals: bool = False,
     ) -> None:
         """
+        @param executor: Started with the service and stopped last.
         @param gc_threshold: When positive, tune the process's garbage
             collector at start: freeze the objects that exist once the server
             is set up (imports, configuration), so full collections no longer
@@ -51,22 +59,28 @@ class TaskServerService(MultiService):
             trigger full collections that walk every live object: on a burst
             of 10,000 sleeps that was a third of a second of pauses
             (C{docs/execution.md}).  C{0} leaves the collector alone.
+        @param handle_signals: While stopping, take over SIGTERM and SIGINT
+            (in the main thread only): a second one cancels the tasks still
+            running at once instead of stopping the reactor a second time.
         """
         super().__init__()
         self.factory = factory
         self.orchestrator: Orchestrator = factory.orchestrator
-        self.threadpool = threadpool
+        self.executor = executor
         self.clock = clock
         self.shutdown_timeout = shutdown_timeout
-        self._sweeper: Optional[LoopingCall] = None
         self.gc_threshold = gc_threshold
+        self.handle_signals = handle_signals
+        self._sweeper: Optional[LoopingCall] = None
+        self._saved_handlers: Dict[int, Any] = {}
+        self._hurried = False
 
     def startService(self) -> None:
         if self.gc_threshold > 0:
             gc.collect()
             gc.freeze()
             gc.set_threshold(self.gc_threshold, *gc.get_threshold()[1:])
-        self.threadpool.start()
+        self.executor.start()
         super().startService()
         idle = self.factory.idle_timeout
         if idle:
@@ -77,53 +91,100 @@ class TaskServerService(MultiService):
         log.info(
             "pfo3 started: {workers} worker threads, task timeout {timeout}s, "
             "task types: {tipos}",
-            workers=self.threadpool.max, timeout=orch.timeout,
+            workers=self.executor.workers, timeout=orch.timeout,
             tipos=", ".join(t.name for t in orch.registry),
         )
 
     def stopService(self) -> Deferred[None]:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        self._take_signals()
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._drain())
-        d.addBoth(self._close)
+        d.addBoth(self._stop_executor)
         return d
 
     def _drain(self) -> Deferred[None]:
         orch = self.orchestrator
+        orch.drain()
         if orch.active:
             log.info(
                 "pfo3 stopping: waiting up to {deadline}s for {active} tasks in flight",
                 deadline=self.shutdown_timeout, active=orch.active,
             )
-        d = orch.drain()
+        d = self.factory.finish_all()
         d.addTimeout(self.shutdown_timeout, self.clock)
+        return d.addErrback(self._late)
 
-        def late(f: Failure) -> None:
+    def _late(self, f: Failure) -> Deferred[None]:
+        f.trap(TimeoutError)
+        self._cancel_remaining(f"after {self.shutdown_timeout:g}s")
+        return self._closed_within_grace()
+
+    def _cancel_remaining(self, when: str) -> None:
+        orch = self.orchestrator
+        if orch.active:
+            log.warn(
+                "pfo3 stopping: cancelling {active} tasks still running {when}",
+                active=orch.active, when=when,
+            )
+        orch.cancel_all()
+
+    def _closed_within_grace(self) -> Deferred[None]:
+        d = self.factory.closed()
+        d.addTimeout(CLOSE_GRACE, self.clock)
+
+        def abort(f: Failure) -> None:
             f.trap(TimeoutError)
             log.warn(
-                "pfo3 stopping: cancelling {active} tasks still running after {deadline}s",
-                active=orch.active, deadline=self.shutdown_timeout,
+                "pfo3 stopping: dropping {n} connections that did not take their "
+                "last replies", n=len(self.factory.protocols),
             )
-            orch.cancel_all()
+            self.factory.abort_all()
 
-        return d.addErrback(late)
+        return d.addErrback(abort)
 
-    def _close(self, result: Any) -> Deferred[Any]:
-        # Wait for the connections to close: the reactor's own shutdown would
-        # drop them with their last replies still unwritten.
-        d = self.factory.close_all()
-        return d.addCallback(self._finish, result)
-
-    def _finish(self, ignored: None, result: Any) -> Any:
-        stuck = getattr(self.orchestrator.executor, "running", 0)
-        if stuck:
-            # Joining the pool would wait for them without limit.
+    def _stop_executor(self, result: Any) -> Deferred[Any]:
+        executor = self.executor
+        if executor.running:
             log.warn(
                 "pfo3 stopping: not waiting for {stuck} blocking tasks still running",
-                stuck=stuck,
+                stuck=executor.running,
             )
-        else:
-            self.threadpool.stop()
+        d: Deferred[Any] = maybeDeferred(executor.stop)
+        return d.addBoth(self._stopped, result)
+
+    def _stopped(self, ignored: Any, result: Any) -> Any:
+        self._give_back_signals()
         log.info("pfo3 stopped after {completed} tasks", completed=self.orchestrator.completed)
         return result
+
+    # -- a second SIGTERM/SIGINT while stopping ----------------------------------
+
+    def _take_signals(self) -> None:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _give_back_signals(self) -> None:
+        saved, self._saved_handlers = self._saved_handlers, {}
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(self.hurry)  # type: ignore[attr-defined]
+
+    def hurry(self) -> None:
+        """
+        Stop waiting for the tasks in flight: cancel them now (their clients
+        get C{apagando}).  What a second SIGTERM or SIGINT does while the
+        server stops.
+        """
+        if self._hurried:
+            return
+        self._hurried = True
+        log.info("pfo3 stopping: second signal, not waiting for tasks in flight")
+        self._cancel_remaining("(second signal)")

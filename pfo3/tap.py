@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.python import usage
 
@@ -17,6 +17,27 @@ from pfo3.service import TaskServerService
 from pfo3.tasks import default_registry
 
 DEFAULT_PORT = "tcp:9000"
+
+#: Listen queue length given to tcp:, ssl: and unix: endpoints that do not
+#: set their own.  Twisted's default (50) makes a burst of a few hundred
+#: connects wait for SYN retries; Linux caps it at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    @return: C{description} with C{backlog=N} added, when it names an
+        endpoint that takes one (also inside C{haproxy:}) and sets none.
+    """
+    kind, sep, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy" and sep:
+        return f"{kind}:{with_backlog(rest, backlog)}"
+    if kind in _BACKLOG_TYPES and "backlog=" not in rest:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 class Options(usage.Options):
@@ -61,6 +82,9 @@ class Options(usage.Options):
          "collector's reach and run its youngest generation every N "
          "allocations (Python's default is 700); fewer full collections while "
          "many tasks are in flight. 0 leaves the collector as Python sets it.", int],
+        ["backlog", None, DEFAULT_BACKLOG,
+         "Listen queue length for tcp:, ssl: and unix: endpoints that set no "
+         "backlog= of their own (the kernel caps it at net.core.somaxconn).", int],
         ["log-tasks", None, 0,
          "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
          "every N-th task; 0 logs none, 1 logs all.", int],
@@ -90,7 +114,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
-        for name in ("workers", "max-line", "max-inflight", "max-tasks"):
+        for name in ("workers", "max-line", "max-inflight", "max-tasks", "backlog"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
         for name in ("timeout", "shutdown-timeout"):
@@ -106,7 +130,7 @@ class Options(usage.Options):
 
         for description in self["ports"]:
             try:
-                endpoints.serverFromString(reactor, description)
+                endpoints.serverFromString(reactor, with_backlog(description, self["backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
 
@@ -134,8 +158,11 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"]
     )
     service = TaskServerService(
-        factory, threadpool, reactor, options["shutdown-timeout"], options["gc-threshold"]
+        factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],
+        handle_signals=True,
     )
     for description in options["ports"]:
-        strports.service(description, factory, reactor=reactor).setServiceParent(service)
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(description, options["backlog"]))
+        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
     return service

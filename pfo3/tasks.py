@@ -19,6 +19,7 @@ entry point in the C{pfo3.tasks} group whose object is a L{TaskType}.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -28,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pfo3.errors import InvalidContent, MissingContent, UnknownType
+from pfo3.errors import InvalidContent, MissingContent, UnknownType, echo
 
 INLINE = "inline"
 THREAD = "thread"
@@ -80,10 +81,29 @@ class TaskType:
     duration: Optional[Callable[[Any], float]] = None
 
     def __post_init__(self) -> None:
+        # Checked here, at registration, so that a plugin with a wrong field
+        # is skipped at start instead of breaking C{{"op": "tipos"}} later.
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if not self.name or self.name != self.name.strip().lower():
-            raise ValueError(f"name must be lower-case and trimmed: {self.name!r}")
+        if not isinstance(self.name, str) or not self.name or (
+            self.name != self.name.strip().lower()
+        ):
+            raise ValueError(f"name must be a lower-case, trimmed text: {self.name!r}")
+        if type(self.code) is not int:
+            raise ValueError(f"task type {self.name!r}: code must be an int, not {self.code!r}")
+        if not isinstance(self.aliases, tuple) or not all(
+            isinstance(a, str) and a.strip() for a in self.aliases
+        ):
+            raise ValueError(
+                f"task type {self.name!r}: aliases must be a tuple of non-empty texts"
+            )
+        if not isinstance(self.description, str):
+            raise ValueError(f"task type {self.name!r}: description must be a text")
+        for field in ("run", "validate"):
+            if not callable(getattr(self, field)):
+                raise ValueError(f"task type {self.name!r}: {field} must be callable")
+        if self.duration is not None and not callable(self.duration):
+            raise ValueError(f"task type {self.name!r}: duration must be callable or None")
 
     def describe(self) -> Dict[str, Any]:
         """
@@ -142,12 +162,12 @@ class TaskRegistry:
                 found = self._keys.get(tipo.strip().lower())
             if found is not None:
                 return found
-            raise UnknownType(f"Tipo de tarea desconocido: {tipo!r}. " + self._hint())
+            raise UnknownType(f"Tipo de tarea desconocido: {echo(tipo)}. " + self._hint())
         if type(tipo) is int:
             found = self._keys.get(tipo)
             if found is not None:
                 return found
-            raise UnknownType(f"Código de tarea desconocido: {tipo}. " + self._hint())
+            raise UnknownType(f"Código de tarea desconocido: {echo(tipo)}. " + self._hint())
         raise UnknownType(
             "El campo 'tipo' debe ser un texto o un código entero. " + self._hint()
         )
@@ -212,22 +232,41 @@ def _text(contenido: Any) -> str:
     return contenido
 
 
+#: A number of seconds written as text: plain decimal digits (ASCII only),
+#: an optional sign and fraction; no exponent, no underscores.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+
+
 def _seconds(contenido: Any) -> float:
+    """
+    A sleep's duration: a JSON number, or a text holding a plain decimal
+    number (the seed's menu sends what the user typed), finite and not
+    negative.  Whether it fits the server's timeout is the orchestrator's
+    rule (the task must be shorter than the timeout).
+    """
     if contenido is MISSING:
         raise MissingContent("Falta el campo 'contenido' (segundos a esperar).")
     if isinstance(contenido, bool) or not isinstance(contenido, (int, float, str)):
         raise InvalidContent(
             f"'contenido' debe ser un número de segundos, no {_json_type(contenido)}."
         )
-    try:
-        seconds = float(contenido)
-    except (ValueError, OverflowError):
-        raise InvalidContent(f"'contenido' no es un número de segundos: {contenido!r}.")
+    if isinstance(contenido, str):
+        text = contenido.strip(" \t")
+        if _DECIMAL.fullmatch(text) is None:
+            raise InvalidContent(
+                f"'contenido' no es un número de segundos: {echo(contenido)}."
+            )
+        seconds = float(text)
+    else:
+        try:
+            seconds = float(contenido)
+        except OverflowError:
+            seconds = math.inf
     if math.isnan(seconds) or math.isinf(seconds):
         raise InvalidContent("'contenido' debe ser un número finito de segundos.")
     if seconds < 0:
         raise InvalidContent("'contenido' no puede ser negativo.")
-    return seconds
+    return seconds + 0.0  # -0.0 becomes 0.0
 
 
 def _json_type(value: Any) -> str:
@@ -245,7 +284,8 @@ def _json_type(value: Any) -> str:
 
 
 def _sleep(clock: IReactorTime, seconds: float) -> Deferred[str]:
-    return task.deferLater(clock, seconds, lambda: f"Esperé {seconds:g} segundos")
+    unit = "segundo" if seconds == 1 else "segundos"
+    return task.deferLater(clock, seconds, lambda: f"Esperé {seconds:g} {unit}")
 
 
 def _word_count(text: str) -> int:

@@ -32,6 +32,7 @@ from pfo3.errors import (
     NotAnObject,
     Pfo3Error,
     UnknownOperation,
+    echo,
 )
 from pfo3.tasks import MISSING, TaskRegistry, TaskType
 
@@ -41,7 +42,13 @@ MAX_TASK_ID = 256
 #: Control operations a request may name in its C{op} field.
 OPERATIONS = ("ping", "tipos")
 
-_decoder = json.JSONDecoder()
+def _no_constant(name: str) -> Any:
+    raise InvalidJSON(f"JSON inválido: {name} no es un valor de JSON estándar.")
+
+
+#: Python's JSON decoder accepts C{NaN}, C{Infinity} and C{-Infinity};
+#: standard JSON does not, and neither does pfo3.
+_decoder = json.JSONDecoder(parse_constant=_no_constant)
 _decode = _decoder.decode
 _scan: Callable[[str, int], Tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
@@ -107,6 +114,66 @@ class ControlRequest:
 Request = Union[TaskRequest, ControlRequest]
 
 
+class TaskResult:
+    """
+    The reply to a task that succeeded.
+
+    @ivar resultado: What the task returned (JSON-serialisable).
+    @ivar worker: Who ran it, as the client sees it.
+    """
+
+    __slots__ = ("tarea_id", "resultado", "worker")
+
+    def __init__(self, tarea_id: str, resultado: Any, worker: Any) -> None:
+        self.tarea_id = tarea_id
+        self.resultado = resultado
+        self.worker = worker
+
+    def __repr__(self) -> str:
+        return f"TaskResult({self.tarea_id!r}, {self.resultado!r}, {self.worker!r})"
+
+
+class ControlResult:
+    """
+    The reply to a control request.
+    """
+
+    __slots__ = ("tarea_id", "resultado")
+
+    def __init__(self, tarea_id: Optional[str], resultado: Any) -> None:
+        self.tarea_id = tarea_id
+        self.resultado = resultado
+
+    def __repr__(self) -> str:
+        return f"ControlResult({self.tarea_id!r}, {self.resultado!r})"
+
+
+#: A successful reply.  Errors travel as L{Pfo3Error} exceptions until
+#: L{encode_error} writes them.
+Reply = Union[TaskResult, ControlResult]
+
+
+_SPANISH = {
+    "Expecting value": "se esperaba un valor",
+    "Expecting property name enclosed in double quotes":
+        "se esperaba un nombre de campo entre comillas dobles",
+    "Expecting ':' delimiter": "se esperaba ':'",
+    "Expecting ',' delimiter": "se esperaba ','",
+    "Unterminated string starting at": "texto sin cerrar",
+    "Invalid control character at": "carácter de control dentro de un texto",
+    "Invalid \\escape": "secuencia de escape inválida",
+    "Invalid \\uXXXX escape": "secuencia \\uXXXX inválida",
+    "Extra data": "hay datos después del objeto",
+}
+
+
+def _spanish(msg: str) -> str:
+    """
+    The Spanish for one of L{json}'s error messages.
+    """
+    return _SPANISH.get(msg, "sintaxis incorrecta")
+
+
 def decode_request(line: bytes, registry: TaskRegistry) -> Request:
     """
     Decode and validate one request line.
@@ -123,11 +190,12 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         raise InvalidUTF8(f"La línea no es UTF-8 válido (byte {e.start}).")
     try:
         obj = _parse(text)
-    except ValueError as e:
-        msg = getattr(e, "msg", str(e))
-        col = getattr(e, "colno", None)
-        where = f" (columna {col})" if col is not None else ""
-        raise InvalidJSON(f"JSON inválido: {msg}{where}.")
+    except json.JSONDecodeError as e:
+        raise InvalidJSON(f"JSON inválido: {_spanish(e.msg)} (columna {e.colno}).")
+    except ValueError:
+        # int() refuses integers of more than sys.get_int_max_str_digits()
+        # digits (4300 by default) with a ValueError of its own.
+        raise InvalidJSON("JSON inválido: un número entero tiene demasiadas cifras.")
     except RecursionError:
         raise InvalidJSON("JSON inválido: anidamiento demasiado profundo.")
     if type(obj) is not dict:
@@ -145,7 +213,7 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         op = obj["op"]
         if op not in OPERATIONS or type(op) is not str:
             raise UnknownOperation(
-                f"Operación desconocida: {op!r}. Operaciones válidas: "
+                f"Operación desconocida: {echo(op)}. Operaciones válidas: "
                 + ", ".join(OPERATIONS) + ".",
                 tarea_id,
             )
@@ -167,6 +235,22 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         # server's fault, not the request's.  The caller logs the cause.
         raise InternalError("Error interno al validar la tarea.", tarea_id) from e
     return TaskRequest(tarea_id, tasktype, arg)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    """
+    @return: The line of a successful reply.
+    @raise InternalError: if the result cannot be written as JSON (the
+        offending exception is its C{__cause__}).
+    """
+    try:
+        if type(reply) is TaskResult:
+            return encode_ok(reply.tarea_id, reply.resultado, reply.worker)
+        return encode_control(reply.tarea_id, reply.resultado)
+    except Exception as e:
+        raise InternalError(
+            "Error interno: el resultado no se puede enviar como JSON.", reply.tarea_id
+        ) from e
 
 
 def encode_ok(tarea_id: Optional[str], resultado: Any, worker: Any) -> bytes:

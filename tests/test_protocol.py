@@ -623,7 +623,7 @@ class CancellationTests(SynchronousTestCase):
         factory.orchestrator.cancel_all()
         self.assertEqual([(r["tarea_id"], r["codigo"]) for r in replies(transport)],
                          [("t", "timeout"), ("s", "apagando")])
-        self.assertEqual(proto.session._cancel_reasons, {})
+        self.assertEqual(proto.session.inflight, 0)
         self.assertEqual(self.flushLoggedErrors(Gone), [])
 
     def test_task_failing_with_cancelled_error_by_itself_is_answered(self) -> None:

@@ -5,7 +5,7 @@ Tests for C{twistd pfo3} options, the service tree and graceful shutdown.
 from __future__ import annotations
 
 import json
-from typing import Any, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
@@ -79,7 +79,7 @@ def test_make_service_tree() -> None:
     orch = factory.orchestrator
     assert (orch.timeout, orch.log_every) == (2.5, 10)
     assert orch.executor.inline is False
-    assert service.threadpool.max == 7
+    assert service.executor.workers == 7
     assert service.gc_threshold == 10_000
     assert makeService(parse("--gc-threshold", "0"), FakeReactor()).gc_threshold == 0
 
@@ -103,7 +103,7 @@ def test_pool_threads_are_daemons() -> None:
     finally:
         pool.stop()
     assert seen == [True]
-    assert isinstance(makeService(parse(), FakeReactor()).threadpool, DaemonThreadPool)
+    assert isinstance(makeService(parse(), FakeReactor()).executor.threadpool, DaemonThreadPool)
 
 
 def test_gc_tuning_applied_at_start() -> None:
@@ -116,12 +116,14 @@ def test_gc_tuning_applied_at_start() -> None:
     saved = gc.get_threshold()
     reactor = FakeReactor()
     try:
-        untouched = TaskServerService(make_server(reactor=reactor), SynchronousThreadPool(),
+        untouched_factory = make_server(reactor=reactor)
+        untouched = TaskServerService(untouched_factory, untouched_factory.orchestrator.executor,
                                       reactor, gc_threshold=0)
         untouched.startService()
         assert gc.get_threshold() == saved
         assert gc.get_freeze_count() == 0
-        tuned = TaskServerService(make_server(reactor=reactor), SynchronousThreadPool(),
+        tuned_factory = make_server(reactor=reactor)
+        tuned = TaskServerService(tuned_factory, tuned_factory.orchestrator.executor,
                                   reactor, gc_threshold=12_345)
         tuned.startService()
         assert gc.get_threshold() == (12_345,) + saved[1:]
@@ -139,7 +141,8 @@ class ShutdownTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         self.factory: TaskFactory = make_server(reactor=self.reactor)
-        self.service = TaskServerService(self.factory, SynchronousThreadPool(), self.reactor, 5.0)
+        self.service = TaskServerService(
+            self.factory, self.factory.orchestrator.executor, self.reactor, 5.0)
         self.service.startService()
         self.proto = self.factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
@@ -191,10 +194,10 @@ class ShutdownTests(SynchronousTestCase):
 
     def test_blocking_task_still_running_does_not_hang_the_stop(self) -> None:
         """
-        A blocking task still running on the pool at the shutdown deadline is
-        answered 'apagando' and the stop completes without joining the pool
-        (which would wait for the task without limit); with no such task the
-        pool is stopped.
+        A server stopped while a blocking task runs on the pool answers it
+        'apagando' at the shutdown deadline and completes its stop without
+        stopping (joining) the pool, which would wait for the task without
+        limit; stopped after the task returned, it stops the pool.
         """
         class HoldingPool(SynchronousThreadPool):
             def __init__(self) -> None:
@@ -205,38 +208,52 @@ class ShutdownTests(SynchronousTestCase):
                                          **kwargs: Any) -> None:
                 self.held.append((onResult, f, args))
 
+            def run_held(self) -> None:
+                on_result, f, args = self.held.pop()
+                on_result(True, f(*args))
+
             def stop(self) -> None:
                 self.stopped = True
 
         from pfo3.tasks import BUILTINS, THREAD, TaskRegistry, TaskType
 
-        def stop_with(run_held: bool) -> HoldingPool:
+        def stop_with(stop_while_running: bool) -> Tuple[HoldingPool, Any, bytes, int]:
             reactor = FakeReactor()
+            seen: Dict[str, Any] = {}
+
+            def bloquea(arg: str) -> str:
+                seen["running"] = executor.running
+                if stop_while_running:
+                    seen["stopped"] = service.stopService()
+                    reactor.advance(5)  # the shutdown deadline passes meanwhile
+                    proto.connectionLost()
+                return arg.upper()
+
             factory = make_server(TaskRegistry(BUILTINS + (
-                TaskType("bloquea", 9, (), "d", str.upper, THREAD),)), reactor=reactor)
+                TaskType("bloquea", 9, (), "d", bloquea, THREAD),)), reactor=reactor)
+            executor = factory.orchestrator.executor
             pool = HoldingPool()
-            factory.orchestrator.executor.threadpool = pool
-            service = TaskServerService(factory, pool, reactor, 5.0)
+            executor.threadpool = pool
+            service = TaskServerService(factory, executor, reactor, 5.0)
             service.startService()
             proto = factory.buildProtocol(None)
             transport = StringTransport()
             proto.makeConnection(transport)
             proto.dataReceived(b'{"tarea_id": "b", "tipo": "bloquea", "contenido": "x"}\n')
-            self.assertEqual(factory.orchestrator.executor.running, 1)
-            stopped = service.stopService()
-            if run_held:
-                on_result, f, args = pool.held.pop()
-                on_result(True, f(*args))
-            reactor.advance(5)
-            proto.connectionLost()
-            self.successResultOf(stopped)
+            pool.run_held()
+            if not stop_while_running:
+                seen["stopped"] = service.stopService()
+                proto.connectionLost()
+            self.successResultOf(seen["stopped"])
             reply = json.loads(transport.value())
-            self.assertEqual(reply.get("codigo", reply["estado"]),
-                             "ok" if run_held else "apagando")
-            return pool
+            return pool, reply.get("codigo", reply["estado"]), seen["running"], executor.running
 
-        self.assertFalse(stop_with(run_held=False).stopped)
-        self.assertTrue(stop_with(run_held=True).stopped)
+        pool, answer, running_during, running_after = stop_with(stop_while_running=True)
+        self.assertEqual((pool.stopped, answer, running_during, running_after),
+                         (False, "apagando", 1, 0))
+        pool, answer, running_during, running_after = stop_with(stop_while_running=False)
+        self.assertEqual((pool.stopped, answer, running_during, running_after),
+                         (True, "ok", 1, 0))
 
     def test_sweeper_closes_idle_connections(self) -> None:
         """
@@ -245,7 +262,7 @@ class ShutdownTests(SynchronousTestCase):
         """
         reactor = FakeReactor()
         factory = make_server(reactor=reactor, idle_timeout=8)
-        service = TaskServerService(factory, SynchronousThreadPool(), reactor)
+        service = TaskServerService(factory, factory.orchestrator.executor, reactor)
         service.startService()
         proto = factory.buildProtocol(None)
         transport = StringTransport()
@@ -270,11 +287,13 @@ class ShutdownTests(SynchronousTestCase):
 
     def test_client_that_never_closes_is_aborted(self) -> None:
         """
-        A connection that does not close within the close timeout (its peer
-        reads nothing) is aborted so the stop still completes.
+        A connection that does not close within the shutdown timeout and the
+        close grace after it (its peer reads nothing) is aborted so the stop
+        still completes.
         """
         stopped = self.service.stopService()
-        self.reactor.advance(4.9)
+        self.reactor.advance(5)  # the shutdown timeout: nothing to cancel
+        self.reactor.advance(4.9)  # most of the close grace
         self.assertNoResult(stopped)
         self.reactor.advance(0.1)
         self.assertTrue(self.transport.disconnected)
