@@ -125,7 +125,7 @@ def test_replies_in_completion_order_reach_their_own_deferreds() -> None:
     pump.flush()
     assert fired == ["fast", "medium", "slow"]
     assert result_of(ds["fast"])["resultado"] == "zyx"
-    assert result_of(ds["medium"])["resultado"] == "Esperé 1 segundos"
+    assert result_of(ds["medium"])["resultado"] == "Esperé 1 segundo"
     assert result_of(ds["slow"])["resultado"] == "Esperé 2 segundos"
 
 
@@ -215,7 +215,7 @@ def test_duplicate_pending_tarea_id_fails_fast_without_sending() -> None:
     assert transport.stream == before
     reactor.advance(1)
     pump.flush()
-    assert result_of(first)["resultado"] == "Esperé 1 segundos"
+    assert result_of(first)["resultado"] == "Esperé 1 segundo"
     third = client.submit("uppercase", "x", tarea_id="dup")
     pump.flush()
     assert result_of(third)["resultado"] == "X"

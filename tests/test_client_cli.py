@@ -450,7 +450,7 @@ def test_batch_prints_one_reply_per_task() -> None:
     assert s.drive(batch.done) == 0
     replies = [json.loads(x) for x in s.stdout.getvalue().splitlines()]
     assert sorted(str(r["resultado"]) for r in replies) == sorted(
-        ["cba", "HOLA MUNDO", "3", "Esperé 1 segundos"])
+        ["cba", "HOLA MUNDO", "3", "Esperé 1 segundo"])
     assert "j1" in {r["tarea_id"] for r in replies}
     assert s.stderr.getvalue() == ""
 
