@@ -119,10 +119,15 @@ class TaskProtocol(LineOnlyReceiver):
         The protocol stops being the transport's producer first: a transport
         with a registered producer does not finish closing (TLS waits for it
         to unregister; TCP asks a paused producer for more data instead).
+        Reading resumes too: TLS closes only once it reads the client's
+        answer to its close_notify.
         """
         if self.transport.disconnecting:
             return
         self.transport.unregisterProducer()
+        if self._read_paused and not self._input_done:
+            self._read_paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def is_idle(self, since: float) -> bool:
@@ -242,7 +247,7 @@ class TaskProtocol(LineOnlyReceiver):
     def _update_reading(self) -> None:
         if self._input_done or not self.connected:
             return  # a transport that saw the end of input must not read again
-        want_pause = self._finishing or bool(self._held) or self._write_paused or (
+        want_pause = bool(self._held) or self._write_paused or (
             self.session.inflight >= self.max_inflight
         )
         if want_pause != self._read_paused:
