@@ -39,7 +39,7 @@ sys.path.insert(0, HERE)
 
 import profile_summary  # noqa: E402
 import report  # noqa: E402
-from systems import REPO, SYSTEMS, System, by_name  # noqa: E402
+from systems import REPO, SYSTEMS, System, baseline, by_name  # noqa: E402
 
 #: (connections, requests in flight per connection) per load level.
 LEVELS: List[Tuple[int, int]] = [(1, 1), (16, 8), (64, 8), (256, 8)]
@@ -405,6 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results", "latest.json"))
     parser.add_argument("--markdown", default=os.path.join(REPO, "docs", "benchmarks.md"))
     parser.add_argument("--chart", default=os.path.join(REPO, "docs", "benchmarks.png"))
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="also run pfo3 from this other checkout (e.g. a worktree of an "
+                             "earlier commit) as system 'pfo3-base', for before/after ratios")
     parser.add_argument("--render-only", action="store_true",
                         help="only re-render the report from --results")
     args = parser.parse_args(argv)
@@ -418,6 +421,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     duration = args.duration or (2.0 if args.quick else 4.0)
     skip = {x for x in args.skip.split(",") if x}
     systems = by_name([x for x in args.systems.split(",") if x])
+    if args.baseline:
+        systems.insert(1, baseline(args.baseline))
     unavailable = {}
     for s in list(systems):
         why = s.available()

@@ -117,6 +117,26 @@ FLOOR = System(
 SYSTEMS: List[System] = [PFO3, PFO3_POOL, SEED, FLOOR]
 
 
+def baseline(checkout: str) -> System:
+    """
+    pfo3 as another checkout of it has it (an earlier commit), run exactly
+    like L{PFO3}: the same interpreter and Twisted, its own C{pfo3} package
+    and plugin first on the path.  For before/after comparisons in one run.
+    """
+    checkout = os.path.abspath(checkout)
+
+    def missing() -> Optional[str]:
+        if not os.path.exists(os.path.join(checkout, "pfo3", "tap.py")):
+            return f"no pfo3 checkout at {checkout}"
+        return None
+
+    return System(
+        "pfo3-base", "pfo3 (baseline)",
+        f"pfo3 in local mode on its defaults, from the checkout at `{checkout}`.",
+        _pfo3, env={"PYTHONPATH": checkout}, available=missing, idle_memory=False,
+    )
+
+
 def by_name(names: List[str]) -> List[System]:
     """
     @raise KeyError: for an unknown name.

@@ -111,20 +111,14 @@ class LocalExecutor:
         self._local = threading.local()
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._running = 0
-        self._abandoned = 0
+        # Plain attributes, written under the lock by pool threads: the
+        # orchestrator reads C{abandoned} for every task.
+        self.running = 0
+        self.abandoned = 0
 
     @property
     def workers(self) -> int:
         return int(self.threadpool.max)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def abandoned(self) -> int:
-        return self._abandoned
 
     def start(self) -> None:
         self.threadpool.start()
@@ -135,7 +129,7 @@ class LocalExecutor:
         it: joining it would wait for them without limit (its threads do
         not keep the process alive, see L{DaemonThreadPool}).
         """
-        if not self._running:
+        if not self.running:
             self.threadpool.stop()
         return succeed(None)
 
@@ -166,14 +160,14 @@ class LocalExecutor:
         with self._lock:
             job.cancelled = True
             if job.started:
-                self._abandoned += 1
+                self.abandoned += 1
 
     def _in_thread(self, job: _Job) -> Optional[Outcome]:
         with self._lock:
             if job.cancelled:
                 return None
             job.started = True
-            self._running += 1
+            self.running += 1
         try:
             number = getattr(self._local, "number", None)
             if number is None:
@@ -181,9 +175,9 @@ class LocalExecutor:
             return job.func(job.arg), number
         finally:
             with self._lock:
-                self._running -= 1
+                self.running -= 1
                 if job.cancelled:
-                    self._abandoned -= 1
+                    self.abandoned -= 1
 
 
 def _deliver(d: Deferred[Outcome], ok: bool, result: Any) -> None:
