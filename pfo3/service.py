@@ -26,6 +26,13 @@ log = Logger(namespace="pfo3")
 CLOSE_GRACE = 5.0
 
 
+def count(n: int, noun: str) -> str:
+    """
+    @return: C{"1 task"}, C{"2 tasks"}: a number with its noun, for logs.
+    """
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class TaskServerService(MultiService):
     """
     The listening endpoints (child services), the executor and the
@@ -109,8 +116,9 @@ class TaskServerService(MultiService):
         orch.drain()
         if orch.active:
             log.info(
-                "pfo3 stopping: waiting up to {deadline}s for {active} tasks in flight",
+                "pfo3 stopping: waiting up to {deadline}s for {tasks} in flight",
                 deadline=self.shutdown_timeout, active=orch.active,
+                tasks=count(orch.active, "task"),
             )
         d = self.factory.finish_all()
         d.addTimeout(self.shutdown_timeout, self.clock)
@@ -125,8 +133,8 @@ class TaskServerService(MultiService):
         orch = self.orchestrator
         if orch.active:
             log.warn(
-                "pfo3 stopping: cancelling {active} tasks still running {when}",
-                active=orch.active, when=when,
+                "pfo3 stopping: cancelling {tasks} still running {when}",
+                active=orch.active, when=when, tasks=count(orch.active, "task"),
             )
         orch.cancel_all()
 
@@ -137,8 +145,9 @@ class TaskServerService(MultiService):
         def abort(f: Failure) -> None:
             f.trap(TimeoutError)
             log.warn(
-                "pfo3 stopping: dropping {n} connections that did not take their "
+                "pfo3 stopping: dropping {connections} that did not take their "
                 "last replies", n=len(self.factory.protocols),
+                connections=count(len(self.factory.protocols), "connection"),
             )
             self.factory.abort_all()
 
@@ -148,15 +157,17 @@ class TaskServerService(MultiService):
         executor = self.executor
         if executor.running:
             log.warn(
-                "pfo3 stopping: not waiting for {stuck} blocking tasks still running",
-                stuck=executor.running,
+                "pfo3 stopping: not waiting for {tasks} still running",
+                stuck=executor.running, tasks=count(executor.running, "blocking task"),
             )
         d: Deferred[Any] = maybeDeferred(executor.stop)
         return d.addBoth(self._stopped, result)
 
     def _stopped(self, ignored: Any, result: Any) -> Any:
         self._give_back_signals()
-        log.info("pfo3 stopped after {completed} tasks", completed=self.orchestrator.completed)
+        completed = self.orchestrator.completed
+        log.info("pfo3 stopped after {tasks}", completed=completed,
+                 tasks=count(completed, "task"))
         return result
 
     # -- a second SIGTERM/SIGINT while stopping ----------------------------------

@@ -117,8 +117,8 @@ def test_sigterm_lets_tasks_finish(server: RunningServer) -> None:
     assert c.sock.recv(10) == b""
     assert server.proc.wait(10) == -signal.SIGTERM
     log = server.log.read_text()
-    assert "waiting up to 10.0s for 1 tasks in flight" in log
-    assert "pfo3 stopped after 1 tasks" in log and "Server Shut Down." in log
+    assert "waiting up to 10.0s for 1 task in flight" in log
+    assert "pfo3 stopped after 1 task" in log and "Server Shut Down." in log
 
 
 def test_dropped_client_is_not_leaked(server: RunningServer) -> None:
