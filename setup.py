@@ -8,9 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["pfo3", "twisted.plugins"],
+    packages=["pfo3", "pfo3.amqp", "twisted.plugins"],
     package_data={"pfo3": ["py.typed"], "twisted": ["plugins/pfo3_plugin.py"]},
-    install_requires=["twisted[tls]>=22.10"],
+    install_requires=[
+        "twisted[tls]>=22.10",
+        # The AMQP client of the distributed mode (docs/distributed.md).
+        "pika>=1.3.2,<1.5",
+    ],
     extras_require={
         "test": [
             "pytest>=7",

@@ -143,6 +143,25 @@ class ShuttingDown(Pfo3Error):
     codigo = "apagando"
 
 
+class BrokerUnavailable(Pfo3Error):
+    """
+    Distributed mode: the broker is not reachable (or did not confirm the
+    task), so the task was not queued.  Retry in a moment.
+    """
+
+    codigo = "broker_no_disponible"
+
+
+class DeliveryLimit(Pfo3Error):
+    """
+    Distributed mode: the task was delivered to workers as many times as
+    allowed without finishing (each one stopped while running it), so it was
+    set aside instead of being tried again.
+    """
+
+    codigo = "reintentos_agotados"
+
+
 class TaskFailed(Pfo3Error):
     """
     A task refused its input or failed in a way it chose to explain.

@@ -10,7 +10,9 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from pfo3.executor import DaemonThreadPool, LocalExecutor
+from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
+from pfo3.amqp.tap import topology as broker_topology
+from pfo3.executor import DaemonThreadPool, IExecutor, LocalExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
@@ -90,6 +92,13 @@ class Options(usage.Options):
          "every N-th task; 0 logs none, 1 logs all.", int],
     ]
 
+    optParameters += [
+        ["broker", "b", None,
+         "Distributed mode: publish tasks to this RabbitMQ (amqp://USER:PASSWORD@"
+         "HOST:5672/VHOST) for 'twistd pfo3-worker' processes to run, instead of "
+         "running them here."],
+    ] + BROKER_PARAMETERS
+
     optFlags: List[List[Optional[str]]] = [
         ["no-inline", None,
          "Run the cheap built-in text tasks on the thread pool too, instead "
@@ -126,6 +135,8 @@ class Options(usage.Options):
             raise usage.UsageError("--gc-threshold must be 0 or more")
         if self["log-tasks"] < 0:
             raise usage.UsageError("--log-tasks must be 0 or more")
+        if self["broker"]:
+            check_broker(self)
         from twisted.internet import reactor
 
         for description in self["ports"]:
@@ -146,8 +157,16 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
 
         reactor = global_reactor
     registry = default_registry(entry_points=not options["no-plugins"])
-    threadpool = DaemonThreadPool(minthreads=0, maxthreads=options["workers"], name="pfo3")
-    executor = LocalExecutor(reactor, threadpool, inline=not options["no-inline"])
+    executor: IExecutor
+    if options["broker"]:
+        from pfo3.amqp.executor import AMQPExecutor
+
+        executor = AMQPExecutor.from_url(
+            reactor, options["broker"], broker_topology(options), options["timeout"])
+    else:
+        threadpool = DaemonThreadPool(
+            minthreads=0, maxthreads=options["workers"], name="pfo3")
+        executor = LocalExecutor(reactor, threadpool, inline=not options["no-inline"])
     orchestrator = Orchestrator(
         registry, executor, reactor,
         timeout=options["timeout"],

@@ -1,0 +1,368 @@
+"""
+The connection to RabbitMQ, and the small channel interface the executor
+and the worker use.
+
+L{IChannel} is the seam: L{PikaChannel} implements it over pika's Twisted
+adapter, and L{pfo3.testing.MemoryBroker} in memory for unit tests.
+L{Broker} is a service that keeps one connection up: it reconnects with
+backoff (L{ClientService}) whenever the connection is lost or cannot be
+made, declares the topology each time, and tells its user (the executor or
+the worker) when a channel is ready and when it is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+from urllib.parse import urlsplit
+
+import pika
+from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from pfo3.amqp.topology import Topology
+
+log = Logger(namespace="pfo3.amqp")
+
+
+class Delivery:
+    """
+    A message delivered to a consumer.
+    """
+
+    __slots__ = ("tag", "body", "correlation_id", "reply_to", "headers", "redelivered")
+
+    def __init__(
+        self, tag: int, body: bytes, correlation_id: Optional[str], reply_to: Optional[str],
+        headers: Optional[Dict[str, Any]], redelivered: bool,
+    ) -> None:
+        self.tag = tag
+        self.body = body
+        self.correlation_id = correlation_id
+        self.reply_to = reply_to
+        self.headers = headers or {}
+        self.redelivered = redelivered
+
+
+class IChannel(Interface):
+    """
+    What the distributed mode needs of an AMQP channel in confirm mode.
+    """
+
+    def publish(
+        routing_key: str, body: bytes, correlation_id: str,  # noqa: N805
+        reply_to: Optional[str] = None, expiration: Optional[float] = None,
+        persistent: bool = True, exchange: str = "",
+    ) -> Deferred[None]:
+        """
+        Publish a message.
+
+        @param expiration: Seconds after which the broker drops it.
+        @return: A Deferred firing once the broker confirmed it; failing if
+            the broker refused it (a full queue), could not route it, or the
+            channel closed first.
+        """
+
+    def consume(queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:  # noqa: N805
+        """
+        Start consuming C{queue}; C{on_message} gets each delivery.
+
+        @return: A Deferred firing with the consumer tag.
+        """
+
+    def cancel(consumer_tag: str) -> Deferred[None]:  # noqa: N805
+        """
+        Stop a consumer.
+        """
+
+    def ack(tag: int) -> None:  # noqa: N805
+        """
+        Acknowledge a delivery.
+        """
+
+    def reject(tag: int, requeue: bool) -> None:  # noqa: N805
+        """
+        Refuse a delivery: back to its queue, or dead-lettered.
+        """
+
+
+class Unroutable(Exception):
+    """
+    The broker confirmed a message it could not route to any queue.
+    """
+
+
+class Refused(Exception):
+    """
+    The broker refused a message (a full queue that rejects publishes).
+    """
+
+
+def _translate(failure: Failure) -> Failure:
+    from pika.exceptions import NackError, UnroutableError
+
+    if failure.check(NackError):
+        return Failure(Refused(str(failure.value)))
+    if failure.check(UnroutableError):
+        return Failure(Unroutable(str(failure.value)))
+    return failure
+
+
+@implementer(IChannel)
+class PikaChannel:
+    """
+    L{IChannel} over a pika Twisted channel in confirm mode.
+    """
+
+    def __init__(
+        self, channel: TwistedChannel, on_closed: Callable[[], None] = lambda: None,
+    ) -> None:
+        """
+        @param on_closed: Called when a consumer stops because the channel
+            closed (the broker closes a channel on a protocol error).
+        """
+        self._channel = channel
+        self._on_closed = on_closed
+
+    def publish(
+        self, routing_key: str, body: bytes, correlation_id: str,
+        reply_to: Optional[str] = None, expiration: Optional[float] = None,
+        persistent: bool = True, exchange: str = "",
+    ) -> Deferred[None]:
+        properties = pika.BasicProperties(
+            content_type="application/json", correlation_id=correlation_id,
+            reply_to=reply_to, delivery_mode=2 if persistent else 1,
+            expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
+        )
+        d: Deferred[Any] = self._channel.basic_publish(
+            exchange, routing_key, body, properties, mandatory=bool(not exchange))
+        return d.addCallbacks(lambda _: None, _translate)
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:
+        def started(result: Any) -> str:
+            queue_object, tag = result
+            _pump(queue_object, on_message, self._stopped)
+            return str(tag)
+
+        d: Deferred[Any] = self._channel.basic_consume(queue=queue, auto_ack=False)
+        return d.addCallback(started)
+
+    def cancel(self, consumer_tag: str) -> Deferred[None]:
+        d: Deferred[Any] = self._channel.basic_cancel(consumer_tag)
+        return d.addCallback(lambda _: None)
+
+    def _stopped(self) -> None:
+        if not self._channel.is_open:
+            self._on_closed()
+
+    def ack(self, tag: int) -> None:
+        if self._channel.is_open:
+            self._channel.basic_ack(tag)
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        if self._channel.is_open:
+            self._channel.basic_reject(tag, requeue=requeue)
+
+
+def _pump(
+    queue_object: Any, on_message: Callable[[Delivery], None], stopped: Callable[[], None],
+) -> None:
+    """
+    Hand every message of a pika consumer queue to C{on_message}, until the
+    queue closes (consumer cancelled, channel or connection gone).
+    """
+    def got(message: Any) -> None:
+        props, method = message.properties, message.method
+        try:
+            on_message(Delivery(
+                method.delivery_tag, message.body, props.correlation_id, props.reply_to,
+                props.headers, bool(method.redelivered)))
+        except Exception:
+            log.failure("Handling a message from the broker failed")
+        _pump(queue_object, on_message, stopped)
+
+    def closed(f: Failure) -> None:
+        log.debug("Consumer stopped: {why}", why=f.getErrorMessage())
+        stopped()
+
+    queue_object.get().addCallbacks(got, closed)
+
+
+def parameters(url: str) -> pika.URLParameters:
+    """
+    @return: pika's connection parameters for an C{amqp://} or C{amqps://}
+        URL.
+    @raise ValueError: for anything else.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError(f"the broker URL must start with amqp:// or amqps://, not {url!r}")
+    return pika.URLParameters(url)
+
+
+def _endpoint(reactor: Any, params: pika.URLParameters) -> Any:
+    host, port = params.host, params.port
+    if params.ssl_options is not None:
+        from twisted.internet import ssl
+
+        return endpoints.SSL4ClientEndpoint(
+            reactor, host, port, ssl.optionsForClientTLS(host), timeout=10)
+    return endpoints.HostnameEndpoint(reactor, host.encode("idna"), port, timeout=10)
+
+
+class _PikaFactory(Factory):
+    noisy = False
+
+    def __init__(self, params: pika.URLParameters) -> None:
+        self.params = params
+
+    def buildProtocol(self, addr: Any) -> TwistedProtocolConnection:
+        p = TwistedProtocolConnection(self.params)
+        p.factory = self
+        return p
+
+
+def _then(ignored: Any, step: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+    return step()
+
+
+class Broker(Service):
+    """
+    One connection to the broker, kept up.
+
+    @ivar channel: The ready channel, or L{None} while disconnected.
+    """
+
+    def __init__(
+        self, reactor: Any, url: str, topology: Topology,
+        setup: Callable[[TwistedChannel, IChannel], Deferred[Any]],
+        prefetch: int = 0,
+    ) -> None:
+        """
+        @param setup: Called with each new channel (pika's, and as an
+            L{IChannel}) once the topology is declared: declares its own
+            queues and starts its consumers.
+        @param prefetch: Unacknowledged deliveries the channel may hold
+            (C{0}: no limit, for a publisher).
+        """
+        self.reactor = reactor
+        self.url = url
+        self.topology = topology
+        self.setup = setup
+        self.prefetch = prefetch
+        self.channel: Optional[IChannel] = None
+        self._lost_callbacks: List[Callable[[], None]] = []
+        self._ready_waiters: List[Deferred[IChannel]] = []
+        params = self._params = parameters(url)
+        self._service = ClientService(
+            _endpoint(reactor, params), _PikaFactory(params),
+            retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=2.0),
+            clock=reactor, prepareConnection=self._prepare,
+        )
+        self._connection: Optional[TwistedProtocolConnection] = None
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} each time the channel is lost.
+        """
+        self._lost_callbacks.append(callback)
+
+    def when_ready(self) -> Deferred[IChannel]:
+        """
+        @return: A Deferred firing with the channel once one is ready.
+        """
+        if self.channel is not None:
+            return succeed(self.channel)
+        d: Deferred[IChannel] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            closed = connection.close()
+            d: Deferred[Any] = closed if isinstance(closed, Deferred) else succeed(None)
+            d.addTimeout(5, self.reactor)
+            d.addErrback(lambda _: None)
+            return DeferredList([d, self._service.stopService()]).addCallback(lambda _: None)
+        return self._service.stopService()
+
+    def _prepare(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
+        ready = connection.ready
+        if ready is None:
+            raise RuntimeError("connection already failed")
+        d: Deferred[Any] = ready
+        d.addCallback(lambda _: connection.channel())
+        d.addCallback(self._declare)
+        d.addCallback(self._ready, connection)
+        return d
+
+    def _declare(self, channel: TwistedChannel) -> Deferred[Any]:
+        t = self.topology
+        steps: List[Callable[[], Deferred[Any]]] = [
+            lambda: channel.exchange_declare(t.dead, exchange_type="fanout", durable=True),
+            lambda: channel.queue_declare(
+                t.dead, durable=True, arguments={"x-queue-type": "quorum"}),
+            lambda: channel.queue_bind(t.dead, t.dead, routing_key=""),
+            lambda: channel.queue_declare(
+                t.tasks, durable=True, arguments=t.task_queue_arguments()),
+            lambda: channel.exchange_declare(
+                t.cancellations, exchange_type="fanout", durable=True),
+            lambda: channel.confirm_delivery(),
+        ]
+        if self.prefetch:
+            steps.append(lambda: channel.basic_qos(prefetch_count=self.prefetch))
+        d: Deferred[Any] = succeed(None)
+        for step in steps:
+            d.addCallback(_then, step)
+        return d.addCallback(lambda _: channel)
+
+    def _ready(self, channel: TwistedChannel, connection: TwistedProtocolConnection) -> Any:
+        wrapped = PikaChannel(channel, lambda: self._channel_closed(connection))
+        d = self.setup(channel, wrapped)
+
+        def up(_: Any) -> None:
+            self._connection = connection
+            self.channel = wrapped
+            closed = connection.closed
+            if closed is not None:
+                closed.addBoth(self._down, connection)
+            log.info("Connected to the broker at {host}:{port}",
+                     host=self._params.host, port=self._params.port)
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for w in waiters:
+                w.callback(wrapped)
+
+        return d.addCallback(up)
+
+    def _channel_closed(self, connection: TwistedProtocolConnection) -> None:
+        # A channel the broker closed (a protocol error) does not come back
+        # by itself: close the connection, and the service reconnects.
+        if connection.is_open:
+            log.warn("The broker closed the channel; reconnecting")
+            connection.close()
+
+    def _down(self, reason: Any, connection: TwistedProtocolConnection) -> None:
+        if self._connection is not connection:
+            return
+        self._connection = None
+        self.channel = None
+        if self.running:
+            log.warn("Lost the broker connection ({reason}); reconnecting",
+                     reason=getattr(reason, "args", reason))
+        for callback in list(self._lost_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.failure("A broker-lost callback failed")

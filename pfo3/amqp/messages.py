@@ -1,0 +1,107 @@
+"""
+What travels between orchestrators and workers: JSON bodies naming the task
+type, never pickles.  Pure functions, no Twisted, no AMQP client.
+
+A task message's body is C{{"v": 1, "tipo": NAME, "contenido": ARG}}: the
+canonical name of its type and its validated
+C{contenido} (the worker validates it again with its own registry).  Its
+AMQP properties carry the rest: C{correlation_id} (a fresh id per task,
+never the client's C{tarea_id}, which is only unique per connection),
+C{reply_to} (the orchestrator's reply queue) and C{expiration} (when nobody
+waits for it any more).
+
+A reply's body is C{{"v": 1, "estado": "ok", "resultado": ..., "worker":
+...}} or C{{"v": 1, "estado": "error", "codigo": ..., "mensaje": ...}}; its
+C{correlation_id} is the task's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Tuple, Union
+
+from pfo3.errors import ERROR_CODES, Pfo3Error
+
+VERSION = 1
+
+Outcome = Tuple[Any, Any]
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class BadMessage(ValueError):
+    """
+    A body that is not a message of this protocol.
+    """
+
+
+def _load(body: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadMessage(f"not JSON: {e}") from None
+    if type(obj) is not dict:
+        raise BadMessage("not a JSON object")
+    if obj.get("v") != VERSION:
+        raise BadMessage(f"unknown message version {obj.get('v')!r}")
+    return obj
+
+
+def encode_task(tipo: str, contenido: Any) -> bytes:
+    """
+    @param tipo: The task type's canonical name.
+    @param contenido: Its validated C{contenido} (JSON-serialisable).
+    @raise ValueError: if C{contenido} is not JSON-serialisable.
+    """
+    return _dumps({"v": VERSION, "tipo": tipo, "contenido": contenido}).encode(
+        "utf-8", "backslashreplace")
+
+
+def decode_task(body: bytes) -> Tuple[str, Any]:
+    """
+    @return: C{(tipo, contenido)}.
+    @raise BadMessage: if C{body} is not a task message.
+    """
+    obj = _load(body)
+    tipo = obj.get("tipo")
+    if type(tipo) is not str or "contenido" not in obj:
+        raise BadMessage("a task message needs 'tipo' and 'contenido'")
+    return tipo, obj["contenido"]
+
+
+def encode_result(resultado: Any, worker: Any) -> bytes:
+    """
+    @return: The reply body of a task that succeeded.
+    @raise ValueError: if C{resultado} is not JSON-serialisable.
+    """
+    return _dumps({"v": VERSION, "estado": "ok", "resultado": resultado,
+                   "worker": worker}).encode("utf-8", "backslashreplace")
+
+
+def encode_failure(error: Pfo3Error) -> bytes:
+    """
+    @return: The reply body of a task that failed with C{error}.
+    """
+    return _dumps({"v": VERSION, "estado": "error", "codigo": error.codigo,
+                   "mensaje": error.mensaje}).encode("utf-8", "backslashreplace")
+
+
+def decode_reply(body: bytes) -> Union[Outcome, Pfo3Error]:
+    """
+    @return: C{(resultado, worker)}, or the typed error the task failed with
+        (of the class registered for its code; L{Pfo3Error} itself for a code
+        this version does not know).
+    @raise BadMessage: if C{body} is not a reply message.
+    """
+    obj = _load(body)
+    estado = obj.get("estado")
+    if estado == "ok" and "resultado" in obj:
+        return obj["resultado"], obj.get("worker")
+    if estado == "error":
+        codigo = str(obj.get("codigo", "error_interno"))
+        cls = ERROR_CODES.get(codigo, Pfo3Error)
+        error = cls(str(obj.get("mensaje", "")))
+        if cls is Pfo3Error:
+            error.codigo = codigo  # type: ignore[misc]
+        return error
+    raise BadMessage("a reply needs estado 'ok' with 'resultado', or 'error'")

@@ -1,0 +1,125 @@
+"""
+Configuration of C{twistd pfo3-worker}, and the broker options it shares
+with C{twistd pfo3 --broker}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from twisted.python import usage
+
+from pfo3.amqp.topology import Topology
+from pfo3.executor import DaemonThreadPool, LocalExecutor
+from pfo3.tasks import default_registry
+
+#: The options both sides of a cluster must agree on (the broker refuses a
+#: queue declared again with other arguments).
+BROKER_PARAMETERS: List[List[Any]] = [
+    ["broker-prefix", None, "pfo3",
+     "Prefix of the queue and exchange names on the broker; the orchestrators "
+     "and workers of one cluster must use the same one."],
+    ["delivery-limit", None, 3,
+     "Times a task may be delivered again after its worker stopped while "
+     "running it, before it is set aside and answered 'reintentos_agotados'; "
+     "the same on every member of the cluster.", int],
+    ["max-backlog", None, 100_000,
+     "Tasks the broker's task queue may hold; past it new tasks are answered "
+     "'ocupado'. The same on every member of the cluster.", int],
+]
+
+
+def check_broker(options: usage.Options) -> None:
+    """
+    Validate the broker options (in C{postOptions}).
+    """
+    from pfo3.amqp.connection import parameters
+
+    try:
+        parameters(options["broker"])
+    except Exception as e:
+        raise usage.UsageError(f"invalid --broker: {e}")
+    for name in ("delivery-limit", "max-backlog"):
+        if options[name] < 1:
+            raise usage.UsageError(f"--{name} must be at least 1, not {options[name]}")
+    if not options["broker-prefix"] or any(c.isspace() for c in options["broker-prefix"]):
+        raise usage.UsageError("--broker-prefix must be a non-empty name without spaces")
+
+
+def topology(options: usage.Options) -> Topology:
+    """
+    @return: The topology the broker options describe.
+    """
+    return Topology(options["broker-prefix"], options["delivery-limit"],
+                    options["max-backlog"])
+
+
+class Options(usage.Options):
+    """
+    Command-line options of C{twistd pfo3-worker}.
+    """
+
+    synopsis = "--broker amqp://USER:PASSWORD@HOST:5672/VHOST [options]"
+    longdesc = (
+        "pfo3 worker: consumes the tasks that 'twistd pfo3 --broker URL' "
+        "orchestrators publish to RabbitMQ and runs them with the same task "
+        "types and executor as a local server (blocking tasks on a thread "
+        "pool, sleeps as timers). Start as many as you like, on any machine "
+        "that reaches the broker. A task is acknowledged only once its reply "
+        "is safe with the broker: if a worker dies, another one runs it."
+    )
+
+    _parameters: List[List[Any]] = [
+        ["broker", "b", None, "The broker's amqp:// (or amqps://) URL. Required."],
+        ["workers", "w", 4, "Threads in the pool that runs blocking tasks.", int],
+        ["capacity", "c", 64,
+         "Tasks this worker holds at once (unacknowledged deliveries).", int],
+        ["name", "n", None,
+         "This worker's name, shown in replies as 'worker': 'NAME/THREAD' "
+         "(default: host name and process id)."],
+        ["timeout", "t", 30.0,
+         "Seconds a task may run here before it is cancelled (match the "
+         "orchestrators' --timeout).", float],
+        ["shutdown-timeout", None, 10.0,
+         "On SIGTERM/SIGINT, seconds to finish the tasks held before leaving "
+         "them to other workers.", float],
+    ]
+    optParameters = _parameters + BROKER_PARAMETERS
+
+    optFlags: List[List[Optional[str]]] = [
+        ["no-plugins", None,
+         "Do not load third-party task types from the 'pfo3.tasks' entry points."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["broker"]:
+            raise usage.UsageError("--broker is required (e.g. amqp://guest:guest@127.0.0.1:5672/%2F)")
+        check_broker(self)
+        for name in ("workers", "capacity"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
+        for name in ("timeout", "shutdown-timeout"):
+            if not 0 < self[name] < float("inf"):
+                raise usage.UsageError(f"--{name} must be a positive number of seconds")
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    Assemble a worker from parsed options.
+    """
+    from pfo3.amqp.executor import default_name
+    from pfo3.amqp.worker import WorkerService
+
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    registry = default_registry(entry_points=not options["no-plugins"])
+    threadpool = DaemonThreadPool(minthreads=0, maxthreads=options["workers"],
+                                  name="pfo3-worker")
+    executor = LocalExecutor(reactor, threadpool)
+    return WorkerService(
+        reactor, options["broker"], topology(options), registry, executor,
+        options["name"] or default_name(), capacity=options["capacity"],
+        timeout=options["timeout"], shutdown_timeout=options["shutdown-timeout"],
+    )

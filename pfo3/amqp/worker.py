@@ -1,0 +1,319 @@
+"""
+The worker process of the distributed mode (C{twistd pfo3-worker}).
+
+It consumes the task queue, at most C{capacity} unacknowledged tasks at a
+time (the channel's prefetch), runs each with the very same task registry
+and L{LocalExecutor} as local mode (so C{sleep} is a timer here too), and
+answers on the task's C{reply_to}.  It acknowledges a task only once the
+broker confirmed its reply: a worker that dies before that leaves the task
+to be delivered again, to another worker (at least once); the orchestrator
+drops the duplicate reply.  A task delivered too many times is
+dead-lettered by the broker; workers consume the dead letters and answer
+their clients C{reintentos_agotados}.
+
+Cancellations (published by an orchestrator that gave up on a task) drop a
+task not yet started and cancel a running one; a task whose message expired
+is never delivered.  On stop (SIGTERM) the worker stops consuming, finishes
+and acknowledges what it holds (within the shutdown timeout), and exits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pfo3.amqp import messages
+from pfo3.amqp.connection import Broker, Delivery, IChannel, Unroutable
+from pfo3.amqp.topology import DEATH_REASON, Topology
+from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
+from pfo3.executor import LocalExecutor
+from pfo3.tasks import TaskRegistry
+
+log = Logger(namespace="pfo3.worker")
+
+#: Correlation ids of cancelled tasks remembered, in case their message
+#: arrives after the cancellation.
+MAX_CANCELLED = 100_000
+
+
+class _Held:
+    """
+    A task this worker received and has not acknowledged.
+    """
+
+    __slots__ = ("delivery", "channel", "work", "cancelled", "timer")
+
+    def __init__(self, delivery: Delivery, channel: IChannel) -> None:
+        self.delivery = delivery
+        self.channel = channel
+        self.work: Optional[Deferred[Any]] = None
+        self.cancelled = False
+        self.timer: Any = None
+
+
+class WorkerService(Service):
+    """
+    Consumes tasks from the broker and runs them locally.
+
+    @ivar held: Tasks received and not yet acknowledged, by correlation id.
+    @ivar completed: Tasks answered since start.
+    """
+
+    def __init__(
+        self, reactor: Any, url: str, topology: Topology, registry: TaskRegistry,
+        executor: LocalExecutor, name: str, capacity: int = 64, timeout: float = 30.0,
+        shutdown_timeout: float = 10.0, broker: Optional[Broker] = None,
+    ) -> None:
+        """
+        @param capacity: Tasks held at once (the channel's prefetch).
+        @param timeout: Seconds a task may run here before it is cancelled
+            (its orchestrator has answered C{timeout} by then).
+        @param broker: A connection to use instead of a new one to C{url}
+            (its setup must be L{setup}).
+        """
+        self.reactor = reactor
+        self.topology = topology
+        self.registry = registry
+        self.executor = executor
+        self.worker_name = name
+        self.capacity = capacity
+        self.timeout = timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.broker = broker or Broker(reactor, url, topology, self.setup, prefetch=capacity)
+        self.broker.on_lost(self._lost)
+        self.held: Dict[str, _Held] = {}
+        self.completed = 0
+        self._unacked = 0  # replies published and not yet confirmed
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._consumers: List[str] = []
+        self._channel: Optional[IChannel] = None
+        self._stopping = False
+        self._idle: List[Deferred[None]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.executor.start()
+        self.broker.startService()
+        log.info("pfo3-worker {name} started: {workers} threads, holds up to {capacity} tasks, "
+                 "task types: {tipos}", name=self.worker_name, workers=self.executor.workers,
+                 capacity=self.capacity, tipos=", ".join(t.name for t in self.registry))
+
+    def setup(self, raw_channel: Any, channel: IChannel) -> Deferred[Any]:
+        """
+        Bind a private queue to the cancellation exchange and consume it,
+        the dead letters and the tasks (each time a connection is made).
+        """
+        self._channel = channel
+        self._consumers = []
+        t = self.topology
+        d: Deferred[Any] = raw_channel.queue_declare("", exclusive=True, auto_delete=True)
+
+        def bind(frame: Any) -> Deferred[Any]:
+            queue = frame.method.queue
+            b: Deferred[Any] = raw_channel.queue_bind(queue, t.cancellations, routing_key="")
+            return b.addCallback(lambda _: channel.consume(
+                queue, lambda m: self._on_cancel(channel, m)))
+
+        d.addCallback(bind)
+        d.addCallback(lambda _: channel.consume(t.dead, lambda m: self._on_dead(channel, m)))
+        d.addCallback(self._consuming)
+        d.addCallback(lambda _: channel.consume(t.tasks, lambda m: self._on_task(channel, m)))
+        return d.addCallback(self._consuming)
+
+    def _consuming(self, tag: str) -> None:
+        self._consumers.append(tag)
+
+    # -- tasks ----------------------------------------------------------------
+
+    def _on_task(self, channel: IChannel, delivery: Delivery) -> None:
+        correlation_id = delivery.correlation_id or ""
+        if correlation_id in self._cancelled or self._stopping:
+            # Given up on before it started, or arriving while stopping (it
+            # goes back to the queue, for another worker).
+            if self._stopping:
+                channel.reject(delivery.tag, requeue=True)
+            else:
+                channel.ack(delivery.tag)
+            return
+        held = _Held(delivery, channel)
+        try:
+            tipo, contenido = messages.decode_task(delivery.body)
+            tasktype = self.registry.lookup(tipo)
+            arg = tasktype.validate(contenido)
+            outcome = self.executor.run(tasktype, arg)
+        except Pfo3Error as e:
+            self._answer(held, messages.encode_failure(e))
+            return
+        except messages.BadMessage as e:
+            log.error("Dropping an unreadable task message {id}: {why}", id=correlation_id,
+                      why=e)
+            self._answer(held, messages.encode_failure(
+                InternalError("Error interno: mensaje de tarea ilegible.")))
+            return
+        except Exception:
+            log.failure("Task {id} raised an unexpected exception", id=correlation_id)
+            self._answer(held, messages.encode_failure(
+                InternalError("Error interno al ejecutar la tarea.")))
+            return
+        if type(outcome) is tuple:
+            self._succeeded(outcome, held)
+            return
+        work: Deferred[Any] = outcome  # type: ignore[assignment]
+        held.work = work
+        held.timer = self.reactor.callLater(self.timeout, self._expire, held)
+        self.held[correlation_id] = held
+        work.addCallbacks(self._succeeded, self._failed, callbackArgs=(held,),
+                          errbackArgs=(held,))
+
+    def _succeeded(self, outcome: Any, held: _Held) -> None:
+        self._settle(held)
+        if held.cancelled:
+            held.channel.ack(held.delivery.tag)
+            return
+        worker = f"{self.worker_name}/{outcome[1]}"
+        try:
+            body = messages.encode_result(outcome[0], worker)
+        except ValueError:
+            log.failure("Task {id}: result is not JSON", id=held.delivery.correlation_id)
+            body = messages.encode_failure(
+                InternalError("Error interno: el resultado no se puede enviar como JSON."))
+        self._answer(held, body)
+
+    def _failed(self, failure: Failure, held: _Held) -> None:
+        self._settle(held)
+        if held.cancelled:
+            held.channel.ack(held.delivery.tag)
+            return
+        if failure.check(Pfo3Error):
+            error = failure.value
+        else:
+            log.failure("Task {id} raised an unexpected exception", failure,
+                        id=held.delivery.correlation_id)
+            error = InternalError("Error interno al ejecutar la tarea.")
+        self._answer(held, messages.encode_failure(error))
+
+    def _settle(self, held: _Held) -> None:
+        self.held.pop(held.delivery.correlation_id or "", None)
+        if held.timer is not None and held.timer.active():
+            held.timer.cancel()
+
+    def _expire(self, held: _Held) -> None:
+        held.timer = None
+        self._cancel(held, TaskTimeout(
+            f"La tarea superó el límite de {self.timeout:g} s en el worker."))
+
+    def _cancel(self, held: _Held, reason: Optional[Pfo3Error] = None) -> None:
+        held.cancelled = reason is None
+        if held.work is not None and not held.work.called:
+            try:
+                held.work.cancel()
+            except Exception:
+                log.failure("Cancelling task {id} raised", id=held.delivery.correlation_id)
+        if reason is not None and held.delivery.correlation_id in self.held:
+            self._settle(held)
+            held.cancelled = True  # its late outcome is ignored
+            self._answer(held, messages.encode_failure(reason))
+
+    def _answer(self, held: _Held, body: bytes) -> None:
+        """
+        Publish the reply, then acknowledge the task once the broker has the
+        reply: if this process dies in between, the task is delivered again.
+        """
+        delivery, channel = held.delivery, held.channel
+        self.completed += 1
+        if not delivery.reply_to:
+            channel.ack(delivery.tag)
+            self._check_idle()
+            return
+        self._unacked += 1
+        d = channel.publish(delivery.reply_to, body, delivery.correlation_id or "",
+                            persistent=False)
+
+        def published(_: Any) -> None:
+            channel.ack(delivery.tag)
+
+        def not_published(f: Failure) -> None:
+            if f.check(Unroutable):
+                channel.ack(delivery.tag)  # its orchestrator is gone for good
+            else:
+                log.warn("Reply to {id} not confirmed ({why}); the task will be delivered "
+                         "again", id=delivery.correlation_id, why=f.getErrorMessage())
+
+        def settled(_: Any) -> None:
+            self._unacked -= 1
+            self._check_idle()
+
+        d.addCallbacks(published, not_published)
+        d.addBoth(settled)
+
+    # -- cancellations and dead letters -----------------------------------------
+
+    def _on_cancel(self, channel: IChannel, delivery: Delivery) -> None:
+        channel.ack(delivery.tag)
+        correlation_id = delivery.body.decode("ascii", "replace")
+        self._cancelled[correlation_id] = None
+        while len(self._cancelled) > MAX_CANCELLED:
+            self._cancelled.popitem(last=False)
+        held = self.held.get(correlation_id)
+        if held is not None:
+            self._cancel(held)
+
+    def _on_dead(self, channel: IChannel, delivery: Delivery) -> None:
+        reason = delivery.headers.get(DEATH_REASON)
+        if isinstance(reason, bytes):
+            reason = reason.decode()
+        held = _Held(delivery, channel)
+        if reason == "delivery_limit":
+            log.warn("Task {id} dead-lettered after too many deliveries",
+                     id=delivery.correlation_id)
+            self._answer(held, messages.encode_failure(DeliveryLimit(
+                f"La tarea se entregó {self.topology.delivery_limit + 1} veces sin terminar "
+                "(su worker se detuvo cada vez) y se descartó.")))
+        else:
+            channel.ack(delivery.tag)  # expired (nobody waits for it) or rejected
+
+    # -- life ---------------------------------------------------------------------
+
+    def _lost(self) -> None:
+        # The broker delivers the unacknowledged tasks again, to whoever
+        # consumes next; what runs here now would be answered twice.
+        for held in list(self.held.values()):
+            self._cancel(held)
+        self.held.clear()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.held and not self._unacked and self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        channel = self.broker.channel
+        cancels: List[Deferred[Any]] = []
+        if channel is not None:
+            for tag in self._consumers:
+                cancels.append(channel.cancel(tag).addErrback(lambda _: None))
+        d: Deferred[Any] = DeferredList(cancels)
+        d.addCallback(lambda _: self._drained())
+        d.addCallback(lambda _: self.broker.stopService())
+        d.addBoth(lambda _: self.executor.stop())
+        d.addBoth(lambda _: log.info("pfo3-worker {name} stopped after {n} tasks",
+                                      name=self.worker_name, n=self.completed))
+        return d
+
+    def _drained(self) -> Deferred[None]:
+        if not self.held and not self._unacked:
+            return succeed(None)
+        log.info("pfo3-worker stopping: finishing {n} tasks", n=len(self.held))
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        d.addTimeout(self.shutdown_timeout, self.reactor)
+        return d.addErrback(lambda _: None)
