@@ -16,10 +16,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import os
 from typing import Any, Callable, Dict, List, Optional
 
-from pfo3.framing import LineSplitter
+
+def _framing() -> Any:
+    """
+    Load C{pfo3/framing.py} by itself, without the C{pfo3} package: its
+    C{__init__} imports Twisted, and the collector would walk those twenty
+    thousand objects in every full collection of this process (measured: a
+    tenth more CPU per task).
+    """
+    package = importlib.util.find_spec("pfo3")
+    assert package is not None and package.submodule_search_locations
+    path = os.path.join(list(package.submodule_search_locations)[0], "framing.py")
+    spec = importlib.util.spec_from_file_location("_pfo3_framing", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LineSplitter = _framing().LineSplitter
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 _loads = json.loads
