@@ -5,7 +5,7 @@ Tests for L{pfo3.framing.LineSplitter} and L{pfo3.framing.BufferBudget}.
 from __future__ import annotations
 
 import tracemalloc
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import pytest
 from hypothesis import given
@@ -284,6 +284,29 @@ class TestBudget:
         assert b.used == 40
         s.feed(b"a" * 40)
         assert s.refused == TOO_LONG
+        assert b.used == 0
+
+    @given(st.lists(st.tuples(st.integers(0, 3), st.one_of(
+        st.none(), streams, st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))
+    )), max_size=80))
+    def test_used_is_always_what_is_held(self, ops: List[Tuple[int, Optional[bytes]]]) -> None:
+        """
+        Whatever four splitters sharing a budget are fed (None: the
+        connection is lost), the budget's count equals the bytes they hold,
+        never passes limit + small per splitter, and is 0 once all are
+        released.
+        """
+        b = BufferBudget(limit=50, small=10)
+        splitters = [LineSplitter(30, b) for _ in range(4)]
+        for i, data in ops:
+            if data is None:
+                splitters[i].release()
+            else:
+                splitters[i].feed(data)
+            assert b.used == sum(s.pending_bytes for s in splitters)
+            assert b.used <= 50 + 4 * 10
+        for s in splitters:
+            s.release()
         assert b.used == 0
 
     def test_rejects_negative(self) -> None:
