@@ -137,6 +137,16 @@ class Busy(Pfo3Error):
     codigo = "ocupado"
 
 
+class BufferFull(Busy):
+    """
+    The unfinished lines of all connections already hold as many bytes as
+    the server allows (C{--max-buffered}); the line was refused, try again
+    later.  A kind of L{Busy}.
+    """
+
+    codigo = "buffer_lleno"
+
+
 class ShuttingDown(Pfo3Error):
     """The server is shutting down and accepts no new tasks."""
 

@@ -35,6 +35,8 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 
+from pfo3.framing import LineSplitter
+
 __all__ = [
     "Kind", "Plan", "Result", "merge_hist", "parse_mix", "percentile", "run_load",
     "run_procs", "schedule", "split",
@@ -360,7 +362,7 @@ class _LoadProtocol(Protocol):
         self.inflight = 0
         self.position = load.plan.offset + index
         self.starts = [0.0] * load.plan.inflight
-        self.buffer = b""
+        self.feed = LineSplitter().feed
         self.sock: Any = None
         self.lost = False
 
@@ -415,10 +417,7 @@ class _LoadProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         now = time.perf_counter()
         load = self.load
-        if self.buffer:
-            data = self.buffer + data
-        chunk = data.split(b"\n")
-        self.buffer = chunk.pop()
+        chunk = self.feed(data)
         result = load.result
         hist = result.hist
         starts = self.starts

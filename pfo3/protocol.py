@@ -10,7 +10,9 @@ their replies and only then closes.  It keeps memory bounded in both directions:
 reading while the connection has C{max_inflight} tasks in flight or while the
 transport's write buffer is full (it is the transport's push producer), and a
 line longer than C{max_line} is answered with an error and skipped without
-being buffered.
+being buffered.  Lines are split by L{pfo3.framing.LineSplitter}; the bytes
+that unfinished lines hold over all connections are bounded by the factory's
+L{pfo3.framing.BufferBudget}.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3 import wire
-from pfo3.errors import InternalError, LineTooLong, Pfo3Error
+from pfo3.errors import BufferFull, InternalError, LineTooLong, Pfo3Error
+from pfo3.framing import DEFAULT_MAX_BUFFERED, OVER_BUDGET, TOO_LONG, BufferBudget, LineSplitter
 from pfo3.orchestrator import Orchestrator, Session
 
 log = Logger(namespace="pfo3")
@@ -60,11 +63,11 @@ class TaskProtocol(LineOnlyReceiver):
         self._held: List[Optional[bytes]] = []
         self._out: List[bytes] = []
         self._driving = False
-        self._discarding = False
         self._write_paused = False
         self._read_paused = False
         self._input_done = False
         self._finishing = False
+        self._splitter = LineSplitter(DEFAULT_MAX_LINE)
 
     # -- connection life ----------------------------------------------------
 
@@ -75,6 +78,7 @@ class TaskProtocol(LineOnlyReceiver):
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._splitter.release()
         self._held.clear()
         self.session.close()
         self.factory._lost(self)
@@ -87,12 +91,9 @@ class TaskProtocol(LineOnlyReceiver):
         if self._input_done:
             return
         self._input_done = True
-        if self._discarding:
-            self._held.append(_TOO_LONG)
-        elif self._buffer:
-            self._held.append(self._buffer)
-        self._buffer = b""
-        self._discarding = False
+        tail = self._splitter.take_tail()
+        if tail:
+            self._held.append(tail)
         self.finish()
 
     def writeConnectionLost(self) -> None:
@@ -166,25 +167,27 @@ class TaskProtocol(LineOnlyReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         self.last_active = self.factory.clock.seconds()
-        if self._discarding:
-            end = data.find(b"\n")
-            if end < 0:
-                return
-            data = data[end + 1:]
-            self._discarding = False
-        if self._buffer:
-            data = self._buffer + data
-        lines: List[Optional[bytes]] = data.split(b"\n")  # type: ignore[assignment]
-        rest = lines.pop()
-        assert rest is not None
-        if len(rest) > self.MAX_LENGTH + 1:  # + 1: it may still end in \r\n
-            lines.append(_TOO_LONG)
-            self._buffer = b""
-            self._discarding = True
-        else:
-            self._buffer = rest
-        self._held.extend(lines)
+        splitter = self._splitter
+        self._held.extend(splitter.feed(data))
+        refused = splitter.refused
+        if refused is TOO_LONG:
+            self._held.append(_TOO_LONG)
         self._drive()
+        if refused is OVER_BUDGET:
+            self._refuse_over_budget()
+
+    def _refuse_over_budget(self) -> None:
+        """
+        Answer the line that the server-wide budget of unfinished lines
+        refused (the splitter drops the rest of it).
+        """
+        budget = self.factory.budget
+        log.info("Refused a line from {peer}: unfinished lines hold {used} bytes, "
+                 "limit {limit}", peer=self.session.peer, used=budget.used, limit=budget.limit)
+        self.transport.write(wire.encode_error(BufferFull(
+            "Línea rechazada: el servidor ya retiene el máximo de bytes de líneas "
+            f"sin terminar ({budget.limit}). Reintente más tarde."
+        )))
 
     def lineReceived(self, line: bytes) -> None:
         """
@@ -310,6 +313,7 @@ class TaskFactory(_FactoryBase):
     Builds a L{TaskProtocol} per connection, all sharing one orchestrator.
 
     @ivar protocols: The open connections (closed at shutdown).
+    @ivar budget: The bytes held by the unfinished lines of all connections.
     """
 
     protocol = TaskProtocol
@@ -321,17 +325,23 @@ class TaskFactory(_FactoryBase):
         max_line: int = DEFAULT_MAX_LINE,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         idle_timeout: float = 0.0,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
         """
         @param idle_timeout: L{close_idle} closes connections that have had
             no task in flight and sent nothing for this many seconds
             (C{0}: never).
+        @param max_buffered: Bytes that the unfinished lines of all
+            connections may hold together (L{budget}); past it, a connection
+            whose unfinished line grows beyond a few KiB is answered
+            C{buffer_lleno} and the rest of that line is dropped.
         """
         self.orchestrator = orchestrator
         self.clock = orchestrator.clock
         self.max_line = max_line
         self.max_inflight = max_inflight
         self.idle_timeout = idle_timeout
+        self.budget = BufferBudget(max_buffered)
         self.protocols: Set[TaskProtocol] = set()
         self._all_closed: List[Deferred[None]] = []
 
@@ -339,6 +349,7 @@ class TaskFactory(_FactoryBase):
         p = TaskProtocol()
         p.factory = self
         p.MAX_LENGTH = self.max_line
+        p._splitter = LineSplitter(self.max_line, self.budget)
         p.max_inflight = self.max_inflight
         return p
 

@@ -13,6 +13,7 @@ from twisted.python import usage
 from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
 from pfo3.amqp.tap import topology as broker_topology
 from pfo3.executor import DaemonThreadPool, IExecutor, LocalExecutor
+from pfo3.framing import DEFAULT_MAX_BUFFERED
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
@@ -67,6 +68,11 @@ class Options(usage.Options):
         ["max-line", None, DEFAULT_MAX_LINE,
          "Longest request line accepted, in bytes; a longer one is answered "
          "with 'linea_demasiado_larga' and skipped.", int],
+        ["max-buffered", None, DEFAULT_MAX_BUFFERED,
+         "Bytes that the unfinished lines of all connections may hold "
+         "together; past it, a line still growing beyond 16 KiB is answered "
+         "with 'buffer_lleno' and skipped (short lines are never refused). "
+         "At least --max-line.", int],
         ["max-inflight", None, DEFAULT_MAX_INFLIGHT,
          "Tasks one connection may have in flight; past it the server stops "
          "reading that connection until replies drain (backpressure).", int],
@@ -126,6 +132,8 @@ class Options(usage.Options):
         for name in ("workers", "max-line", "max-inflight", "max-tasks", "backlog"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
+        if self["max-buffered"] < self["max-line"]:
+            raise usage.UsageError("--max-buffered must be at least --max-line")
         for name in ("timeout", "shutdown-timeout"):
             if not self[name] > 0 or self[name] == float("inf"):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
@@ -174,7 +182,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         log_every=options["log-tasks"],
     )
     factory = TaskFactory(
-        orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"]
+        orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"],
+        max_buffered=options["max-buffered"],
     )
     service = TaskServerService(
         factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],

@@ -232,7 +232,7 @@ class BadInputTests(SynchronousTestCase):
         self.assertEqual(err["codigo"], "linea_demasiado_larga")
         for _ in range(100):
             self.proto.dataReceived(b"z" * 1000)
-        self.assertEqual(self.proto._buffer, b"")
+        self.assertEqual(self.factory.budget.used, 0)  # nothing of it is held
         self.proto.dataReceived(b'zzz"}\n{"tipo": "reverse", "contenido": "ok"}\n')
         self.assertEqual(replies(self.transport)[0]["resultado"], "ko")
         self.assert_still_serves()

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pfo3 import wire
-from pfo3.errors import ERROR_CODES, Pfo3Error
+from pfo3.errors import ERROR_CODES, InvalidJSON, Pfo3Error
 from pfo3.tasks import SLEEP, UPPERCASE, WORD_COUNT, default_registry
 
 REGISTRY = default_registry(entry_points=False)
@@ -254,14 +254,24 @@ json_texts = st.builds(
 @given(text=json_texts)
 def test_fast_parse_agrees_with_json_loads(text: str) -> None:
     """
-    The decoder's fast path returns what json.loads returns, and raises the
-    same error message for what json.loads refuses.
+    The decoder's fast path returns what json.loads returns, raises the
+    same error message for what json.loads refuses, and refuses NaN and
+    Infinity, which json.loads accepts and standard JSON does not.
     """
+    constants: List[str] = []
     try:
-        expected = json.loads(text)
+        expected = json.loads(text, parse_constant=lambda c: constants.append(c))
     except ValueError as e:
-        with pytest.raises(ValueError) as info:
-            wire._parse(text)
-        assert str(info.value) == str(e)
+        if constants:  # refused at the constant, before the later error
+            with pytest.raises(InvalidJSON):
+                wire._parse(text)
+        else:
+            with pytest.raises(ValueError) as info:
+                wire._parse(text)
+            assert str(info.value) == str(e)
     else:
-        assert repr(wire._parse(text)) == repr(expected)
+        if constants:
+            with pytest.raises(InvalidJSON):
+                wire._parse(text)
+        else:
+            assert repr(wire._parse(text)) == repr(expected)
