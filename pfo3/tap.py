@@ -103,6 +103,9 @@ class Options(usage.Options):
          "Distributed mode: publish tasks to this RabbitMQ (amqp://USER:PASSWORD@"
          "HOST:5672/VHOST) for 'twistd pfo3-worker' processes to run, instead of "
          "running them here."],
+        ["name", None, None,
+         "Distributed mode: this orchestrator's name on the broker, which names "
+         "its reply queue (default: host name and process id)."],
     ] + BROKER_PARAMETERS
 
     optFlags: List[List[Optional[str]]] = [
@@ -170,7 +173,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         from pfo3.amqp.executor import AMQPExecutor
 
         executor = AMQPExecutor.from_url(
-            reactor, options["broker"], broker_topology(options), options["timeout"])
+            reactor, options["broker"], broker_topology(options), options["timeout"],
+            name=options["name"] or "")
     else:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")

@@ -133,6 +133,8 @@ class WorkerService(Service):
     def _on_task(self, channel: IChannel, delivery: Delivery) -> None:
         correlation_id = delivery.correlation_id or ""
         if correlation_id in self._cancelled or self._stopping:
+            log.debug("Dropping task {id}: {why}", id=correlation_id,
+                      why="stopping" if self._stopping else "cancelled")
             # Given up on before it started, or arriving while stopping (it
             # goes back to the queue, for another worker).
             if self._stopping:
@@ -256,6 +258,7 @@ class WorkerService(Service):
     def _on_cancel(self, channel: IChannel, delivery: Delivery) -> None:
         channel.ack(delivery.tag)
         correlation_id = delivery.body.decode("ascii", "replace")
+        log.debug("Cancelled: {id}", id=correlation_id)
         self._cancelled[correlation_id] = None
         while len(self._cancelled) > MAX_CANCELLED:
             self._cancelled.popitem(last=False)
