@@ -7,17 +7,27 @@ Fakes for testing pfo3 and code that uses it, without threads or sockets.
   - L{make_server}: a server factory wired to those fakes.
   - L{connect_in_memory}: a client protocol connected to a server factory
     through in-memory transports, driven by an L{IOPump}.
+  - L{MemoryBroker}: RabbitMQ as the distributed mode uses it, in memory,
+    for L{pfo3.amqp.executor.AMQPExecutor} and
+    L{pfo3.amqp.worker.WorkerService}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import itertools
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test import iosim
+from zope.interface import implementer
 
+from pfo3.amqp.connection import Delivery, IChannel, Refused, Unroutable
+from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.executor import LocalExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
@@ -97,3 +107,250 @@ def connect_in_memory(
     client_transport = iosim.FakeTransport(client, isServer=False)
     pump = iosim.connect(server, server_transport, client, client_transport, greet=True)
     return server, pump
+
+
+# -- the distributed mode's broker, in memory ------------------------------------
+
+
+class _Frame:
+    def __init__(self, queue: str) -> None:
+        self.method = self
+        self.queue = queue
+
+
+class _Message:
+    __slots__ = ("body", "correlation_id", "reply_to", "headers", "tag", "deliveries")
+
+    def __init__(self, body: bytes, correlation_id: Optional[str], reply_to: Optional[str],
+                 headers: Optional[Dict[str, Any]] = None) -> None:
+        self.body = body
+        self.correlation_id = correlation_id
+        self.reply_to = reply_to
+        self.headers = headers or {}
+        self.tag = 0
+        self.deliveries = 0
+
+
+@implementer(IChannel)
+class MemoryChannel:
+    """
+    An L{IChannel} (and the few declarations of pika's channel that the
+    distributed mode makes) over a L{MemoryBroker}.
+    """
+
+    def __init__(self, broker: MemoryBroker, prefetch: int = 0) -> None:
+        self.broker = broker
+        self.prefetch = prefetch
+        self.open = True
+
+    # pika's declarations, as the executor and the worker use them
+    def queue_declare(self, queue: str, **kwargs: Any) -> Deferred[Any]:
+        if not queue:
+            queue = f"amq.gen-{next(self.broker._names)}"
+        self.broker.declare(queue)
+        return succeed(_Frame(queue))
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str = "") -> Deferred[Any]:
+        self.broker.bindings.setdefault(exchange, []).append(queue)
+        return succeed(None)
+
+    # IChannel
+    def publish(
+        self, routing_key: str, body: bytes, correlation_id: str,
+        reply_to: Optional[str] = None, expiration: Optional[float] = None,
+        persistent: bool = True, exchange: str = "",
+    ) -> Deferred[None]:
+        if not self.open:
+            return fail(ConnectionDone("channel closed"))
+        return self.broker._publish(exchange, routing_key, _Message(
+            body, correlation_id, reply_to))
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:
+        tag = f"ctag-{next(self.broker._names)}"
+        self.broker.consumers[tag] = (queue, self, on_message)
+        self.broker._dispatch()
+        return succeed(tag)
+
+    def cancel(self, consumer_tag: str) -> Deferred[None]:
+        self.broker.consumers.pop(consumer_tag, None)
+        return succeed(None)
+
+    def ack(self, tag: int) -> None:
+        if self.open:
+            self.broker.unacked.pop(tag, None)
+            self.broker.acked.append(tag)
+            self.broker._dispatch()
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        if self.open:
+            queue, message, _ = self.broker.unacked.pop(tag)
+            if requeue:
+                self.broker.queues[queue].appendleft(message)
+                self.broker._dispatch()
+
+
+class MemoryBroker:
+    """
+    A broker in memory, with the interface of L{pfo3.amqp.connection.Broker}
+    that the executor and the worker use (C{channel}, C{on_lost},
+    C{startService}, C{stopService}): queues, fanout exchanges, delivery
+    limits and dead letters, confirms that the test may hold back, and a
+    lost connection on demand.  Several executors and workers may share one
+    broker; each gets its own view with L{view}.
+
+    @ivar queues: Messages waiting, by queue name.
+    @ivar unacked: Messages delivered and not acknowledged, by delivery tag.
+    @ivar max_length: Per queue, the length past which publishes are
+        refused.
+    @ivar hold_confirms: While true, publishes wait in C{held_confirms}.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.queues: Dict[str, Deque[_Message]] = {}
+        self.bindings: Dict[str, List[str]] = {}
+        self.consumers: Dict[str, Tuple[str, MemoryChannel, Callable[[Delivery], None]]] = {}
+        self.unacked: Dict[int, Tuple[str, _Message, MemoryChannel]] = {}
+        self.acked: List[int] = []
+        self.max_length: Dict[str, int] = {}
+        self.hold_confirms = False
+        self.held_confirms: List[Deferred[None]] = []
+        self._names = itertools.count(1)
+        self._tags = itertools.count(1)
+        self._views: List[MemoryBrokerView] = []
+        self.declare(topology.tasks)
+        self.declare(topology.dead)
+        self.bindings[topology.dead] = [topology.dead]
+        self.max_length[topology.tasks] = topology.max_backlog
+
+    def declare(self, queue: str) -> None:
+        self.queues.setdefault(queue, deque())
+
+    def view(
+        self, setup: Callable[[Any, IChannel], Deferred[Any]], prefetch: int = 0,
+    ) -> MemoryBrokerView:
+        """
+        @param setup: As for L{pfo3.amqp.connection.Broker}.
+        @param prefetch: As for L{pfo3.amqp.connection.Broker}: deliveries
+            each consumer may hold unacknowledged (C{0}: no limit).
+        @return: A connection to this broker for one executor or worker.
+        """
+        v = MemoryBrokerView(self, setup, prefetch)
+        self._views.append(v)
+        return v
+
+    def _publish(self, exchange: str, routing_key: str, message: _Message) -> Deferred[None]:
+        if exchange:
+            for name in self.bindings.get(exchange, []):
+                self.queues[name].append(message)
+        else:
+            queue = self.queues.get(routing_key)
+            if queue is None:
+                return fail(Unroutable(routing_key))
+            if len(queue) >= self.max_length.get(routing_key, 1 << 60):
+                return fail(Refused(routing_key))
+            queue.append(message)
+        d: Deferred[None] = Deferred()
+        if self.hold_confirms:
+            self.held_confirms.append(d)
+        else:
+            d.callback(None)
+        self._dispatch()
+        return d
+
+    def release_confirms(self) -> None:
+        """
+        Confirm every publish held back.
+        """
+        held, self.held_confirms = self.held_confirms, []
+        for d in held:
+            d.callback(None)
+
+    def _dispatch(self) -> None:
+        # Until nothing moves: a dead letter may feed a consumer already
+        # passed over.
+        moved = True
+        while moved:
+            moved = self._dispatch_once()
+
+    def _dispatch_once(self) -> bool:
+        moved = False
+        for tag, (queue, channel, on_message) in list(self.consumers.items()):
+            waiting = self.queues.get(queue)
+            while waiting and tag in self.consumers and channel.open and (
+                not channel.prefetch or channel.prefetch > sum(
+                    1 for q, _, ch in self.unacked.values() if ch is channel and q == queue)
+            ):
+                message = waiting.popleft()
+                moved = True
+                if queue == self.topology.tasks and (
+                    message.deliveries > self.topology.delivery_limit
+                ):
+                    message.headers = {DEATH_REASON: "delivery_limit"}
+                    self.queues[self.topology.dead].append(message)
+                    continue
+                message.tag = next(self._tags)
+                redelivered = message.deliveries > 0
+                message.deliveries += 1
+                self.unacked[message.tag] = (queue, message, channel)
+                on_message(Delivery(message.tag, message.body, message.correlation_id,
+                                    message.reply_to, message.headers, redelivered))
+        return moved
+
+    def _lose(self, channel: MemoryChannel) -> None:
+        channel.open = False
+        for ctag, (_, ch, _) in list(self.consumers.items()):
+            if ch is channel:
+                del self.consumers[ctag]
+        for tag, (queue, message, ch) in list(self.unacked.items()):
+            if ch is channel:
+                del self.unacked[tag]
+                self.queues[queue].appendleft(message)
+        held, self.held_confirms = self.held_confirms, []
+        for d in held:
+            d.errback(ConnectionDone("connection lost"))
+        self._dispatch()
+
+
+class MemoryBrokerView:
+    """
+    One process's connection to a L{MemoryBroker}.
+    """
+
+    def __init__(self, broker: MemoryBroker,
+                 setup: Callable[[Any, IChannel], Deferred[Any]], prefetch: int = 0) -> None:
+        self.broker = broker
+        self.setup = setup
+        self.prefetch = prefetch
+        self.channel: Optional[MemoryChannel] = None
+        self._lost: List[Callable[[], None]] = []
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._lost.append(callback)
+
+    def startService(self) -> None:
+        self.connect()
+
+    def stopService(self) -> Deferred[None]:
+        if self.channel is not None:
+            self.broker._lose(self.channel)
+            self.channel = None
+        return succeed(None)
+
+    def connect(self) -> None:
+        """
+        (Re)connect: a new channel, set up by its user.
+        """
+        channel = MemoryChannel(self.broker, self.prefetch)
+        self.setup(channel, channel).addCallback(lambda _: setattr(self, "channel", channel))
+
+    def lose(self) -> None:
+        """
+        The connection drops: unacknowledged deliveries go back to their
+        queues, unconfirmed publishes fail, the user is told.
+        """
+        if self.channel is not None:
+            self.broker._lose(self.channel)
+            self.channel = None
+        for callback in list(self._lost):
+            callback()

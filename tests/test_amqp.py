@@ -1,0 +1,285 @@
+"""
+Unit tests of the distributed mode's logic over the in-memory broker of
+L{pfo3.testing}, with a fake clock: the orchestrator's executor, the
+worker, and the messages between them.  (The same behaviours against the
+real RabbitMQ: C{tests/test_distributed.py}.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, List, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from pfo3.amqp import messages
+from pfo3.amqp.executor import AMQPExecutor
+from pfo3.amqp.topology import Topology
+from pfo3.amqp.worker import WorkerService
+from pfo3.errors import BrokerUnavailable, Busy, DeliveryLimit, TaskFailed, UnknownType
+from pfo3.executor import IExecutor, LocalExecutor
+from pfo3.orchestrator import Orchestrator
+from pfo3.protocol import TaskFactory
+from pfo3.tasks import ASYNC, BUILTINS, TaskRegistry, TaskType
+from pfo3.testing import FakeReactor, MemoryBroker, SynchronousThreadPool
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    Messages are versioned JSON, and decode back to what was sent.
+    """
+
+    def test_round_trips(self) -> None:
+        """
+        A task message and both kinds of reply decode to what was encoded;
+        an error reply becomes the typed error of its code.
+        """
+        self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1.5)),
+                         ("sleep", 1.5))
+        self.assertEqual(messages.decode_reply(messages.encode_result("HOLA", "w1/0")),
+                         ("HOLA", "w1/0"))
+        error = messages.decode_reply(messages.encode_failure(TaskFailed("no")))
+        self.assertIsInstance(error, TaskFailed)
+        self.assertEqual(error.mensaje, "no")  # type: ignore[union-attr]
+
+    def test_bad_bodies(self) -> None:
+        """
+        Bodies that are not JSON objects of this version are refused.
+        """
+        for body in (b"\x80", b"[]", b'{"tipo": "x", "contenido": 1}',
+                     b'{"v": 1, "contenido": 1}', b'{"v": 1, "estado": "raro"}'):
+            with self.assertRaises(messages.BadMessage):
+                if b"estado" in body:
+                    messages.decode_reply(body)
+                else:
+                    messages.decode_task(body)
+
+
+TOPOLOGY = Topology("t", delivery_limit=1)
+
+
+class Cluster:
+    """
+    One orchestrator and some workers on one in-memory broker.
+    """
+
+    def __init__(self, registry: TaskRegistry, timeout: float = 10.0,
+                 topology: Topology = TOPOLOGY) -> None:
+        self.clock = FakeReactor()
+        self.broker = MemoryBroker(topology)
+        self.topology = topology
+        self.registry = registry
+        holder: List[AMQPExecutor] = []
+        view = self.broker.view(lambda raw, ch: holder[0].setup(raw, ch))
+        self.executor = AMQPExecutor(view, topology, "o1", timeout)  # type: ignore[arg-type]
+        holder.append(self.executor)
+        self.view = view
+        self.orchestrator = Orchestrator(registry, self.executor, self.clock, timeout=timeout)
+        self.factory = TaskFactory(self.orchestrator)
+        self.executor.start()
+
+    def worker(self, name: str, registry: Any = None, capacity: int = 8) -> WorkerService:
+        holder: List[WorkerService] = []
+        view = self.broker.view(lambda raw, ch: holder[0].setup(raw, ch), prefetch=capacity)
+        worker = WorkerService(
+            self.clock, "amqp://unused", self.topology, registry or self.registry,
+            LocalExecutor(self.clock, SynchronousThreadPool()), name, capacity=capacity,
+            timeout=20, broker=view)  # type: ignore[arg-type]
+        holder.append(worker)
+        worker.startService()
+        return worker
+
+    def client(self) -> Tuple[Any, StringTransport]:
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+
+def replies(transport: StringTransport) -> List[Any]:
+    data = transport.value()
+    transport.clear()
+    return [json.loads(x) for x in data.splitlines()]
+
+
+class ExecutorTests(SynchronousTestCase):
+    """
+    The orchestrator's side: publish, confirm, match replies, give up.
+    """
+
+    def setUp(self) -> None:
+        self.never: List[Deferred[Any]] = []
+        registry = TaskRegistry(BUILTINS + (
+            TaskType("nunca", 40, (), "d", self._never, ASYNC),))
+        self.cluster = Cluster(registry)
+
+    def _never(self, clock: Any, arg: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.never.append(d)
+        return d
+
+    def test_provides_the_interface(self) -> None:
+        """
+        AMQPExecutor provides IExecutor and runs nothing itself.
+        """
+        self.assertTrue(verifyObject(IExecutor, self.cluster.executor))
+        self.assertEqual((self.cluster.executor.running, self.cluster.executor.abandoned), (0, 0))
+
+    def test_round_trip_through_a_worker(self) -> None:
+        """
+        A client's tasks are answered by the worker, which 'worker' names
+        with its thread; the task and its reply are acknowledged.
+        """
+        self.cluster.worker("w1")
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n'
+                           b'{"tarea_id": "s", "tipo": "sleep", "contenido": 2}\n')
+        self.assertEqual(replies(transport), [
+            {"estado": "ok", "resultado": "HOLA", "tarea_id": "a", "worker": "w1/0"}])
+        self.cluster.clock.advance(2)
+        self.assertEqual(replies(transport)[0]["resultado"], "Esperé 2 segundos")
+        self.assertEqual(self.cluster.broker.unacked, {})
+        self.assertEqual(self.cluster.orchestrator.active, 0)
+
+    def test_no_broker_is_refused_at_once(self) -> None:
+        """
+        While disconnected, a task is refused with broker_no_disponible.
+        """
+        self.cluster.view.lose()
+        with self.assertRaises(BrokerUnavailable):
+            self.cluster.executor.run(BUILTINS[0], "x")
+
+    def test_full_queue_is_busy(self) -> None:
+        """
+        A publish the broker refuses (full task queue) fails with ocupado.
+        """
+        self.cluster.broker.max_length[self.cluster.topology.tasks] = 0
+        d = self.cluster.executor.run(BUILTINS[0], "x")
+        self.failureResultOf(d, Busy)  # type: ignore[arg-type]
+
+    def test_unconfirmed_tasks_fail_when_the_connection_drops(self) -> None:
+        """
+        A task the broker had not confirmed when the connection dropped
+        fails with broker_no_disponible; a confirmed one keeps waiting for
+        its reply, which the worker gives after the reconnection.
+        """
+        self.cluster.broker.hold_confirms = True
+        first = self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.broker.release_confirms()
+        second = self.cluster.executor.run(BUILTINS[0], "b")
+        self.cluster.view.lose()
+        self.failureResultOf(second, BrokerUnavailable)  # type: ignore[arg-type]
+        self.assertNoResult(first)  # type: ignore[arg-type]
+        self.cluster.broker.hold_confirms = False
+        self.cluster.view.connect()
+        self.cluster.worker("w1")
+        self.assertEqual(self.successResultOf(first), ("A", "w1/0"))  # type: ignore[arg-type]
+
+    def test_duplicate_reply_is_dropped(self) -> None:
+        """
+        A second reply for a task already answered (a redelivered task) is
+        dropped.
+        """
+        self.cluster.worker("w1")
+        d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.assertEqual(self.successResultOf(d), ("A", "w1/0"))  # type: ignore[arg-type]
+        channel = self.cluster.view.channel
+        assert channel is not None
+        channel.publish(self.cluster.executor.reply_queue,
+                        messages.encode_result("OTRA", "w2/0"), "no-such-task")
+        self.assertEqual(len(self.cluster.broker.queues[self.cluster.executor.reply_queue]), 0)
+
+    def test_timeout_cancels_on_the_worker(self) -> None:
+        """
+        A task that times out is answered 'timeout'; the worker running it
+        is told, cancels it and acknowledges it without a reply.
+        """
+        worker = self.cluster.worker("w1")
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "n", "tipo": "nunca", "contenido": 1}\n')
+        self.assertEqual(len(worker.held), 1)
+        self.cluster.clock.advance(10)
+        self.assertEqual(replies(transport)[0]["codigo"], "timeout")
+        self.assertEqual(worker.held, {})
+        self.assertTrue(self.never[0].called)  # cancelled
+        self.assertEqual(self.cluster.broker.unacked, {})
+        self.assertEqual(len(self.cluster.broker.queues[self.cluster.executor.reply_queue]), 0)
+
+    def test_cancelled_before_delivery_is_not_run(self) -> None:
+        """
+        A task whose client left while it waited in the queue (its worker
+        busy) is dropped by the worker when it receives it.
+        """
+        worker = self.cluster.worker("w1", capacity=1)
+        busy = self.cluster.executor.run(BUILTINS[3], 1.0)
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "n", "tipo": "nunca", "contenido": 1}\n')
+        self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 1)
+        proto.connectionLost()
+        self.cluster.clock.advance(1)
+        self.assertEqual(self.successResultOf(busy)[0], "Esperé 1 segundo")  # type: ignore
+        self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 0)
+        self.assertEqual((self.never, worker.completed, self.cluster.broker.unacked),
+                         ([], 1, {}))
+
+
+class WorkerTests(SynchronousTestCase):
+    """
+    The worker's side: unknown types, acknowledgement after the reply, dead
+    letters, stop.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(TaskRegistry(BUILTINS))
+
+    def test_unknown_type_is_answered(self) -> None:
+        """
+        A worker without a task type answers with tipo_desconocido.
+        """
+        self.cluster.worker("w1", registry=TaskRegistry(BUILTINS[1:]))
+        d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.failureResultOf(d, UnknownType)  # type: ignore[arg-type]
+
+    def test_ack_waits_for_the_reply_confirmation(self) -> None:
+        """
+        The worker acknowledges a task only once the broker confirmed its
+        reply; if it dies before, the task is delivered again.
+        """
+        self.cluster.broker.hold_confirms = True
+        self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.broker.release_confirms()  # the task itself
+        worker = self.cluster.worker("w1")
+        self.assertEqual(len(self.cluster.broker.unacked), 1)
+        worker.broker.lose()  # type: ignore[attr-defined]
+        self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 1)
+
+    def test_delivery_limit_answers_reintentos_agotados(self) -> None:
+        """
+        A task delivered more than the limit allows is dead-lettered and its
+        client answered reintentos_agotados by a worker.
+        """
+        d = self.cluster.executor.run(BUILTINS[3], 5.0)
+        for name in ("k1", "k2"):  # the first delivery and the one redelivery allowed
+            dying = self.cluster.worker(name)
+            self.assertEqual(len(dying.held), 1)
+            dying.broker.lose()  # type: ignore[attr-defined]
+        self.cluster.worker("w")
+        self.failureResultOf(d, DeliveryLimit)  # type: ignore[arg-type]
+
+    def test_stop_finishes_what_it_holds(self) -> None:
+        """
+        Stopping a worker stops its consumers, answers the task it holds and
+        acknowledges it before the connection closes.
+        """
+        worker = self.cluster.worker("w1")
+        d = self.cluster.executor.run(BUILTINS[3], 1.0)
+        stopped = worker.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(self.cluster.broker.consumers.keys() & set(worker._consumers), set())
+        self.cluster.clock.advance(1)
+        self.assertEqual(self.successResultOf(d)[0], "Esperé 1 segundo")  # type: ignore
+        self.successResultOf(stopped)
+        self.assertEqual(self.cluster.broker.unacked, {})
