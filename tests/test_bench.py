@@ -284,6 +284,7 @@ def test_baselines_speak_the_protocol(baseline: int) -> None:
 # --- command line -------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [
     ["-c", "0"], ["--inflight", "0"], ["--count", "0"], ["--duration", "0"],
     ["--mix", "uppercase:0"], ["--mix", ","], ["--burst", "10", "--mix", "uppercase"],
@@ -299,6 +300,7 @@ def test_bad_options_exit_2(args: List[str]) -> None:
     assert "pfo3-bench:" in done.stderr
 
 
+@pytest.mark.integration
 def test_help_and_version() -> None:
     """
     C{--help} shows the usage line and every load option; C{--version} names

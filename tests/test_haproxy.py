@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -60,30 +60,53 @@ def _haproxy() -> str:
 class Cluster:
     """
     HAProxy on C{front}, balancing over pfo3 servers named s1, s2...
+
+    @ivar backends: The pfo3 servers started so far, by name.
+    @ivar haproxy: The HAProxy process, once started.
     """
 
-    def __init__(self, tmp_path: Path, n: int) -> None:
+    def __init__(self, tmp_path: Path, extra_config: str = "") -> None:
+        """
+        @param extra_config: Appended to HAProxy's configuration.
+        """
         self.tmp = tmp_path
+        self.extra_config = extra_config
         self.front = free_port()
         self.stats = tmp_path / "haproxy.sock"
-        self.backends: Dict[str, RunningServer] = {}
-        servers = ""
-        for i in range(1, n + 1):
-            name, port = f"s{i}", free_port()
-            self.backends[name] = start_server(
-                tmp_path, "--log-tasks", "1",
-                port=port, endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1",
-            )
-            servers += SERVER.format(name=name, port=port)
-        cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(CONFIG.format(
-            stats=self.stats, front=self.front, ping=PING_HEX, servers=servers))
         self.log = tmp_path / "haproxy.log"
-        self.haproxy = subprocess.Popen(
-            [_haproxy(), "-db", "-f", str(cfg)],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.front, proc=self.haproxy)
+        self.backends: Dict[str, RunningServer] = {}
+        self.haproxy: Optional[subprocess.Popen] = None
+
+    def start(self, n: int) -> None:
+        """
+        Start C{n} pfo3 servers and HAProxy in front of them, and wait until
+        HAProxy listens.  If any of them fails to start, whatever was started
+        is stopped before the error is raised.
+        """
+        try:
+            servers = ""
+            for i in range(1, n + 1):
+                name, port = f"s{i}", free_port()
+                self.backends[name] = start_server(
+                    self.tmp, "--log-tasks", "1",
+                    port=port, endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1",
+                )
+                servers += SERVER.format(name=name, port=port)
+            cfg = self.tmp / "haproxy.cfg"
+            cfg.write_text(CONFIG.format(
+                stats=self.stats, front=self.front, ping=PING_HEX, servers=servers,
+            ) + self.extra_config)
+            with self.log.open("wb") as out:
+                self.haproxy = subprocess.Popen(
+                    [_haproxy(), "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
+                )
+            try:
+                wait_for_port(self.front, proc=self.haproxy)
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}: {self.log.read_text()}") from e
+        except BaseException:
+            self.stop()
+            raise
 
     def status(self) -> Dict[str, str]:
         """
@@ -106,22 +129,51 @@ class Cluster:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.haproxy.terminate()
+        """
+        Stop HAProxy (if it was started) and every pfo3 server started.
+        """
         try:
-            self.haproxy.wait(10)
-        except subprocess.TimeoutExpired:
-            self.haproxy.kill()
-        for backend in self.backends.values():
-            backend.stop()
+            if self.haproxy is not None and self.haproxy.poll() is None:
+                self.haproxy.terminate()
+                try:
+                    self.haproxy.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.haproxy.kill()
+                    self.haproxy.wait(5)
+        finally:
+            for backend in self.backends.values():
+                backend.stop()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 2)
+    """
+    HAProxy in front of two pfo3 servers; all three stopped afterwards.
+    """
+    c = Cluster(tmp_path)
+    c.start(2)
     try:
         yield c
     finally:
         c.stop()
+
+
+def test_backends_stopped_when_haproxy_fails_to_start(tmp_path: Path) -> None:
+    """
+    When HAProxy refuses its configuration and exits, starting the cluster
+    raises with HAProxy's complaint, and the two pfo3 servers it had already
+    started are stopped: their processes have exited and their ports
+    accept no connection.
+    """
+    c = Cluster(tmp_path, extra_config="\nthis-is-not-a-keyword\n")
+    with pytest.raises(RuntimeError, match="this-is-not-a-keyword"):
+        c.start(2)
+    assert c.haproxy is not None and c.haproxy.poll() not in (None, 0)
+    assert sorted(c.backends) == ["s1", "s2"]
+    for backend in c.backends.values():
+        assert backend.proc.poll() is not None
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", backend.port), timeout=1).close()
 
 
 def test_balanced_with_real_client_addresses(cluster: Cluster) -> None:

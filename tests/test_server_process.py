@@ -218,6 +218,7 @@ def test_slow_reader_is_not_idle(tmp_path: Path) -> None:
                 break
             data += chunk
         sender.join(10)
+        assert not sender.is_alive()
         replies = [json.loads(line) for line in data.splitlines()]
         assert sorted(int(r["tarea_id"]) for r in replies) == list(range(40))
         assert all(r["resultado"] == "A" * 60_000 for r in replies)
@@ -255,4 +256,5 @@ def test_many_clients_at_once(server: RunningServer) -> None:
         t.start()
     for t in threads:
         t.join(30)
+        assert not t.is_alive()
     assert errors == []

@@ -97,8 +97,9 @@ def test_error_of_request_without_id_carries_generated_id() -> None:
     """
     with pytest.raises(Pfo3Error) as info:
         wire.decode_request(b'{"tipo": "zzz"}', REGISTRY)
-    assert info.value.tarea_id is not None
-    uuid.UUID(info.value.tarea_id)
+    tarea_id = info.value.tarea_id
+    assert tarea_id is not None
+    assert str(uuid.UUID(tarea_id)) == tarea_id
 
 
 def test_seed_request_decodes() -> None:
