@@ -6,6 +6,7 @@ with C{{"op": "ping"}}.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -213,3 +214,23 @@ def test_failover_when_a_server_stops(cluster: Cluster) -> None:
         assert c.read_json()["resultado"] == "cba"
         c.close()
     assert "tarea f3 " in cluster.backends["s2"].log.read_text()
+
+
+def test_half_close_through_haproxy(cluster: Cluster) -> None:
+    """
+    Piped netcat (nc -N) through HAProxy to a haproxy: endpoint gets every
+    reply, a sleep's included: HAProxy passes the end of input on, and the
+    PROXY wrapper hands it to pfo3 instead of closing the connection.
+    """
+    cluster.wait_status({"s1": "UP", "s2": "UP"})
+    nc = shutil.which("nc")
+    if nc is None:
+        pytest.fail("netcat is not installed (apt-get install -y netcat-openbsd)")
+    piped = (b'{"tarea_id": "s", "tipo": "sleep", "contenido": 0.3}\n'
+             b'{"tarea_id": "u", "tipo": "upper", "contenido": "hola"}\n'
+             b'{"op": "ping", "tarea_id": "p"}\n')
+    out = subprocess.run([nc, "-N", "127.0.0.1", str(cluster.front)], input=piped,
+                         capture_output=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    replies = {r["tarea_id"]: r["resultado"] for r in map(json.loads, out.stdout.splitlines())}
+    assert replies == {"s": "Esperé 0.3 segundos", "u": "HOLA", "p": "pong"}
