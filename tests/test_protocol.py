@@ -521,7 +521,8 @@ class ReactorFakeTests(SynchronousTestCase):
 
     def test_fake_reactor_runs_thread_results_at_once(self) -> None:
         """
-        FakeReactor.callFromThread runs the call synchronously.
+        FakeReactor.callFromThread runs the call synchronously, in the
+        caller, so that deferToThreadPool results arrive without a reactor.
         """
         seen: List[int] = []
         FakeReactor().callFromThread(seen.append, 1)
@@ -680,7 +681,9 @@ class PluginFaultTests(SynchronousTestCase):
 
     def test_validator_raising(self) -> None:
         """
-        validate() raising a TypeError.
+        A plugin whose validate() raises an unexpected TypeError gets
+        'error_interno' for that request, with the traceback logged, while
+        the connection stays open and its other task is still answered.
         """
         def validate(contenido: Any) -> Any:
             return contenido["clave"]
@@ -689,7 +692,9 @@ class PluginFaultTests(SynchronousTestCase):
 
     def test_duration_raising(self) -> None:
         """
-        duration() raising a ValueError.
+        A plugin whose duration() raises an unexpected ValueError gets
+        'error_interno' for that request, with the traceback logged, while
+        the connection stays open and its other task is still answered.
         """
         self.check(TaskType("roto", 9, (), "d", Never(), ASYNC,
                             duration=lambda a: float(a)), ValueError)
