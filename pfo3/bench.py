@@ -162,17 +162,25 @@ def report(options: Options, result: Result) -> Dict[str, Any]:
     return out
 
 
+def count(n: int, noun: str, plural: str = "") -> str:
+    """
+    @return: C{"1 connection"}, C{"2 connections"}.
+    """
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
+
+
 def format_report(summary: Dict[str, Any]) -> str:
     """
     @return: The human-readable report.
     """
     lat = summary["latency_ms"]
     lines = [
-        f"endpoint     {summary['endpoint']}  ({summary['connections']} connections x "
-        f"{summary['inflight']} in flight, {summary['procs']} load process(es))",
+        f"endpoint     {summary['endpoint']}  ({count(summary['connections'], 'connection')} "
+        f"x {summary['inflight']} in flight, "
+        f"{count(summary['procs'], 'load process', 'load processes')})",
         f"mix          {', '.join(summary['mix'])}",
-        f"requests     {summary['sent']} sent, {summary['replies']} replies "
-        f"({summary['ok']} ok, {summary['error_count']} errors, "
+        f"requests     {summary['sent']} sent, {count(summary['replies'], 'reply', 'replies')} "
+        f"({summary['ok']} ok, {count(summary['error_count'], 'error')}, "
         f"{summary['unanswered']} unanswered) in {summary['elapsed_s']:.3f} s",
         f"throughput   {summary['throughput']:.0f} replies/s",
         f"latency ms   p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
@@ -188,7 +196,8 @@ def format_report(summary: Dict[str, Any]) -> str:
         lines.append(f"connect      {summary['connect_errors']} failed: "
                      f"{summary['connect_error']}")
     if summary["lost_connections"]:
-        lines.append(f"lost         {summary['lost_connections']} connections closed early "
+        lines.append(f"lost         {count(summary['lost_connections'], 'connection')} "
+                     f"closed early "
                      f"({summary['lost_reason']})")
     lines.append(f"client cpu   {summary['client_cpu_s']:.2f} s")
     return "\n".join(lines)

@@ -673,5 +673,6 @@ def run_procs(plans: Sequence[Plan], progress: Any = None) -> Result:
     if missing:
         merged.connect_errors += sum(pl.connections for j, pl in enumerate(plans)
                                      if j not in results)
-        merged.connect_error = merged.connect_error or f"{missing} load process(es) died"
+        merged.connect_error = merged.connect_error or (
+            "1 load process died" if missing == 1 else f"{missing} load processes died")
     return merged
