@@ -42,7 +42,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from pfo3.batch import DEFAULT_WINDOW, PROGRESS_AFTER, Batch, read_in_thread
-from pfo3.client import ClientError, TaskClient, connect, explain
+from pfo3.client import ClientError, TaskClient, connect, explain, host_to_verify
 from pfo3.errors import Pfo3Error, error_reply
 
 PROGRAM = "pfo3-client"
@@ -298,7 +298,8 @@ def _connector(reactor: Any, options: Options) -> Callable[[], Deferred[TaskClie
             reactor, options["host"], options["port"],
             timeout=int(math.ceil(timeout)) if timeout is not None else 30,
         )
-    return lambda: connect(reactor, endpoint, timeout=timeout)
+    host = host_to_verify(options["endpoint"]) if options["endpoint"] else None
+    return lambda: connect(reactor, endpoint, timeout=timeout, tls_host=host)
 
 
 def _where(options: Options, client: Optional[TaskClient]) -> Tuple[Any, Any]:
@@ -498,7 +499,37 @@ def main(argv: Optional[List[str]] = None) -> None:
         ensureDeferred(react_main(reactor, console)).addBoth(finished)
         return outcome
 
+    _quiet_twisted_logs()
     task.react(start)
+
+
+def _quiet_twisted_logs() -> None:
+    """
+    Send Twisted's log to stderr, errors only, and without the event of its
+    TLS host-name check: the client reports that failure itself, in one
+    line (see L{pfo3.client.TaskClient.handshakeCompleted}).
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        ILogFilterPredicate,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+    from zope.interface import provider
+
+    @provider(ILogFilterPredicate)
+    def not_the_tls_check(event: Any) -> PredicateResult:
+        if event.get("log_namespace", "").startswith("twisted.internet._sslverify"):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr),
+        [LogLevelFilterPredicate(LogLevel.critical), not_the_tls_check],
+    )], redirectStandardIO=False)
 
 
 def in_daemon_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
@@ -522,3 +553,7 @@ def in_daemon_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
         return d
 
     return call
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -38,11 +38,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, 
 from twisted.internet import endpoints, error
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pfo3 import wire
 from pfo3.errors import DuplicateTaskId, LineTooLong, Pfo3Error, error_from_reply
@@ -100,9 +101,21 @@ class ReplyTimeout(ClientError, TimeoutError):
         self.seconds = seconds
 
 
+class ServerNotVerified(ClientError):
+    """
+    The server's TLS certificate does not prove it is the host the client
+    asked for (its subjectAltName names another host, or none).
+    """
+
+
 def _describe_loss(reason: Failure) -> str:
+    if reason.check(ServerNotVerified):
+        return str(reason.value)
     if reason.check(ConnectionDone):
         return "el servidor cerró la conexión"
+    if type(reason.value).__module__.startswith("service_identity"):
+        return ("no se pudo verificar la identidad del servidor: "
+                + (str(reason.value) or type(reason.value).__name__))
     if reason.type is not None and reason.type.__module__.startswith("OpenSSL"):
         # pyOpenSSL errors carry a list of (library, function, reason).
         details = [
@@ -115,6 +128,45 @@ def _describe_loss(reason: Failure) -> str:
     return f"se perdió la conexión con el servidor ({reason.getErrorMessage()})"
 
 
+def host_to_verify(description: str) -> Optional[str]:
+    """
+    @return: The host name a C{tls:} client endpoint description verifies
+        the server's certificate against, or L{None} for other endpoints.
+    """
+    # Twisted's descriptions separate fields with ':' and escape it as '\:'.
+    parts = [p.replace("\x00", ":") for p in description.replace("\\:", "\x00").split(":")]
+    if parts[0].strip().lower() != "tls":
+        return None
+    for part in parts[1:]:
+        if part.startswith("host="):
+            return part[len("host="):]
+    positional = [p for p in parts[1:] if "=" not in p]
+    return positional[0] if positional else None
+
+
+def _check_host(certificate: Any, host: str) -> None:
+    """
+    @raise ServerNotVerified: unless C{certificate} (pyOpenSSL's) is valid
+        for C{host}, by its subjectAltName as RFC 6125 asks.
+    """
+    from service_identity import CertificateError, VerificationError
+    from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+    from service_identity.pyopenssl import extract_patterns
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+    try:
+        if certificate is None:
+            raise CertificateError("the server sent no certificate")
+        wanted = (IPAddress_ID(host) if isIPAddress(host) or isIPv6Address(host)
+                  else DNS_ID(host))
+        verify_service_identity(extract_patterns(certificate), [wanted], [])
+    except (CertificateError, VerificationError) as e:
+        raise ServerNotVerified(
+            f"no se pudo verificar la identidad del servidor: su certificado no es "
+            f"válido para {host!r} ({e})") from e
+
+
+@implementer(IHandshakeListener)
 class TaskClient(LineOnlyReceiver):
     """
     One connection to a pfo3 server, with any number of requests in flight.
@@ -132,9 +184,20 @@ class TaskClient(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REPLY
 
-    def __init__(self, clock: IReactorTime, max_request: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self, clock: IReactorTime, max_request: int = DEFAULT_MAX_LINE,
+        tls_host: Optional[str] = None,
+    ) -> None:
+        """
+        @param tls_host: Over TLS, the host the server's certificate must be
+            valid for; L{verified} fires once it is checked.
+        """
         self.clock = clock
         self.max_request = max_request
+        self.tls_host = tls_host
+        self.verified: Deferred[None] = Deferred()
+        if tls_host is None:
+            self.verified.callback(None)
         self._pending: Dict[str, Deferred[Reply]] = {}
         # Requests given up on (timeout, cancel) that the server still runs.
         self._abandoned: Set[str] = set()
@@ -291,8 +354,29 @@ class TaskClient(LineOnlyReceiver):
 
     # -- connection life ------------------------------------------------------
 
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake succeeded: the chain was verified against the
+        trust roots.  Check the host name too, whatever Twisted's own check
+        concluded: it lets through a certificate without subjectAltName.
+        """
+        if self.tls_host is None or self.verified.called:
+            return
+        try:
+            _check_host(self.transport.getPeerCertificate(),  # type: ignore[union-attr]
+                        self.tls_host)
+        except ServerNotVerified as e:
+            self._problem = str(e)
+            self.verified.errback(e)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.verified.callback(None)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         why = self._problem or _describe_loss(reason)
+        if not self.verified.called:
+            self.verified.errback(ConnectionClosed(
+                f"No se pudo establecer la conexión TLS: {why}.", None, why))
         self._closed_because = why
         pending, self._pending = self._pending, {}
         self._abandoned.clear()
@@ -328,6 +412,7 @@ def connect(
     endpoint: Union[str, IStreamClientEndpoint],
     timeout: Optional[float] = None,
     max_request: int = DEFAULT_MAX_LINE,
+    tls_host: Optional[str] = None,
 ) -> Deferred[TaskClient]:
     """
     Connect to a pfo3 server.
@@ -341,16 +426,36 @@ def connect(
     @param timeout: Seconds to wait for the connection; no limit beyond the
         endpoint's own by default.
     @param max_request: See L{TaskClient.max_request}.
+    @param tls_host: Over TLS, the host name the server's certificate must
+        be valid for; taken from C{endpoint} when it is a C{tls:}
+        description.
     @raise ValueError: if C{endpoint} is a description Twisted cannot parse.
     @return: A Deferred firing with the connected L{TaskClient}.
     """
+    host = tls_host
     if isinstance(endpoint, str):
+        host = host or host_to_verify(endpoint)
         endpoint = endpoints.clientFromString(reactor, endpoint)
     d: Deferred[TaskClient] = endpoints.connectProtocol(
-        endpoint, TaskClient(reactor, max_request)
+        endpoint, TaskClient(reactor, max_request, host)
     )
+    d.addCallback(_once_verified)
     if timeout is not None:
         d.addTimeout(timeout, reactor, onTimeoutCancel=_connect_timed_out)
+    return d
+
+
+def _once_verified(client: TaskClient) -> Deferred[TaskClient]:
+    """
+    @return: A Deferred firing with C{client} once its server's identity is
+        checked (at once when not over TLS), or failing if it cannot be.
+    """
+    d: Deferred[TaskClient] = Deferred()
+
+    def failed(f: Failure) -> None:
+        d.errback(f)
+
+    client.verified.addCallbacks(lambda _: d.callback(client), failed)
     return d
 
 
