@@ -28,7 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "pfo3-client = pfo3.client:main",
+            "pfo3-client = pfo3.cli:main",
             "pfo3-bench = pfo3.bench:main",
         ],
     },

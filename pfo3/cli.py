@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from pfo3.batch import DEFAULT_WINDOW, PROGRESS_AFTER, Batch, read_in_thread
 from pfo3.client import ClientError, TaskClient, connect, explain, host_to_verify
 from pfo3.errors import Pfo3Error, error_reply
+from pfo3.tasks import plain_decimal
 
 PROGRAM = "pfo3-client"
 DEFAULT_HOST = "127.0.0.1"
@@ -133,6 +134,9 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name} cannot be used with --batch")
         if self["tarea-id"] == "":
             raise usage.UsageError("--tarea-id cannot be empty")
+        if self["contenido"] is not None and not self["contenido"].strip():
+            # The seed's client refuses an empty input too.
+            raise usage.UsageError("--contenido cannot be empty")
         if self["endpoint"] is not None:
             from twisted.internet import reactor
 
@@ -141,9 +145,6 @@ class Options(usage.Options):
             except Exception as e:
                 reason = str(e) or type(e).__name__
                 raise usage.UsageError(f"invalid --endpoint {self['endpoint']!r}: {reason}")
-
-
-# -- explaining failures ----------------------------------------------------------
 
 
 # -- the interactive menu ---------------------------------------------------------
@@ -166,13 +167,35 @@ def _match(tipos: List[Dict[str, Any]], answer: str) -> Optional[Dict[str, Any]]
 
 
 def _seconds(answer: str) -> Optional[Union[int, float]]:
-    try:
-        value = float(answer)
-    except ValueError:
-        return None
-    if math.isnan(value) or math.isinf(value) or value < 0:
+    """
+    @return: A number of seconds as the server reads them from a text
+        (L{pfo3.tasks.plain_decimal}), an integer when whole; L{None} if the
+        text is not one, or is negative.
+    """
+    value = plain_decimal(answer)
+    if value is None or value < 0:
         return None
     return int(value) if value.is_integer() else value
+
+
+def as_the_seed_sends(
+    tipos: List[Dict[str, Any]], tipo: Union[str, int], contenido: Any,
+) -> Tuple[Union[str, int], Any]:
+    """
+    The request as the seed's client sends it: the task type by its
+    canonical name (the server's C{tipos} give it, plugins included), and a
+    sleep's seconds as a number.  What matches no type goes as typed, for
+    the server to answer with its error.
+    """
+    chosen = _match(tipos, str(tipo))
+    if chosen is None:
+        return tipo, contenido
+    name = str(chosen["tipo"])
+    if name in SECONDS_TYPES and isinstance(contenido, str):
+        seconds = _seconds(contenido)
+        if seconds is not None:
+            contenido = seconds
+    return name, contenido
 
 
 def ask_task(
@@ -366,8 +389,8 @@ async def _run_one(
     contenido: Any = options["contenido"]
     tarea_id = options["tarea-id"] or str(uuid.uuid4())
     try:
+        tipos = await client.tipos(timeout)
         if tipo is None or contenido is None:
-            tipos = await client.tipos(timeout)
             tipo, contenido = await console.in_thread(
                 ask_task, tipos, line_reader(console.stdin), console.prompt,
                 tipo, contenido,
@@ -379,6 +402,7 @@ async def _run_one(
                     return 1
                 client = reopened
         assert tipo is not None
+        tipo, contenido = as_the_seed_sends(tipos, tipo, contenido)
         respuesta = await client.submit(tipo, contenido, tarea_id, timeout)
         problem = None
     except EndOfInput as e:

@@ -25,8 +25,8 @@ How a request can fail:
     not JSON): the Deferred fails at once, before anything is written.
 
 L{BlockingClient} offers the same client to scripts that do not run a
-reactor.  The command line (C{pfo3-client}, C{python -m pfo3.client}) lives
-in L{pfo3.cli}.
+reactor.  The command line (C{pfo3-client}, C{python -m pfo3.cli}) lives in
+L{pfo3.cli}, which depends on this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -596,15 +596,6 @@ class BlockingClient:
         self.close()
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    """
-    The C{pfo3-client} command; see L{pfo3.cli}.
-    """
-    from pfo3.cli import main as cli_main
-
-    cli_main(argv)
-
-
 def explain(failure: BaseException) -> str:
     """
     @return: A one-line reason for an expected failure, for C{[ERROR]}.
@@ -635,8 +626,6 @@ __all__ = [
     "ReplyTimeout",
     "TaskClient",
     "connect",
-    "main",
+    "host_to_verify",
 ]
 
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -237,6 +237,19 @@ def _text(contenido: Any) -> str:
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 
 
+def plain_decimal(text: str) -> Optional[float]:
+    """
+    @return: The value of a text holding a plain decimal number (ASCII
+        digits, an optional sign and fraction, blanks around), as a sleep's
+        C{contenido} may be written; L{None} for anything else (exponents,
+        underscores, other digits, C{nan}, C{inf}).
+    """
+    text = text.strip(" \t")
+    if _DECIMAL.fullmatch(text) is None:
+        return None
+    return float(text) + 0.0
+
+
 def _seconds(contenido: Any) -> float:
     """
     A sleep's duration: a JSON number, or a text holding a plain decimal
@@ -251,12 +264,12 @@ def _seconds(contenido: Any) -> float:
             f"'contenido' debe ser un número de segundos, no {_json_type(contenido)}."
         )
     if isinstance(contenido, str):
-        text = contenido.strip(" \t")
-        if _DECIMAL.fullmatch(text) is None:
+        parsed = plain_decimal(contenido)
+        if parsed is None:
             raise InvalidContent(
                 f"'contenido' no es un número de segundos: {echo(contenido)}."
             )
-        seconds = float(text)
+        seconds = parsed
     else:
         try:
             seconds = float(contenido)

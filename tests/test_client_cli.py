@@ -690,38 +690,55 @@ def server_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def client_cmd(*args: str, input: str = "", timeout: float = 20,
                command: Optional[List[str]] = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        (command or [sys.executable, "-m", "pfo3.client"]) + list(args),
+        (command or [sys.executable, "-m", "pfo3.cli"]) + list(args),
         input=input, capture_output=True, text=True, encoding="utf-8",
         env=_env(), timeout=timeout,
     )
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("tipo,contenido,resultado", [
-    ("uppercase", "hola mundo", "HOLA MUNDO"),
-    ("2", "dábale", "elabád"),
-    ("word_count", "uno dos tres", 3),
-    ("sleep", "0.1", "Esperé 0.1 segundos"),
+@pytest.mark.parametrize("tipo,contenido,canonical,sent,resultado", [
+    ("uppercase", "hola mundo", "uppercase", "hola mundo", "HOLA MUNDO"),
+    ("2", "dábale", "reverse", "dábale", "elabád"),
+    ("contar", "uno dos tres", "word_count", "uno dos tres", 3),
+    ("Mayus", "x", "uppercase", "x", "X"),
+    ("sleep", "0.1", "sleep", 0.1, "Esperé 0.1 segundos"),
+    ("4", "1", "sleep", 1, "Esperé 1 segundo"),
 ])
 def test_cli_prints_the_seed_shape_for_each_type(
-    server_port: int, tipo: str, contenido: str, resultado: Any
+    server_port: int, tipo: str, contenido: str, canonical: str, sent: Any, resultado: Any
 ) -> None:
     """
     Run as a subprocess against twistd, the command prints the seed's
-    document for each task type and exits with 0.
+    document for each task type and exits with 0: the request shows the
+    type's canonical name whatever alias or code was typed, and a sleep's
+    seconds as a number, as the seed's client sends them.
     """
     p = client_cmd("--puerto", str(server_port), "--tipo", tipo, "--contenido", contenido)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert list(doc) == ["servidor", "puerto", "solicitud", "respuesta"]
     assert (doc["servidor"], doc["puerto"]) == ("127.0.0.1", server_port)
-    assert doc["solicitud"]["tipo"] == tipo
-    assert doc["solicitud"]["contenido"] == contenido
+    assert doc["solicitud"]["tipo"] == canonical
+    assert doc["solicitud"]["contenido"] == sent and type(doc["solicitud"]["contenido"]) is type(
+        sent)
     assert doc["respuesta"]["estado"] == "ok"
     assert doc["respuesta"]["resultado"] == resultado
     assert doc["respuesta"]["tarea_id"] == doc["solicitud"]["tarea_id"]
     assert isinstance(doc["respuesta"]["worker"], int)
     assert '\n  "solicitud": {\n    "tarea_id"' in p.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("contenido", ["", "   "])
+def test_empty_contenido_is_refused(server_port: int, contenido: str) -> None:
+    """
+    An empty --contenido is refused before anything is sent, as the seed's
+    client refuses it: a usage error, exit status 2.
+    """
+    p = client_cmd("--puerto", str(server_port), "--tipo", "uppercase", "--contenido", contenido)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "--contenido cannot be empty" in p.stderr and p.stdout == ""
 
 
 @pytest.mark.integration
@@ -768,7 +785,7 @@ def test_cli_interrupted_exits_130_quietly(server_port: int) -> None:
     with status 130 and a single [ERROR] line, no traceback.
     """
     p = subprocess.Popen(
-        [sys.executable, "-m", "pfo3.client", "--port", str(server_port), "--batch"],
+        [sys.executable, "-m", "pfo3.cli", "--port", str(server_port), "--batch"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
     )
     try:
@@ -793,7 +810,7 @@ def test_batch_into_head_ends_without_traceback(server_port: int) -> None:
     without tracebacks or error noise.
     """
     p = subprocess.Popen(
-        [sys.executable, "-m", "pfo3.client", "--port", str(server_port), "--batch"],
+        [sys.executable, "-m", "pfo3.cli", "--port", str(server_port), "--batch"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
     )
     try:
@@ -905,7 +922,7 @@ def test_blocking_client_for_scripts(server_port: int, tmp_path: Path) -> None:
 
 def test_module_entry_point_has_help() -> None:
     """
-    python -m pfo3.client --help describes the flags and exits with 0.
+    python -m pfo3.cli --help describes the flags and exits with 0.
     """
     p = client_cmd("--help")
     assert p.returncode == 0
