@@ -321,13 +321,9 @@ class TaskClient(LineOnlyReceiver):
             if isinstance(tarea_id, str) and tarea_id in self._abandoned:
                 self._abandoned.discard(tarea_id)
                 return
-            if (
-                tarea_id is None and reply.get("estado") == "error"
-                and len(self._pending) == 1 and not self._abandoned
-            ):
-                # An error that names no task (a line the server could not
-                # read) can only concern the one request it has not answered.
-                tarea_id, d = self._pending.popitem()
+            if tarea_id is None and reply.get("estado") == "error" and self._pending:
+                self._unattributed(reply)
+                return
             else:
                 log.warn(
                     "Dropping a reply that matches no pending request: {reply!r}",
@@ -340,6 +336,25 @@ class TaskClient(LineOnlyReceiver):
             error = error_from_reply(reply)
             if error.tarea_id is None:
                 error.tarea_id = tarea_id
+            d.errback(error)
+
+    def _unattributed(self, reply: Reply) -> None:
+        """
+        An error that names no task (a line the server could not read, or
+        refused before reading it whole) concerns one of the requests not
+        yet answered, and nothing says which.  When only one is pending it
+        gets the error; otherwise every pending request fails with it, so
+        that none waits forever for a reply that will not come, and their
+        late replies, if any, are dropped.
+        """
+        pending, self._pending = self._pending, {}
+        if len(pending) > 1:
+            log.warn("The server answered an error that names no task while {n} were "
+                     "pending; failing them all: {reply!r}", n=len(pending), reply=reply)
+            self._abandoned.update(pending)
+        for tarea_id, d in pending.items():
+            error = error_from_reply(reply)
+            error.tarea_id = tarea_id
             d.errback(error)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -556,12 +571,15 @@ class BlockingClient:
             failed with.
         """
         t = self.timeout if timeout is None else timeout
+        # Resolved here, in the caller's thread: reopening a connection the
+        # server closed blocks on the reactor, so it cannot happen in it.
+        client = self.client
 
         def run() -> Deferred[List[Union[Reply, Exception]]]:
             from twisted.internet.defer import DeferredList
 
             ds = [
-                self.client.submit(task[0], task[1], task[2] if len(task) > 2 else None, t)
+                client.submit(task[0], task[1], task[2] if len(task) > 2 else None, t)
                 for task in tasks
             ]
             dl: Deferred[Any] = DeferredList(ds, consumeErrors=True)

@@ -304,7 +304,11 @@ def test_cancel_abandons_the_request() -> None:
     assert isinstance(failure_of(d), CancelledError)
     assert client.pending == 0
     reactor.advance(1)
+    pump.flush()  # the late reply arrives and is dropped
+    assert client.pending == 0
+    again = client.submit("reverse", "ab", tarea_id="k")  # the id is free again
     pump.flush()
+    assert result_of(again)["resultado"] == "ba"
 
 
 def test_ping_and_tipos() -> None:
@@ -337,6 +341,28 @@ def test_line_the_server_cannot_read_is_attributed_to_the_sole_request() -> None
     e = failure_of(d)
     assert isinstance(e, LineTooLong)
     assert e.tarea_id == "long"
+
+
+def test_unattributed_error_fails_every_pending_request() -> None:
+    """
+    An error without tarea_id while several requests are pending cannot be
+    matched to one: every pending request fails with it (none waits
+    forever), the connection stays usable, and their late replies are
+    dropped.
+    """
+    reactor, client, pump = connected(max_line=64)
+    slow = client.submit("sleep", 1, tarea_id="slow")
+    long = client.submit("uppercase", "x" * 200, tarea_id="long")
+    pump.flush()
+    errors = [failure_of(slow), failure_of(long)]
+    assert all(isinstance(e, LineTooLong) for e in errors)
+    assert [e.tarea_id for e in errors] == ["slow", "long"]  # type: ignore[attr-defined]
+    assert client.pending == 0
+    reactor.advance(1)
+    pump.flush()  # the sleep's late reply is dropped
+    after = client.submit("reverse", "ab", tarea_id="slow")
+    pump.flush()
+    assert result_of(after)["resultado"] == "ba"
 
 
 def test_request_longer_than_max_request_fails_before_sending() -> None:
@@ -479,6 +505,7 @@ def test_connect_rejects_a_bad_endpoint_description() -> None:
         connect(Clock(), "nosuchendpoint:1234")
 
 
+@pytest.mark.integration
 @pytest_twisted.inlineCallbacks
 def test_over_a_real_socket() -> Any:
     """
@@ -509,3 +536,53 @@ def test_over_a_real_socket() -> Any:
         yield client.disconnect()
     finally:
         yield port.stopListening()
+
+
+@pytest.mark.integration
+def test_client_library_does_not_import_the_command_line() -> None:
+    """
+    pfo3.client (the library) imports neither pfo3.cli nor pfo3.batch: the
+    command line depends on the library, never the reverse.
+    """
+    import subprocess
+    import sys
+
+    code = ("import sys, pfo3.client; "
+            "print(sorted(m for m in sys.modules if m in ('pfo3.cli', 'pfo3.batch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out
+
+
+SUBMIT_MANY_AFTER_IDLE = """
+import sys, time
+from pfo3.client import BlockingClient
+with BlockingClient(sys.argv[1], timeout=10) as c:
+    print(c.submit("uppercase", "a")["resultado"])
+    time.sleep(2.5)  # the server closes the idle connection meanwhile
+    print([r["resultado"] for r in c.submit_many([("reverse", "ab"), ("upper", "b")])])
+"""
+
+
+@pytest.mark.integration
+def test_submit_many_reconnects_after_the_server_closed_idle(tmp_path: Any) -> None:
+    """
+    BlockingClient.submit_many after the server closed the idle connection
+    opens a new one and answers, instead of deadlocking (the reconnection
+    used to be requested from inside the reactor thread).
+    """
+    import subprocess
+    import sys
+
+    from .conftest import server_env, start_server
+
+    running = start_server(tmp_path, "--idle-timeout", "1")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", SUBMIT_MANY_AFTER_IDLE,
+             f"tcp:host=127.0.0.1:port={running.port}"],
+            capture_output=True, text=True, timeout=30, env=server_env())
+    finally:
+        running.stop()
+    assert out.stdout.splitlines() == ["A", "['ba', 'B']"], out
+    assert "Closing connection" in running.log.read_text()
