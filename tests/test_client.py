@@ -586,3 +586,43 @@ def test_submit_many_reconnects_after_the_server_closed_idle(tmp_path: Any) -> N
         running.stop()
     assert out.stdout.splitlines() == ["A", "['ba', 'B']"], out
     assert "Closing connection" in running.log.read_text()
+
+
+def _readme_example(name: str) -> str:
+    """
+    The Python block that follows C{<!-- client-example: NAME -->} in the
+    README.
+    """
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.search(
+        r"<!-- client-example: " + name + r" -->\n```python\n(.*?)```", text, re.S)
+    assert found is not None, f"no client-example {name} in README.md"
+    return found.group(1)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,expected", [("connect", "aloh"), ("blocking", "HOLA")])
+def test_readme_client_examples_run_as_written(
+    tmp_path: Any, name: str, expected: str,
+) -> None:
+    """
+    The README's client examples run exactly as written (only the port
+    changed) against a real server and print what they say.
+    """
+    import subprocess
+    import sys
+
+    from .conftest import server_env, start_server
+
+    running = start_server(tmp_path)
+    try:
+        code = _readme_example(name).replace("port=9000", f"port={running.port}")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=30, env=server_env())
+    finally:
+        running.stop()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected, out

@@ -649,6 +649,7 @@ def test_reading_thread_stops_at_a_full_window() -> None:
     batch.slots.release()
     batch.slots.release()
     thread.join(5)
+    assert not thread.is_alive()
     reactor.run_calls(wait=0.05)
     assert batch.got[3:] == [(4, b"d"), (5, b"e")]
     assert batch.ended
@@ -660,7 +661,9 @@ def test_reading_thread_accepts_text_streams() -> None:
     """
     reactor = QueueReactor()
     batch = StubBatch(window=10)
-    batch_mode.read_in_thread(reactor, io.StringIO("1 a\n2 b\n"), batch).join(5)
+    thread = batch_mode.read_in_thread(reactor, io.StringIO("1 a\n2 b\n"), batch)
+    thread.join(5)
+    assert not thread.is_alive()
     reactor.run_calls(wait=0.05)
     assert batch.got == [(1, "1 a\n"), (2, "2 b\n")]
     assert batch.ended
@@ -920,6 +923,7 @@ def test_blocking_client_for_scripts(server_port: int, tmp_path: Path) -> None:
     assert p.stdout.splitlines() == ["HOLA", "['ba', 3]", "pong 4", "tipo_desconocido", "yx"]
 
 
+@pytest.mark.integration
 def test_module_entry_point_has_help() -> None:
     """
     python -m pfo3.cli --help describes the flags and exits with 0.
