@@ -242,3 +242,41 @@ class LineSocket:
 
 def pairs(items: Sequence[Tuple[Any, Any]]) -> List[Any]:
     return [pytest.param(a, b, id=str(a)[:40]) for a, b in items]
+
+
+def connect_transport(factory: Any, peer: Any = None) -> Tuple[Any, Any]:
+    """
+    A server protocol from C{factory} connected to an in-memory
+    L{StringTransport}.
+
+    @return: The protocol and its transport.
+    """
+    from twisted.internet.testing import StringTransport
+
+    proto = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer) if peer is not None else StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def take_replies(transport: Any) -> List[Dict[str, Any]]:
+    """
+    Decode and clear what the server wrote; every line must end with \\n.
+    """
+    data = transport.value()
+    transport.clear()
+    assert data == b"" or data.endswith(b"\n"), data
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def read_to_end(sock: Any, deadline: float = 10.0) -> bytes:
+    """
+    Read from a socket until the other side closes the connection.
+    """
+    sock.settimeout(deadline)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk

@@ -5,8 +5,7 @@ Tests for the server-wide budget of bytes held by unfinished lines
 
 from __future__ import annotations
 
-import json
-from typing import Any, Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -20,6 +19,8 @@ from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.tap import Options, makeService
 from pfo3.testing import FakeReactor, make_server
 
+from .conftest import connect_transport, take_replies
+
 PEER = IPv4Address("TCP", "10.1.2.3", 4567)
 BIG = 60_000  # well past the small-line allowance
 LIMIT = 100_000
@@ -31,16 +32,10 @@ def server(max_buffered: int = LIMIT, max_line: int = 1024 * 1024) -> TaskFactor
 
 
 def connect(factory: TaskFactory) -> Tuple[TaskProtocol, StringTransport]:
-    proto = factory.buildProtocol(PEER)
-    transport = StringTransport(peerAddress=PEER)
-    proto.makeConnection(transport)
-    return proto, transport
+    return connect_transport(factory, PEER)
 
 
-def replies(transport: StringTransport) -> List[Dict[str, Any]]:
-    data = transport.value()
-    transport.clear()
-    return [json.loads(line) for line in data.splitlines()]
+replies = take_replies
 
 
 def start_big(proto: TaskProtocol, tid: str, size: int = BIG) -> None:

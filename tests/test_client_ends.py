@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from .conftest import RunningServer, TLSFiles, free_port, start_server
+from .conftest import RunningServer, TLSFiles, free_port, read_to_end, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +32,6 @@ REQUESTS = [
 ]
 EXPECTED = {"s": "Esperé 0.3 segundos", "u": "HOLA", "r": "cba", "p": "pong"}
 PIPED = b"".join(json.dumps(r).encode() + b"\n" for r in REQUESTS)
-
-
-def read_to_end(sock: Any, deadline: float = 10.0) -> bytes:
-    """
-    Read until the server closes the connection.
-    """
-    sock.settimeout(deadline)
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 def results(data: bytes) -> Dict[str, Any]:

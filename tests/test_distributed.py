@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-from .conftest import LineSocket, free_port, server_env, wait_for_port
+from .conftest import LineSocket, free_port, read_to_end, server_env, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -129,12 +129,7 @@ def send_all(port: int, requests: List[Dict[str, Any]], deadline: float = 20) ->
     with socket.create_connection(("127.0.0.1", port), timeout=deadline) as sock:
         sock.sendall(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
         sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_to_end(sock, deadline)
     return {r["tarea_id"]: r for r in map(json.loads, data.splitlines())}
 
 

@@ -22,18 +22,14 @@ from pfo3.tap import with_backlog
 from pfo3.tasks import ASYNC, BUILTINS, TaskRegistry, TaskType
 from pfo3.testing import make_server
 
+from .conftest import connect_transport, take_replies
+
 
 def connect(factory: TaskFactory) -> Tuple[TaskProtocol, StringTransport]:
-    proto = factory.buildProtocol(None)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport
+    return connect_transport(factory)
 
 
-def replies(transport: StringTransport) -> List[Dict[str, Any]]:
-    data = transport.value()
-    transport.clear()
-    return [json.loads(line) for line in data.splitlines()]
+replies = take_replies
 
 
 class HalfCloseTests(SynchronousTestCase):

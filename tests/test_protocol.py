@@ -6,7 +6,7 @@ transports with a fake clock and a synchronous thread pool.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -19,24 +19,16 @@ from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.tasks import ASYNC, BUILTINS, INLINE, THREAD, TaskRegistry, TaskType
 from pfo3.testing import FakeReactor, make_server
 
+from .conftest import connect_transport, take_replies
+
 PEER = IPv4Address("TCP", "10.1.2.3", 4567)
 
 
 def connect(factory: TaskFactory) -> Tuple[TaskProtocol, StringTransport]:
-    proto = factory.buildProtocol(PEER)
-    transport = StringTransport(peerAddress=PEER)
-    proto.makeConnection(transport)
-    return proto, transport
+    return connect_transport(factory, PEER)
 
 
-def replies(transport: StringTransport) -> List[Dict[str, Any]]:
-    """
-    Decode and clear what the server wrote; every line must end with \\n.
-    """
-    data = transport.value()
-    transport.clear()
-    assert data == b"" or data.endswith(b"\n")
-    return [json.loads(line) for line in data.splitlines()]
+replies = take_replies
 
 
 def send(proto: TaskProtocol, *objs: Any) -> None:
