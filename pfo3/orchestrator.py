@@ -470,7 +470,6 @@ class Session:
         request = task.request
         del self._pending[request.tarea_id]
         orch = self.orchestrator
-        orch._finished()
         record = task.record
         if record is not None and orch.store is not None:
             record.terminada = orch.clock.seconds()
@@ -491,6 +490,8 @@ class Session:
                 else:
                     record.estado = ERROR
             orch.store.record(record)
+        # Last: once no task is in flight, a stopping server flushes the store.
+        orch._finished()
         if task.sampled:
             if isinstance(reply, wire.TaskResult):
                 self._log_task(request, reply.worker, "ok", task.started)

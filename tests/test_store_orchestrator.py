@@ -296,7 +296,7 @@ class BackgroundTests(StoreTestCase):
     def test_shutdown_waits_for_background_then_flushes(self) -> None:
         """
         Stopping the service waits for background tasks that no connection
-        waits for, then stops the store.
+        waits for, then stops the store, after the last record update.
         """
         stops: List[str] = []
         store = _Spy(self.store, stops)
@@ -311,7 +311,7 @@ class BackgroundTests(StoreTestCase):
         self.assertNoResult(d)
         self.clock.advance(3)
         self.successResultOf(d)
-        self.assertEqual(stops, ["stop"])
+        self.assertEqual(stops, ["record:en_curso", "record:ok", "stop"])
         rec = self.stored("bg")
         assert rec is not None
         self.assertEqual(rec.estado, "ok")
@@ -616,6 +616,10 @@ class _Spy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+    def record(self, record: Record) -> None:
+        self._calls.append(f"record:{record.estado}")
+        self._store.record(record)
 
     def stop(self) -> Deferred[None]:
         self._calls.append("stop")

@@ -235,6 +235,7 @@ class SQLStore:
         self._streak = 0
         self._reads = 0
         self._waiters: List[Deferred[None]] = []
+        self._readers: List[Deferred[None]] = []
         self._purger: Optional[LoopingCall] = None
         self._stopping = False
         self._upsert = dialect.sql(_UPSERT)
@@ -375,6 +376,9 @@ class SQLStore:
     def _migrated(self, previous: int) -> None:
         self._writing = None
         self.ready = True
+        readers, self._readers = self._readers, []
+        for d in readers:
+            d.callback(None)
         self._streak = 0
         if previous != SCHEMA_VERSION:
             log.info("Results store {store}: schema upgraded from version {old} to {new}",
@@ -426,6 +430,9 @@ class SQLStore:
             pending=len(pending), delay=delay,
         )
         self._wake()
+        readers, self._readers = self._readers, []
+        for d in readers:
+            d.errback(failure)
         if not self._stopping:
             self._timer = self.clock.callLater(delay, self._attempt)
 
@@ -443,10 +450,19 @@ class SQLStore:
             record = self._writing.get(key)
         if record is not None:
             return succeed(record)
-        if self._pool is None or not self.ready or self._reads >= self.max_reads:
+        pool = self._pool
+        if pool is None or self._reads >= self.max_reads or (
+            not self.ready and self._streak
+        ):
             return _unavailable(tarea_id)
         self._reads += 1
-        d: Deferred[Any] = self._pool.runQuery(self._select, (owner, tarea_id))
+        if self.ready:
+            d: Deferred[Any] = pool.runQuery(self._select, (owner, tarea_id))
+        else:
+            # Just started: read once the schema is there.
+            d = Deferred()
+            self._readers.append(d)
+            d.addCallback(lambda _: pool.runQuery(self._select, (owner, tarea_id)))
         d.addTimeout(self.read_timeout, self.clock)
 
         def done(result: Any) -> Any:
