@@ -351,8 +351,8 @@ class Session:
                 now = orch.clock.seconds()
                 store.record(Record(
                     self.owner, tarea_id, tasktype.name, request.arg, ERROR,
-                    self._recorded_peer(), now, huella=huella, codigo=error.codigo,
-                    mensaje=error.mensaje, iniciada=now, terminada=now,
+                    self._recorded_peer(), now, now, now, None, None, error.codigo,
+                    error.mensaje, huella,
                 ))
             raise error
         if type(outcome) is tuple:
@@ -363,8 +363,8 @@ class Session:
                 now = orch.clock.seconds()
                 store.record(Record(
                     self.owner, tarea_id, tasktype.name, request.arg, OK,
-                    self._recorded_peer(), now, huella=huella, resultado=outcome[0],
-                    worker=outcome[1], iniciada=now, terminada=now,
+                    self._peer_text or self._recorded_peer(), now, now, now, outcome[0],
+                    outcome[1], None, None, huella,
                 ))
             return wire.TaskResult(tarea_id, outcome[0], outcome[1])
 
@@ -374,7 +374,7 @@ class Session:
             now = orch.clock.seconds()
             record = Record(
                 self.owner, tarea_id, tasktype.name, request.arg, RUNNING,
-                self._recorded_peer(), now, huella=huella, iniciada=now,
+                self._recorded_peer(), now, now, None, None, None, None, None, huella,
             )
             store.record(record)
         task = _Task(request, self, work, sampled, started, record)

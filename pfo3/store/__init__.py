@@ -80,27 +80,28 @@ class Record:
 
     def __init__(
         self, owner: str, tarea_id: str, tipo: str, contenido: Any, estado: str,
-        peer: str, aceptada: float, *,
-        huella: Optional[str] = None, resultado: Any = None, codigo: Optional[str] = None,
-        mensaje: Optional[str] = None, worker: Any = None,
-        iniciada: Optional[float] = None, terminada: Optional[float] = None,
-        contenido_truncado: bool = False,
+        peer: str, aceptada: float, iniciada: Optional[float] = None,
+        terminada: Optional[float] = None, resultado: Any = None, worker: Any = None,
+        codigo: Optional[str] = None, mensaje: Optional[str] = None,
+        huella: Optional[str] = None, contenido_truncado: bool = False,
     ) -> None:
+        # Positional parameters, in this order, are the cheap way to build one
+        # per task (the orchestrator passes them so).
         self.owner = owner
         self.tarea_id = tarea_id
         self.tipo = tipo
         self.contenido = contenido
-        self.contenido_truncado = contenido_truncado
-        self.huella = huella
         self.estado = estado
-        self.resultado = resultado
-        self.codigo = codigo
-        self.mensaje = mensaje
-        self.worker = worker
         self.peer = peer
         self.aceptada = aceptada
         self.iniciada = iniciada
         self.terminada = terminada
+        self.resultado = resultado
+        self.worker = worker
+        self.codigo = codigo
+        self.mensaje = mensaje
+        self.huella = huella
+        self.contenido_truncado = contenido_truncado
 
     @property
     def key(self) -> tuple[str, str]:

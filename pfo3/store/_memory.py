@@ -25,8 +25,8 @@ def purge_interval(max_age: float) -> float:
 @implementer(IStore)
 class MemoryStore:
     """
-    Records in a dict, in the order tasks were accepted, bounded by count
-    (the oldest record goes first) and by age (L{purge}, every
+    Records in a dict, in the order their ids were first recorded, bounded
+    by count (the oldest id goes first) and by age (L{purge}, every
     L{purge_interval} on the clock).  Nothing is written to disk: a restart
     forgets everything.
     """
@@ -58,15 +58,13 @@ class MemoryStore:
         self.purge(self.clock.seconds() - self.max_age)
 
     def record(self, record: Record) -> None:
+        # A task under an id already recorded keeps that id's place in the
+        # order of eviction (cheaper than moving it to the end).
         records = self._records
-        key = (record.owner, record.tarea_id)
-        if records.get(key) is not record:
-            # A new task, or a new one under an old id: it goes to the end.
-            records.pop(key, None)
-            records[key] = record
-            if len(records) > self.max_records:
-                del records[next(iter(records))]
-                self.evicted += 1
+        records[(record.owner, record.tarea_id)] = record
+        if len(records) > self.max_records:
+            del records[next(iter(records))]
+            self.evicted += 1
 
     def get(self, owner: str, tarea_id: str) -> Deferred[Optional[Record]]:
         return succeed(self._records.get((owner, tarea_id)))
