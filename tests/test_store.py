@@ -311,3 +311,41 @@ def test_database_goes_away_and_comes_back(pg_database: Database) -> Any:  # noq
     count = pg_database.query("SELECT count(*) FROM pfo3_tareas")
     assert count == [(21,)]
     yield store.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_texts_no_database_can_hold(make: Make) -> Any:
+    """
+    A C{tarea_id} with a lone surrogate (JSON input may carry one) and a
+    message with NUL are recorded and found again under the same id; they
+    never make a batch fail.
+    """
+    store = make()
+    yield store.start()
+    odd = "id-\ud800-\x00"
+    store.record(rec(odd, "error", codigo="tarea_fallida", mensaje="nul \x00 aquí",
+                     resultado=None))
+    store.record(rec("normal"))
+    yield store.flush()
+    found = yield store.get(ANONYMOUS, odd)
+    assert found is not None and found.estado == "error"
+    assert (yield store.get(ANONYMOUS, "normal")) is not None
+    assert getattr(store, "dropped", 0) == 0
+    yield store.stop()
+
+
+def test_which_failures_are_retried() -> None:
+    """
+    A batch is retried when the database could not be reached or was busy,
+    dropped when the database refuses its data.
+    """
+    import sqlite3
+
+    from twisted.enterprise.adbapi import ConnectionLost
+
+    from pfo3.store._sql import SQLITE
+
+    assert SQLITE.transient(sqlite3.OperationalError("database is locked"))
+    assert SQLITE.transient(ConnectionLost())
+    assert not SQLITE.transient(sqlite3.IntegrityError("NOT NULL constraint failed"))
+    assert SQLITE.transient(RuntimeError("anything else"))

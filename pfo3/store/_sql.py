@@ -22,6 +22,7 @@ wait for any of it.
 from __future__ import annotations
 
 import json
+import sys
 from json.encoder import encode_basestring as _quote
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -88,6 +89,32 @@ _SELECT = (
 _PURGE = "DELETE FROM pfo3_tareas WHERE COALESCE(terminada, aceptada) < %s"
 
 
+def _executemany(txn: Any, upsert: str, rows: List[Tuple[Any, ...]]) -> None:
+    txn.executemany(upsert, rows)
+
+
+_COLS = ", ".join(COLUMNS)
+_PG_BATCH = (
+    "CREATE TEMP TABLE IF NOT EXISTS pfo3_lote (LIKE pfo3_tareas) ON COMMIT DELETE ROWS",
+    f"COPY pfo3_lote ({_COLS}) FROM STDIN",
+    f"INSERT INTO pfo3_tareas ({_COLS}) SELECT {_COLS} FROM pfo3_lote"
+    " ON CONFLICT (owner, tarea_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[2:]),
+)
+
+
+def _copy(txn: Any, upsert: str, rows: List[Tuple[Any, ...]]) -> None:
+    # COPY into a temporary table, then one upsert from it: about a tenth
+    # of the client CPU of an executemany (psycopg adapts each parameter
+    # in Python; COPY rows are formatted in C).
+    create, copy, insert = _PG_BATCH
+    txn.execute(create)
+    with txn.copy(copy) as out:
+        for row in rows:
+            out.write_row(row)
+    txn.execute(insert)
+
+
 class Dialect:
     """
     What one database does differently.
@@ -99,18 +126,38 @@ class Dialect:
     @ivar sql: Turns a statement written with C{%s} into this module's style.
     @ivar schema_lock: A statement that serialises schema upgrades between
         processes, or L{None}.
+    @ivar write: C{write(txn, upsert, rows)} writes one batch.
     """
 
     def __init__(
         self, name: str, module: str,
         pool_args: Callable[[str], Tuple[Tuple[Any, ...], Dict[str, Any]]],
         sql: Callable[[str], str], schema_lock: Optional[str],
+        write: Callable[[Any, str, List[Tuple[Any, ...]]], None] = _executemany,
     ) -> None:
         self.name = name
         self.module = module
         self.pool_args = pool_args
         self.sql = sql
         self.schema_lock = schema_lock
+        self.write = write
+
+    def transient(self, error: BaseException) -> bool:
+        """
+        @return: Whether a failed batch is worth retrying: the database could
+            not be reached or was busy, as opposed to refusing the data.
+        """
+        if isinstance(error, adbapi.ConnectionLost):
+            return True
+        module = sys.modules.get(self.module)
+        if module is None:
+            return True
+        kinds = tuple(getattr(module, n) for n in ("OperationalError", "InterfaceError")
+                      if hasattr(module, n))
+        database_error = getattr(module, "DatabaseError", None)
+        if database_error is not None and isinstance(error, database_error):
+            return isinstance(error, kinds)
+        return True
 
 
 def _sqlite_open(conn: Any) -> None:
@@ -141,20 +188,39 @@ POSTGRESQL = Dialect(
     "postgresql", "psycopg", _pg_args, lambda s: s,
     # Any constant key: orchestrators sharing a database upgrade one at a time.
     "SELECT pg_advisory_xact_lock(7081633)",
+    _copy,
 )
+
+
+def _clean(text: Optional[str]) -> Optional[str]:
+    """
+    @return: C{text} as a database can hold it: a lone surrogate (JSON input
+        may carry one) becomes its C{\\uXXXX} escape and NUL becomes
+        C{\\u0000}, so that no client's text can make a batch fail for ever.
+    """
+    if text is None:
+        return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    return text
 
 
 def _json(value: Any) -> Optional[str]:
     if value is None:
         return None
     if type(value) is str:
-        return _quote(value)
+        return _clean(_quote(value))
     if type(value) is int:
         return int.__repr__(value)
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        return _clean(json.dumps(value, ensure_ascii=False, allow_nan=False))
     except (TypeError, ValueError):
-        return _quote(repr(value))
+        return _clean(_quote(repr(value)))
 
 
 def _row(r: Record) -> Tuple[Any, ...]:
@@ -164,9 +230,10 @@ def _row(r: Record) -> Tuple[Any, ...]:
         contenido = contenido[:MAX_CONTENIDO]
         truncado = True
     return (
-        r.owner, r.tarea_id, r.tipo, contenido, int(truncado), r.huella, r.estado,
-        _json(r.resultado) if r.estado == "ok" else None, r.codigo, r.mensaje,
-        _json(r.worker), r.peer, r.aceptada, r.iniciada, r.terminada,
+        _clean(r.owner), _clean(r.tarea_id), _clean(r.tipo), contenido, int(truncado),
+        r.huella, r.estado, _json(r.resultado) if r.estado == "ok" else None, r.codigo,
+        _clean(r.mensaje), _json(r.worker), _clean(r.peer), r.aceptada, r.iniciada,
+        r.terminada,
     )
 
 
@@ -352,7 +419,7 @@ class SQLStore:
         d.addCallbacks(self._written, self._failed)
 
     def _write(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
-        txn.executemany(self._upsert, rows)
+        self.dialect.write(txn, self._upsert, rows)
 
     def _migrate(self, txn: Any) -> int:
         sql = self.dialect.sql
@@ -406,6 +473,18 @@ class SQLStore:
     def _failed(self, failure: Failure) -> None:
         batch, self._writing = self._writing or {}, None
         self.failures += 1
+        if self.ready and not self.dialect.transient(failure.value):
+            # The database refuses this data: retrying would fail for ever
+            # and hold up every later update.
+            self._drop(len(batch))
+            log.error(
+                "Results store {store}: a batch of {n} updates was refused ({error}); "
+                "dropped", store=self.describe(), n=len(batch),
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+            self._wake()
+            self._next()
+            return
         self._streak += 1
         # Put the batch back behind anything newer, within the bound.
         pending = self._pending
@@ -457,12 +536,13 @@ class SQLStore:
             return _unavailable(tarea_id)
         self._reads += 1
         if self.ready:
-            d: Deferred[Any] = pool.runQuery(self._select, (owner, tarea_id))
+            d: Deferred[Any] = pool.runQuery(self._select, (_clean(owner), _clean(tarea_id)))
         else:
             # Just started: read once the schema is there.
             d = Deferred()
             self._readers.append(d)
-            d.addCallback(lambda _: pool.runQuery(self._select, (owner, tarea_id)))
+            d.addCallback(
+                lambda _: pool.runQuery(self._select, (_clean(owner), _clean(tarea_id))))
         d.addTimeout(self.read_timeout, self.clock)
 
         def done(result: Any) -> Any:
