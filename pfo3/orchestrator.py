@@ -253,6 +253,8 @@ class Session:
         self._pending: Dict[str, _Task] = {}
         # Durable tasks whose reply this connection waits for.
         self._waiting: Dict[str, Deferred[wire.Reply]] = {}
+        # Store lookups (op: estado) not yet answered.
+        self._lookups = 0
         self.closed = False
 
     @property
@@ -267,7 +269,7 @@ class Session:
         """
         Tasks of this connection accepted and not yet answered.
         """
-        return len(self._pending) + len(self._waiting)
+        return len(self._pending) + len(self._waiting) + self._lookups
 
     def _recorded_peer(self) -> str:
         # The address learnt first (a PROXY header comes before any task).
@@ -413,7 +415,15 @@ class Session:
             return wire.ControlResult(tarea_id, record.describe())
 
         d: Deferred[Any] = store.get(self.owner, tarea_id)
-        return d.addCallback(found)
+        d.addCallback(found)
+        if not d.called:
+            self._lookups += 1
+            d.addBoth(self._looked_up)
+        return d
+
+    def _looked_up(self, result: Any) -> Any:
+        self._lookups -= 1
+        return result
 
     def _durable(self, request: wire.TaskRequest) -> Deferred[wire.Reply]:
         """

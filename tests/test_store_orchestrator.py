@@ -209,6 +209,21 @@ class EstadoTests(StoreTestCase):
         send(a, op="estado")
         self.assertEqual(replies(ta)[0]["codigo"], "tarea_id_invalido")
 
+    def test_half_close_waits_for_a_slow_lookup(self) -> None:
+        """
+        A client that ends its input right after C{op: estado} gets the
+        answer of a store that takes its time, then the connection closes.
+        """
+        slow: Deferred[Optional[Record]] = Deferred()
+        self.orch.store = _Slow(slow)  # type: ignore[assignment]
+        a, ta = connect(self.factory)
+        send(a, op="estado", tarea_id="x")
+        a.readConnectionLost()
+        self.assertFalse(ta.disconnecting)
+        slow.callback(None)
+        self.assertEqual(replies(ta)[0]["codigo"], "tarea_desconocida")
+        self.assertTrue(ta.disconnecting)
+
     def test_store_unavailable(self) -> None:
         """
         A store that cannot answer makes C{op: estado} fail with
@@ -607,6 +622,14 @@ class _Unavailable:
         d: Deferred[Optional[Record]] = Deferred()
         d.errback(StoreUnavailable("El almacén no responde.", tarea_id))
         return d
+
+
+class _Slow:
+    def __init__(self, d: Deferred[Optional[Record]]) -> None:
+        self.d = d
+
+    def get(self, owner: str, tarea_id: str) -> Deferred[Optional[Record]]:
+        return self.d
 
 
 class _Spy:

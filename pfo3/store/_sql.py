@@ -389,7 +389,7 @@ class SQLStore:
             )
 
     def flush(self) -> Deferred[None]:
-        if not self._pending and self._writing is None and self.ready:
+        if self._pool is None or (not self._pending and self._writing is None and self.ready):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
