@@ -6,19 +6,25 @@ They run on the real reactor: the SQL stores use adbapi's threads.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock, deferLater
 from zope.interface.verify import verifyObject
 
+from pfo3 import wire
 from pfo3.errors import StoreUnavailable
+from pfo3.executor import LocalExecutor
+from pfo3.orchestrator import Orchestrator
 from pfo3.store import ANONYMOUS, IStore, MemoryStore, Record, SQLStore, from_url
-from pfo3.store._sql import MAX_CONTENIDO, POSTGRESQL, SCHEMA_VERSION
+from pfo3.store._sql import MAX_CONTENIDO, POSTGRESQL, SCHEMA_VERSION, SQLITE
+from pfo3.tasks import default_registry
+from pfo3.testing import SynchronousThreadPool
 
 from .conftest import free_port
 from .pgdb import Database, pg_database  # noqa: F401
@@ -349,3 +355,66 @@ def test_which_failures_are_retried() -> None:
     assert SQLITE.transient(ConnectionLost())
     assert not SQLITE.transient(sqlite3.IntegrityError("NOT NULL constraint failed"))
     assert SQLITE.transient(RuntimeError("anything else"))
+
+
+@pytest.fixture(params=["memory", _SQLITE, _POSTGRESQL])
+def clocked(request: Any, tmp_path: Path) -> Iterator[Tuple[IStore, Clock]]:
+    """
+    A store of each kind whose timers (batches, the periodic purge) run on
+    a fake clock, with a retention of 100 s; its database work still runs
+    on adbapi's threads and the real reactor.
+    """
+    clock = Clock()
+    store: IStore
+    if request.param == "memory":
+        store = MemoryStore(clock, max_age=100)
+    elif request.param == "sqlite":
+        store = SQLStore(SQLITE, str(tmp_path / "s.db"), clock, max_age=100, reactor=reactor)
+    else:
+        db: Database = request.getfixturevalue("pg_database")
+        store = SQLStore(POSTGRESQL, db.url, clock, max_age=100, reactor=reactor)
+    yield store, clock
+    pool = getattr(store, "_pool", None)
+    if pool is not None and pool.running:
+        pool.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_orchestrator_on_every_store(clocked: Tuple[IStore, Clock]) -> Any:
+    """
+    On every store: a background task is answered C{aceptada} and its end
+    is read with C{op: estado} from another connection; resubmitting it
+    replays the recorded reply without running it; the periodic purge
+    forgets it once it is older than the retention.
+    """
+    store, clock = clocked
+    yield store.start()
+    registry = default_registry(entry_points=False)
+    orch = Orchestrator(registry, LocalExecutor(reactor, SynchronousThreadPool()), reactor,
+                        store=store)
+    a = orch.session()
+    request = wire.decode_request(
+        b'{"tarea_id": "bg", "tipo": "sleep", "contenido": 0.05, "esperar": false}', registry)
+    accepted = yield maybeDeferred(a.handle, request)
+    assert isinstance(accepted, wire.AcceptedResult)
+    a.close()
+    yield _sleep(0.2)
+    yield store.flush()
+    b = orch.session()
+    estado = yield maybeDeferred(
+        b.handle, wire.decode_request(b'{"op": "estado", "tarea_id": "bg"}', registry))
+    assert (estado.resultado["estado"], estado.resultado["resultado"]) == (
+        "ok", "Esperé 0.05 segundos")
+    before = orch.completed
+    again = yield maybeDeferred(b.handle, wire.decode_request(
+        b'{"tarea_id": "bg", "tipo": "sleep", "contenido": 0.05, "esperar": true}', registry))
+    assert again.resultado == "Esperé 0.05 segundos" and orch.completed == before
+    # The store's clock reads 0 and the task ended now (real time): move the
+    # fake clock past the end plus the retention, then let the purge run.
+    clock.advance(time.time() + 100 + 11)
+    for _ in range(50):
+        if (yield store.get(ANONYMOUS, "bg")) is None:
+            break
+        yield _sleep(0.05)
+    assert (yield store.get(ANONYMOUS, "bg")) is None
+    yield store.stop()
