@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["pfo3", "pfo3.amqp", "twisted.plugins"],
+    packages=["pfo3", "pfo3.amqp", "pfo3.store", "twisted.plugins"],
     package_data={"pfo3": ["py.typed"], "twisted": ["plugins/pfo3_plugin.py"]},
     install_requires=[
         "twisted[tls]>=22.10",
@@ -23,7 +23,11 @@ setup(
             "ruff>=0.4",
             "mypy>=1.8",
             "mypy-zope>=1.0",
+            # The store's tests run against a real PostgreSQL too.
+            "psycopg[binary]>=3.2,<3.4",
         ],
+        # --store postgresql://...: the range the tests ran against.
+        "postgresql": ["psycopg[binary]>=3.2,<3.4"],
         "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3"],
     },
     entry_points={

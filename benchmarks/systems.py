@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -113,8 +114,64 @@ FLOOR = System(
     _floor,
 )
 
+#: The PostgreSQL server the C{pfo3-store-pg} system records into (a
+#: database C{pfo3_bench} on it is dropped and created anew for each run).
+BENCH_PG = os.environ.get("PFO3_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _pfo3_store(url: Callable[[int], str]) -> Callable[[int], List[List[str]]]:
+    def commands(port: int) -> List[List[str]]:
+        return [_pfo3(port)[0] + ["--store", url(port)]]
+
+    return commands
+
+
+def _sqlite_url(port: int) -> str:
+    return "sqlite:" + os.path.join(tempfile.mkdtemp(prefix="pfo3-bench-"), "pfo3.db")
+
+
+def _pg_url(port: int) -> str:
+    import psycopg
+
+    with psycopg.connect(f"{BENCH_PG}/postgres", autocommit=True, connect_timeout=5) as c:
+        c.execute("DROP DATABASE IF EXISTS pfo3_bench WITH (FORCE)")
+        c.execute("CREATE DATABASE pfo3_bench")
+    return f"{BENCH_PG}/pfo3_bench"
+
+
+def _pg_available() -> Optional[str]:
+    try:
+        import psycopg
+
+        psycopg.connect(f"{BENCH_PG}/postgres", connect_timeout=3).close()
+    except Exception as e:  # ImportError, or the server does not answer
+        return f"no PostgreSQL at {BENCH_PG}: {e}"
+    return None
+
+
+def _store_system(
+    name: str, what: str, url: Callable[[int], str],
+    available: Callable[[], Optional[str]] = _always,
+) -> System:
+    return System(
+        name, f"pfo3 --store {what}",
+        f"pfo3 in local mode recording every task in the results store `--store {what}`.",
+        _pfo3_store(url), env={"PYTHONPATH": REPO}, available=available,
+        idle_memory=False, burst=False,
+    )
+
+
+PFO3_STORE_NONE = _store_system("pfo3-store-none", "none", lambda port: "none")
+PFO3_STORE_MEMORY = _store_system("pfo3-store-memory", "memory:", lambda port: "memory:")
+PFO3_STORE_SQLITE = _store_system("pfo3-store-sqlite", "sqlite:PATH", _sqlite_url)
+PFO3_STORE_PG = _store_system(
+    "pfo3-store-pg", "postgresql://…", _pg_url, available=_pg_available)
+
 #: Every system the suite knows, in report order.
-SYSTEMS: List[System] = [PFO3, PFO3_POOL, SEED, FLOOR]
+SYSTEMS: List[System] = [
+    PFO3, PFO3_POOL, SEED, FLOOR,
+    PFO3_STORE_NONE, PFO3_STORE_MEMORY, PFO3_STORE_SQLITE, PFO3_STORE_PG,
+]
 
 
 def baseline(checkout: str) -> System:

@@ -122,6 +122,40 @@ class UnknownOperation(Pfo3Error):
     codigo = "op_desconocida"
 
 
+class InvalidWait(Pfo3Error):
+    """C{esperar} is present but neither C{true} nor C{false}."""
+
+    codigo = "esperar_invalido"
+
+
+# --- the results store ----------------------------------------------------
+
+
+class TaskNotFound(Pfo3Error):
+    """
+    C{op: estado} names a C{tarea_id} of which the store (and this server)
+    knows nothing: never submitted by this owner, not recorded, or purged.
+    """
+
+    codigo = "tarea_desconocida"
+
+
+class TaskIdInUse(Pfo3Error):
+    """
+    A durable task (one sent with C{esperar}) reuses the C{tarea_id} of an
+    earlier durable task of the same owner with a different C{tipo} or
+    C{contenido}.
+    """
+
+    codigo = "tarea_id_en_uso"
+
+
+class StoreUnavailable(Pfo3Error):
+    """The results store did not answer a lookup in time (or failed)."""
+
+    codigo = "almacen_no_disponible"
+
+
 # --- execution and policy -------------------------------------------------
 
 

@@ -18,7 +18,9 @@ canceller then do.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
@@ -35,9 +37,23 @@ from pfo3.errors import (
     InternalError,
     Pfo3Error,
     ShuttingDown,
+    TaskIdInUse,
+    TaskNotFound,
     TaskTimeout,
+    error_from_reply,
 )
 from pfo3.executor import IExecutor
+from pfo3.store import (
+    ABANDONED,
+    ANONYMOUS,
+    ERROR,
+    OK,
+    REPLAYABLE,
+    RUNNING,
+    TIMEOUT,
+    IStore,
+    Record,
+)
 from pfo3.tasks import TaskRegistry
 
 #: What L{Session.handle} answers: a reply, or a Deferred of one.
@@ -63,6 +79,7 @@ class Orchestrator:
         timeout: float = 30.0,
         max_tasks: int = 50_000,
         log_every: int = 0,
+        store: Optional[IStore] = None,
     ) -> None:
         """
         @param registry: The task types accepted.
@@ -76,6 +93,8 @@ class Orchestrator:
         @param log_every: Log one structured event for every N-th task
             (C{0}: none; C{1}: all).  Off by default: an event per task costs
             more than an inline task.
+        @param store: Records every task (L{None}: recording off); it also
+            answers C{op: estado} and durable resubmissions.
         """
         self.registry = registry
         self.executor = executor
@@ -86,6 +105,10 @@ class Orchestrator:
         self.active = 0
         self.draining = False
         self.completed = 0
+        self.store = store
+        # Durable tasks (sent with "esperar") of this orchestrator not yet
+        # answered, by (owner, tarea_id): a resubmission attaches to them.
+        self._jobs: Dict[Tuple[str, str], _Durable] = {}
         self._counter = itertools.count(1)
         self._sessions: Set[Session] = set()
         self._idle: List[Deferred[None]] = []
@@ -96,14 +119,18 @@ class Orchestrator:
         self._timer: Optional[IDelayedCall] = None
         self._expiring = False
 
-    def session(self, peer: Callable[[], str] = lambda: "-") -> Session:
+    def session(
+        self, peer: Callable[[], str] = lambda: "-", owner: str = ANONYMOUS
+    ) -> Session:
         """
         @param peer: Describes the client in logs.  Called only when a log
             event needs it, so that it can see an address learnt after the
             connection was made (the PROXY protocol header).
+        @param owner: Whose tasks these are in the store: the authenticated
+            identity, L{ANONYMOUS} without authentication.
         @return: A new session for one connection.
         """
-        s = Session(self, peer)
+        s = Session(self, peer, owner)
         self._sessions.add(s)
         return s
 
@@ -192,11 +219,11 @@ class _Task:
     Deferred of its reply.
     """
 
-    __slots__ = ("request", "session", "work", "reply", "done", "sampled", "started")
+    __slots__ = ("request", "session", "work", "reply", "done", "sampled", "started", "record")
 
     def __init__(
         self, request: wire.TaskRequest, session: Session, work: Deferred[Any],
-        sampled: bool, started: float,
+        sampled: bool, started: float, record: Optional[Record],
     ) -> None:
         self.request = request
         self.session = session
@@ -205,19 +232,29 @@ class _Task:
         self.done = False
         self.sampled = sampled
         self.started = started
+        self.record = record
 
 
 class Session:
     """
     The tasks of one connection.
 
+    @ivar owner: Whose tasks these are (see L{pfo3.store.ANONYMOUS}).
     @ivar closed: The connection is gone; replies are no longer given.
     """
 
-    def __init__(self, orchestrator: Orchestrator, peer: Callable[[], str]) -> None:
+    def __init__(
+        self, orchestrator: Orchestrator, peer: Callable[[], str], owner: str = ANONYMOUS
+    ) -> None:
         self.orchestrator = orchestrator
+        self.owner = owner
         self._peer = peer
+        self._peer_text: Optional[str] = None
         self._pending: Dict[str, _Task] = {}
+        # Durable tasks whose reply this connection waits for.
+        self._waiting: Dict[str, Deferred[wire.Reply]] = {}
+        # Store lookups (op: estado) not yet answered.
+        self._lookups = 0
         self.closed = False
 
     @property
@@ -232,7 +269,14 @@ class Session:
         """
         Tasks of this connection accepted and not yet answered.
         """
-        return len(self._pending)
+        return len(self._pending) + len(self._waiting) + self._lookups
+
+    def _recorded_peer(self) -> str:
+        # The address learnt first (a PROXY header comes before any task).
+        text = self._peer_text
+        if text is None:
+            text = self._peer_text = self._peer()
+        return text
 
     def handle(self, request: wire.Request) -> MaybeDeferredReply:
         """
@@ -246,13 +290,24 @@ class Session:
         if type(request) is not wire.TaskRequest:
             assert type(request) is wire.ControlRequest
             return self._control(request)
-        orch = self.orchestrator
+        if request.esperar is not None:
+            return self._durable(request)
         tarea_id = request.tarea_id
-        if tarea_id in self._pending:
+        if tarea_id in self._pending or tarea_id in self._waiting:
             raise DuplicateTaskId(
                 f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
                 tarea_id,
             )
+        self._admit(request)
+        return self._start(request, None)
+
+    def _admit(self, request: wire.TaskRequest) -> None:
+        """
+        @raise Pfo3Error: if the task is refused before it runs (shutting
+            down, too many tasks, declared too long).
+        """
+        orch = self.orchestrator
+        tarea_id = request.tarea_id
         if orch.draining:
             raise ShuttingDown("El servidor se está apagando y no acepta tareas nuevas.", tarea_id)
         busy = orch.active + orch.executor.abandoned
@@ -271,6 +326,17 @@ class Session:
                     f"límite de {orch.timeout:g} s.",
                     tarea_id,
                 )
+
+    def _start(self, request: wire.TaskRequest, huella: Optional[str]) -> MaybeDeferredReply:
+        """
+        Run an admitted task, recording it in the store.
+
+        @param huella: The fingerprint of a durable task, else L{None}.
+        """
+        orch = self.orchestrator
+        tarea_id = request.tarea_id
+        tasktype = request.tasktype
+        store = orch.store
         sampled = False
         started = 0.0
         if orch.log_every:
@@ -283,15 +349,37 @@ class Session:
             error = self._as_error(Failure(), request)
             if sampled:
                 self._log_task(request, None, error.codigo, started)
+            if store is not None:
+                now = orch.clock.seconds()
+                store.record(Record(
+                    self.owner, tarea_id, tasktype.name, request.arg, ERROR,
+                    self._recorded_peer(), now, now, now, None, None, error.codigo,
+                    error.mensaje, huella,
+                ))
             raise error
         if type(outcome) is tuple:
             orch.completed += 1
             if sampled:
                 self._log_task(request, outcome[1], "ok", started)
+            if store is not None:
+                now = orch.clock.seconds()
+                store.record(Record(
+                    self.owner, tarea_id, tasktype.name, request.arg, OK,
+                    self._peer_text or self._recorded_peer(), now, now, now, outcome[0],
+                    outcome[1], None, None, huella,
+                ))
             return wire.TaskResult(tarea_id, outcome[0], outcome[1])
 
         work: Deferred[Any] = outcome  # type: ignore[assignment]
-        task = _Task(request, self, work, sampled, started)
+        record = None
+        if store is not None:
+            now = orch.clock.seconds()
+            record = Record(
+                self.owner, tarea_id, tasktype.name, request.arg, RUNNING,
+                self._recorded_peer(), now, now, None, None, None, None, None, huella,
+            )
+            store.record(record)
+        task = _Task(request, self, work, sampled, started, record)
         orch.active += 1
         self._pending[tarea_id] = task
         orch._watch(task)
@@ -299,10 +387,78 @@ class Session:
                           errbackArgs=(task,))
         return task.reply
 
-    def _control(self, request: wire.ControlRequest) -> wire.ControlResult:
+    def _control(self, request: wire.ControlRequest) -> MaybeDeferredReply:
         if request.op == "ping":
             return wire.ControlResult(request.tarea_id, "pong")
+        if request.op == "estado":
+            return self._estado(request)
         return wire.ControlResult(request.tarea_id, self.orchestrator.registry.describe())
+
+    def _estado(self, request: wire.ControlRequest) -> MaybeDeferredReply:
+        """
+        The recorded state of one of this owner's tasks: a durable task in
+        flight here, else what the store has.
+        """
+        tarea_id = request.tarea_id
+        assert tarea_id is not None
+        orch = self.orchestrator
+        job = orch._jobs.get((self.owner, tarea_id))
+        if job is not None:
+            return wire.ControlResult(tarea_id, job.describe())
+        store = orch.store
+        if store is None:
+            raise _not_found(tarea_id)
+
+        def found(record: Optional[Record]) -> wire.Reply:
+            if record is None:
+                raise _not_found(tarea_id)
+            return wire.ControlResult(tarea_id, record.describe())
+
+        d: Deferred[Any] = store.get(self.owner, tarea_id)
+        d.addCallback(found)
+        if not d.called:
+            self._lookups += 1
+            d.addBoth(self._looked_up)
+        return d
+
+    def _looked_up(self, result: Any) -> Any:
+        self._lookups -= 1
+        return result
+
+    def _durable(self, request: wire.TaskRequest) -> Deferred[wire.Reply]:
+        """
+        A task sent with C{esperar}: it belongs to its owner, not to this
+        connection.  A resubmission of one in flight here attaches to it;
+        one the store holds as finished gets the recorded reply.
+        """
+        tarea_id = request.tarea_id
+        if tarea_id in self._pending or tarea_id in self._waiting:
+            raise DuplicateTaskId(
+                f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
+                tarea_id,
+            )
+        orch = self.orchestrator
+        if orch.draining:
+            raise ShuttingDown("El servidor se está apagando y no acepta tareas nuevas.", tarea_id)
+        huella = fingerprint(request)
+        key = (self.owner, tarea_id)
+        job = orch._jobs.get(key)
+        new = job is None
+        if job is None:
+            job = orch._jobs[key] = _Durable(orch, key, request, self._peer, huella)
+        elif job.huella != huella:
+            raise _in_use(tarea_id)
+        d = job.wait(bool(request.esperar))
+        if new:
+            job.start()
+        if not d.called:
+            self._waiting[tarea_id] = d
+            d.addBoth(self._unwait, tarea_id)
+        return d
+
+    def _unwait(self, result: Any, tarea_id: str) -> Any:
+        self._waiting.pop(tarea_id, None)
+        return result
 
     def _work_ok(self, outcome: Any, task: _Task) -> None:
         if not task.done:
@@ -323,7 +479,29 @@ class Session:
         task.done = True
         request = task.request
         del self._pending[request.tarea_id]
-        self.orchestrator._finished()
+        orch = self.orchestrator
+        record = task.record
+        if record is not None and orch.store is not None:
+            record.terminada = orch.clock.seconds()
+            if isinstance(reply, wire.TaskResult):
+                record.estado = OK
+                record.resultado = reply.resultado
+                record.worker = reply.worker
+            elif reply is None:
+                record.estado = ABANDONED
+            else:
+                assert isinstance(reply, Pfo3Error)
+                record.codigo = reply.codigo
+                record.mensaje = reply.mensaje
+                if isinstance(reply, TaskTimeout):
+                    record.estado = TIMEOUT
+                elif isinstance(reply, ShuttingDown):
+                    record.estado = ABANDONED
+                else:
+                    record.estado = ERROR
+            orch.store.record(record)
+        # Last: once no task is in flight, a stopping server flushes the store.
+        orch._finished()
         if task.sampled:
             if isinstance(reply, wire.TaskResult):
                 self._log_task(request, reply.worker, "ok", task.started)
@@ -399,7 +577,180 @@ class Session:
     def close(self) -> None:
         """
         The connection is gone: give up on its tasks, answering nothing.
+        Durable tasks it waited for go on (their replies go nowhere).
         """
         self.closed = True
+        self._waiting.clear()
         self.cancel_all()
         self.orchestrator._sessions.discard(self)
+
+
+def fingerprint(request: wire.TaskRequest) -> str:
+    """
+    @return: What identifies a durable task besides its C{tarea_id}: its
+        C{tipo} and C{contenido}, hashed.
+    """
+    text = json.dumps([request.tasktype.name, request.arg], sort_keys=True,
+                      ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _not_found(tarea_id: str) -> TaskNotFound:
+    return TaskNotFound(f"No hay registro de la tarea {tarea_id!r}.", tarea_id)
+
+
+def _in_use(tarea_id: str) -> TaskIdInUse:
+    return TaskIdInUse(
+        f"La tarea {tarea_id!r} ya existe con otro tipo o contenido; use otro tarea_id.",
+        tarea_id,
+    )
+
+
+def replay(record: Record) -> Union[wire.TaskResult, Pfo3Error]:
+    """
+    @return: The reply recorded for a finished task.
+    """
+    if record.estado == OK:
+        return wire.TaskResult(record.tarea_id, record.resultado, record.worker)
+    return error_from_reply(
+        {"codigo": record.codigo, "mensaje": record.mensaje, "tarea_id": record.tarea_id})
+
+
+class _Durable:
+    """
+    A durable task (sent with C{esperar}) of this orchestrator, from its
+    first submission until it is answered: it runs once, in a session of its
+    own that no connection closes, and every client that submitted it (or
+    resubmitted it meanwhile) gets the reply.
+
+    @ivar ran: Whether it was admitted and started here (as opposed to
+        refused, or answered from the store).
+    """
+
+    def __init__(
+        self, orchestrator: Orchestrator, key: Tuple[str, str], request: wire.TaskRequest,
+        peer: Callable[[], str], huella: str,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.key = key
+        self.request = request
+        self.peer = peer
+        self.huella = huella
+        self.ran = False
+        self.record: Optional[Record] = None
+        self._accepted: List[Deferred[wire.Reply]] = []
+        self._final: List[Deferred[wire.Reply]] = []
+        self._session: Optional[Session] = None
+
+    def describe(self) -> Dict[str, Any]:
+        """
+        @return: Its state for C{op: estado}.
+        """
+        if self.record is not None:
+            return self.record.describe()
+        return {"estado": RUNNING if self.ran else "aceptada",
+                "tipo": self.request.tasktype.name}
+
+    def wait(self, esperar: bool) -> Deferred[wire.Reply]:
+        """
+        @param esperar: C{False} to be answered C{aceptada} once it runs.
+        @return: A Deferred of this client's reply.
+        """
+        d: Deferred[wire.Reply] = Deferred()
+        if esperar:
+            self._final.append(d)
+        elif self.ran:
+            d.callback(wire.AcceptedResult(self.request.tarea_id))
+        else:
+            self._accepted.append(d)
+        return d
+
+    def start(self) -> None:
+        """
+        Look for an earlier run in the store, then replay it or run.
+        """
+        store = self.orchestrator.store
+        if store is None:
+            self._run()
+            return
+        d = store.get(*self.key)
+        d.addCallbacks(self._found, self._lookup_failed)
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        log.warn("Durable task {tarea_id}: store lookup failed ({error}); running it",
+                 tarea_id=self.request.tarea_id, error=failure.getErrorMessage())
+        self._run()
+
+    def _found(self, record: Optional[Record]) -> None:
+        if record is not None and record.huella is not None:
+            if record.huella != self.huella:
+                self._answer(_in_use(self.request.tarea_id))
+                return
+            if record.estado in REPLAYABLE:
+                self._answer(replay(record))
+                return
+        self._run()
+
+    def _run(self) -> None:
+        orch = self.orchestrator
+        request = self.request
+        session = Session(orch, self.peer, self.key[0])
+        try:
+            session._admit(request)
+        except Pfo3Error as e:
+            self._answer(e)
+            return
+        self.ran = True
+        orch._sessions.add(session)
+        self._session = session
+        try:
+            reply = session._start(request, self.huella)
+        except Pfo3Error as e:
+            self._answer(e)
+            return
+        if type(reply) is not Deferred:
+            self._answer(reply)  # type: ignore[arg-type]
+            return
+        task = session._pending.get(request.tarea_id)
+        self.record = task.record if task is not None else None
+        accepted, self._accepted = self._accepted, []
+        for d in accepted:
+            d.callback(wire.AcceptedResult(request.tarea_id))
+        reply.addCallbacks(self._answer, self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, Pfo3Error):
+            log.failure("Durable task {tarea_id} failed unexpectedly", failure,
+                        tarea_id=self.request.tarea_id)
+            error = InternalError("Error interno al ejecutar la tarea.", self.request.tarea_id)
+        self._answer(error)
+
+    def _answer(self, reply: Union[wire.Reply, Pfo3Error]) -> None:
+        """
+        Answer every client of this task: those that asked not to wait get
+        C{aceptada} if it ran here (even if it is already over), the
+        recorded reply or the refusal otherwise; the others get its reply.
+        """
+        orch = self.orchestrator
+        if orch._jobs.get(self.key) is self:
+            del orch._jobs[self.key]
+        if self._session is not None:
+            orch._sessions.discard(self._session)
+        accepted, self._accepted = self._accepted, []
+        final, self._final = self._final, []
+        tarea_id = self.request.tarea_id
+        for d in accepted:
+            if self.ran:
+                d.callback(wire.AcceptedResult(tarea_id))
+            else:
+                _give(d, reply)
+        for d in final:
+            _give(d, reply)
+
+
+def _give(d: Deferred[wire.Reply], reply: Union[wire.Reply, Pfo3Error]) -> None:
+    if isinstance(reply, Pfo3Error):
+        d.errback(Failure(reply))
+    else:
+        d.callback(reply)

@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +24,9 @@ log = Logger(namespace="pfo3")
 #: Seconds that clients get to take their last replies once every task has
 #: been answered or cancelled; connections still open then are dropped.
 CLOSE_GRACE = 5.0
+
+#: Seconds the results store gets to write what is pending at stop.
+STORE_FLUSH_TIMEOUT = 5.0
 
 
 def count(n: int, noun: str) -> str:
@@ -43,7 +46,10 @@ class TaskServerService(MultiService):
     connection finishes the tasks it has in flight, writes their replies and
     closes.  Tasks still running after C{shutdown_timeout} seconds, or at
     once on a second SIGTERM/SIGINT, are cancelled (those clients get
-    C{apagando}).  Then the executor stops.
+    C{apagando}).  Background tasks (sent with C{"esperar": false}) are
+    waited for the same way, connection or not.  Then the results store
+    writes what is pending (for up to L{STORE_FLUSH_TIMEOUT} seconds) and the
+    executor stops.
     """
 
     def __init__(
@@ -88,6 +94,9 @@ class TaskServerService(MultiService):
             gc.freeze()
             gc.set_threshold(self.gc_threshold, *gc.get_threshold()[1:])
         self.executor.start()
+        store = self.orchestrator.store
+        if store is not None:
+            store.start()
         super().startService()
         idle = self.factory.idle_timeout
         if idle:
@@ -108,6 +117,7 @@ class TaskServerService(MultiService):
         self._take_signals()
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._drain())
+        d.addBoth(self._stop_store)
         d.addBoth(self._stop_executor)
         return d
 
@@ -121,6 +131,8 @@ class TaskServerService(MultiService):
                 tasks=count(orch.active, "task"),
             )
         d = self.factory.finish_all()
+        # Then the background tasks, which no connection waits for.
+        d.addCallback(lambda _: orch.drain())
         d.addTimeout(self.shutdown_timeout, self.clock)
         return d.addErrback(self._late)
 
@@ -152,6 +164,27 @@ class TaskServerService(MultiService):
             self.factory.abort_all()
 
         return d.addErrback(abort)
+
+    def _stop_store(self, result: Any) -> Deferred[Any]:
+        """
+        Let the store write what is pending, for a bounded time; whatever
+        happens, go on stopping.
+        """
+        store = self.orchestrator.store
+        if store is None:
+            return succeed(result)
+        d: Deferred[Any] = maybeDeferred(store.stop)
+        d.addTimeout(STORE_FLUSH_TIMEOUT, self.clock)
+
+        def failed(f: Failure) -> None:
+            log.error(
+                "pfo3 stopping: the results store did not finish writing "
+                "({pending} updates pending): {error}",
+                pending=store.pending, error=f.getErrorMessage() or f.type.__name__,
+            )
+
+        d.addErrback(failed)
+        return d.addCallback(lambda _: result)
 
     def _stop_executor(self, result: Any) -> Deferred[Any]:
         executor = self.executor

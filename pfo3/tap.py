@@ -17,6 +17,7 @@ from pfo3.framing import DEFAULT_MAX_BUFFERED
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
+from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
 
 DEFAULT_PORT = "tcp:9000"
@@ -93,6 +94,15 @@ class Options(usage.Options):
         ["backlog", None, DEFAULT_BACKLOG,
          "Listen queue length for tcp:, ssl: and unix: endpoints that set no "
          "backlog= of their own (the kernel caps it at net.core.somaxconn).", int],
+        ["store", None, "memory:",
+         "Where every task is recorded (for op: estado, background and "
+         "idempotent tasks): memory: (bounded, nothing on disk), sqlite:PATH, "
+         "postgresql://user@host:port/db (shared by several servers) or none.", str],
+        ["store-max-age", None, DEFAULT_MAX_AGE,
+         "Seconds a finished task stays recorded before the periodic purge "
+         "forgets it.", float],
+        ["store-max-records", None, DEFAULT_MAX_RECORDS,
+         "Records the memory: store keeps at most (the oldest go first).", int],
         ["log-tasks", None, 0,
          "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
          "every N-th task; 0 logs none, 1 logs all.", int],
@@ -146,6 +156,10 @@ class Options(usage.Options):
             raise usage.UsageError("--gc-threshold must be 0 or more")
         if self["log-tasks"] < 0:
             raise usage.UsageError("--log-tasks must be 0 or more")
+        if self["store-max-records"] < 1:
+            raise usage.UsageError("--store-max-records must be at least 1")
+        if not 0 < self["store-max-age"] < float("inf"):
+            raise usage.UsageError("--store-max-age must be a positive number of seconds")
         if self["broker"]:
             check_broker(self)
         from twisted.internet import reactor
@@ -155,6 +169,7 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, with_backlog(description, self["backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
+        from_url(self["store"], reactor)  # raises UsageError; touches no database
 
 
 def makeService(options: Options, reactor: Any = None) -> TaskServerService:
@@ -184,6 +199,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         timeout=options["timeout"],
         max_tasks=options["max-tasks"],
         log_every=options["log-tasks"],
+        store=from_url(options["store"], reactor, max_age=options["store-max-age"],
+                       max_records=options["store-max-records"], reactor=reactor),
     )
     factory = TaskFactory(
         orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"],

@@ -31,6 +31,7 @@ from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.executor import LocalExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
+from pfo3.store import IStore
 from pfo3.tasks import TaskRegistry, default_registry
 
 
@@ -78,18 +79,23 @@ def make_server(
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     inline: bool = True,
     idle_timeout: float = 0.0,
+    store: Optional[IStore] = None,
 ) -> TaskFactory:
     """
     A real pfo3 server factory running on fakes: time moves only when the
     test calls C{factory.orchestrator.clock.advance}, and blocking tasks run
     synchronously.
+
+    @param store: Records the tasks (a L{pfo3.store.MemoryStore} on the same
+        fake clock, typically); none by default.
     """
     if reactor is None:
         reactor = FakeReactor()
     if registry is None:
         registry = default_registry(entry_points=False)
     executor = LocalExecutor(reactor, SynchronousThreadPool(), inline=inline)
-    orchestrator = Orchestrator(registry, executor, reactor, timeout=timeout, max_tasks=max_tasks)
+    orchestrator = Orchestrator(
+        registry, executor, reactor, timeout=timeout, max_tasks=max_tasks, store=store)
     return TaskFactory(orchestrator, max_line, max_inflight, idle_timeout)
 
 

@@ -28,6 +28,7 @@ from pfo3.errors import (
     InvalidJSON,
     InvalidTaskId,
     InvalidUTF8,
+    InvalidWait,
     MissingType,
     NotAnObject,
     Pfo3Error,
@@ -40,7 +41,7 @@ from pfo3.tasks import MISSING, TaskRegistry, TaskType
 MAX_TASK_ID = 256
 
 #: Control operations a request may name in its C{op} field.
-OPERATIONS = ("ping", "tipos")
+OPERATIONS = ("ping", "tipos", "estado")
 
 def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"JSON inválido: {name} no es un valor de JSON estándar.")
@@ -80,14 +81,20 @@ class TaskRequest:
     @ivar tarea_id: The client's identifier, or a new UUID when it sent none.
     @ivar tasktype: The L{TaskType} that C{tipo} named.
     @ivar arg: C{contenido} as the task type's validator returned it.
+    @ivar esperar: L{None} for a plain task (the seed's kind); C{True} or
+        C{False} for a durable one (C{docs/protocol.md}, "Results store"):
+        C{False} asks for the reply C{aceptada} at once.
     """
 
-    __slots__ = ("tarea_id", "tasktype", "arg")
+    __slots__ = ("tarea_id", "tasktype", "arg", "esperar")
 
-    def __init__(self, tarea_id: str, tasktype: TaskType, arg: Any) -> None:
+    def __init__(
+        self, tarea_id: str, tasktype: TaskType, arg: Any, esperar: Optional[bool] = None
+    ) -> None:
         self.tarea_id = tarea_id
         self.tasktype = tasktype
         self.arg = arg
+        self.esperar = esperar
 
     def __repr__(self) -> str:
         return f"TaskRequest({self.tarea_id!r}, {self.tasktype.name!r}, {self.arg!r})"
@@ -148,9 +155,24 @@ class ControlResult:
         return f"ControlResult({self.tarea_id!r}, {self.resultado!r})"
 
 
+class AcceptedResult:
+    """
+    The reply to a task sent with C{"esperar": false}: accepted, running in
+    the background; C{op: estado} tells how it ended.
+    """
+
+    __slots__ = ("tarea_id",)
+
+    def __init__(self, tarea_id: str) -> None:
+        self.tarea_id = tarea_id
+
+    def __repr__(self) -> str:
+        return f"AcceptedResult({self.tarea_id!r})"
+
+
 #: A successful reply.  Errors travel as L{Pfo3Error} exceptions until
 #: L{encode_error} writes them.
-Reply = Union[TaskResult, ControlResult]
+Reply = Union[TaskResult, ControlResult, AcceptedResult]
 
 
 _SPANISH = {
@@ -217,6 +239,8 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
                 + ", ".join(OPERATIONS) + ".",
                 tarea_id,
             )
+        if op == "estado" and tarea_id is None:
+            raise InvalidTaskId("La operación 'estado' necesita 'tarea_id'.")
         return ControlRequest(op, tarea_id)
 
     if tarea_id is None:
@@ -227,6 +251,9 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
             raise MissingType("Falta el campo 'tipo'.")
         tasktype = registry.lookup(tipo)
         arg = tasktype.validate(obj.get("contenido", MISSING))
+        esperar = obj.get("esperar")
+        if esperar is not None and type(esperar) is not bool:
+            raise InvalidWait("'esperar' debe ser true o false.")
     except Pfo3Error as e:
         e.tarea_id = tarea_id
         raise
@@ -234,7 +261,7 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         # A task type's validator failed in a way it did not mean to: the
         # server's fault, not the request's.  The caller logs the cause.
         raise InternalError("Error interno al validar la tarea.", tarea_id) from e
-    return TaskRequest(tarea_id, tasktype, arg)
+    return TaskRequest(tarea_id, tasktype, arg, esperar)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -246,7 +273,9 @@ def encode_reply(reply: Reply) -> bytes:
     try:
         if type(reply) is TaskResult:
             return encode_ok(reply.tarea_id, reply.resultado, reply.worker)
-        return encode_control(reply.tarea_id, reply.resultado)
+        if type(reply) is AcceptedResult:
+            return encode_accepted(reply.tarea_id)
+        return encode_control(reply.tarea_id, reply.resultado)  # type: ignore[union-attr]
     except Exception as e:
         raise InternalError(
             "Error interno: el resultado no se puede enviar como JSON.", reply.tarea_id
@@ -275,6 +304,14 @@ def encode_ok(tarea_id: Optional[str], resultado: Any, worker: Any) -> bytes:
     return (
         '{"estado": "ok", "resultado": %s, "tarea_id": %s, "worker": %s}\n' % (res, tid, w)
     ).encode("utf-8", "backslashreplace")
+
+
+def encode_accepted(tarea_id: str) -> bytes:
+    """
+    @return: The line C{{"estado": "aceptada", "tarea_id": ...}}.
+    """
+    return ('{"estado": "aceptada", "tarea_id": %s}\n' % _quote(tarea_id)).encode(
+        "utf-8", "backslashreplace")
 
 
 def encode_control(tarea_id: Optional[str], resultado: Any) -> bytes:
@@ -316,13 +353,15 @@ def decode_reply(line: Union[bytes, str]) -> Dict[str, Any]:
 
 
 def encode_request(
-    tipo: Union[str, int], contenido: Any = MISSING, tarea_id: Optional[str] = None
+    tipo: Union[str, int], contenido: Any = MISSING, tarea_id: Optional[str] = None,
+    esperar: Optional[bool] = None,
 ) -> bytes:
     """
     Encode a task request line (for clients).
 
     @param contenido: The task's input; leave it out (L{MISSING}) to send a
         request without C{contenido}.
+    @param esperar: Send a durable task (L{None}, the default: a plain one).
     """
     req: Dict[str, Any] = {}
     if tarea_id is not None:
@@ -330,6 +369,8 @@ def encode_request(
     req["tipo"] = tipo
     if contenido is not MISSING:
         req["contenido"] = contenido
+    if esperar is not None:
+        req["esperar"] = esperar
     return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")
 
 
