@@ -359,3 +359,28 @@ def test_no_broker_gives_a_clear_error(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_store_records_tasks_run_by_workers(cluster: Cluster) -> None:
+    """
+    In distributed mode the orchestrator records the task a worker ran: a
+    background task (esperar: false) is accepted at once, and op estado
+    then shows its result and the worker that ran it.
+    """
+    cluster.worker("w1")
+    port = cluster.orchestrator("--store", "memory:")
+    client = LineSocket(port, timeout=20)
+    client.send_json({"tarea_id": "fondo", "tipo": "sleep", "contenido": 0.3,
+                      "esperar": False})
+    assert client.read_json()["estado"] == "aceptada"
+
+    def finished() -> bool:
+        client.send_json({"op": "estado", "tarea_id": "fondo"})
+        return client.read_json()["resultado"]["estado"] == "ok"
+
+    until(finished)
+    client.send_json({"op": "estado", "tarea_id": "fondo"})
+    record = client.read_json()["resultado"]
+    assert record["resultado"] == "Esperé 0.3 segundos"
+    assert record["worker"].startswith("w1/")
+    client.close()
