@@ -24,7 +24,7 @@ setup(
             "mypy>=1.8",
             "mypy-zope>=1.0",
         ],
-        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3"],
+        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3", "celery>=5.4,<6"],
     },
     entry_points={
         "console_scripts": [
