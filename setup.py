@@ -28,7 +28,7 @@ setup(
         ],
         # --store postgresql://...: the range the tests ran against.
         "postgresql": ["psycopg[binary]>=3.2,<3.4"],
-        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3"],
+        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3", "celery>=5.4,<6"],
     },
     entry_points={
         "console_scripts": [

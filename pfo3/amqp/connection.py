@@ -216,6 +216,22 @@ def _endpoint(reactor: Any, params: pika.URLParameters) -> Any:
     return endpoints.HostnameEndpoint(reactor, host.encode("idna"), port, timeout=10)
 
 
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on the broker connection, as pika's own
+    socket adapters do (its Twisted adapter leaves the socket to Twisted).
+    With it on, a small frame written while the previous one is not yet
+    acknowledged (a publish after an ack, which the broker answers with
+    nothing) waits for the broker's delayed ACK: about 40 ms per task.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            log.failure("Could not set TCP_NODELAY on the broker connection")
+
+
 class _PikaFactory(Factory):
     noisy = False
 
@@ -299,6 +315,7 @@ class Broker(Service):
         return self._service.stopService()
 
     def _prepare(self, connection: TwistedProtocolConnection) -> Deferred[Any]:
+        no_delay(connection.transport)
         ready = connection.ready
         if ready is None:
             raise RuntimeError("connection already failed")
