@@ -8,7 +8,7 @@ Clients send one JSON object per line; the server validates it, runs the task
 from typing import Any
 
 from pfo3.errors import ERROR_CODES, Pfo3Error, TaskFailed
-from pfo3.executor import LocalExecutor
+from pfo3.executor import IExecutor, LocalExecutor
 from pfo3.orchestrator import Orchestrator, Session
 from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.tasks import ASYNC, INLINE, THREAD, TaskRegistry, TaskType, default_registry
@@ -19,8 +19,7 @@ _CLIENT_NAMES = ("BlockingClient", "ConnectionClosed", "ReplyTimeout", "TaskClie
 
 
 def __getattr__(name: str) -> Any:
-    # The client is imported on first use, so that "python -m pfo3.client"
-    # does not find pfo3.client already imported by its own package.
+    # The client is imported on first use: a server never loads it.
     if name in _CLIENT_NAMES:
         from pfo3 import client
 
@@ -33,6 +32,7 @@ __all__ = [
     "BlockingClient",
     "ConnectionClosed",
     "ERROR_CODES",
+    "IExecutor",
     "INLINE",
     "LocalExecutor",
     "Orchestrator",
