@@ -199,7 +199,9 @@ def test_slow_reader_is_not_idle(tmp_path: Path) -> None:
     way round): once it reads, every reply arrives; then, idle for real, the
     connection is closed after the last reply.
     """
-    running = start_server(tmp_path, "--idle-timeout", "1")
+    # Idle timeout 2 s, client silent for 4 s: twice the timeout, with room
+    # for a loaded machine to schedule the client's sending thread late.
+    running = start_server(tmp_path, "--idle-timeout", "2")
     try:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -209,7 +211,7 @@ def test_slow_reader_is_not_idle(tmp_path: Path) -> None:
             + b"\n" for i in range(40))
         sender = threading.Thread(target=sock.sendall, args=(body,), daemon=True)
         sender.start()
-        time.sleep(3)
+        time.sleep(4)
         sock.settimeout(10)
         data = b""
         while True:
