@@ -298,10 +298,7 @@ class Session:
                 f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
                 tarea_id,
             )
-        orch = self.orchestrator
-        if (orch.draining or request.tasktype.duration is not None
-                or orch.active + orch.executor.abandoned >= orch.max_tasks):
-            self._admit(request)  # raises, or checks the declared duration
+        self._admit(request)
         return self._start(request, None)
 
     def _admit(self, request: wire.TaskRequest) -> None:

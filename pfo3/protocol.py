@@ -33,7 +33,6 @@ from pfo3 import wire
 from pfo3.errors import BufferFull, InternalError, LineTooLong, Pfo3Error
 from pfo3.framing import DEFAULT_MAX_BUFFERED, OVER_BUDGET, TOO_LONG, BufferBudget, LineSplitter
 from pfo3.orchestrator import Orchestrator, Session
-from pfo3.wire import TaskResult, encode_ok
 
 log = Logger(namespace="pfo3")
 
@@ -208,7 +207,6 @@ class TaskProtocol(LineOnlyReceiver):
         out = self._out
         session = self.session
         registry = session.orchestrator.registry
-        decode = wire.decode_request
         limit = self.max_inflight
         max_length = self.MAX_LENGTH
         i = 0
@@ -232,15 +230,8 @@ class TaskProtocol(LineOnlyReceiver):
                 if not line or line.isspace():
                     continue
                 try:
-                    reply = session.handle(decode(line, registry))
-                    if type(reply) is TaskResult:
-                        # The common case, without encode_reply's dispatch; a
-                        # result that is not JSON takes the general path.
-                        try:
-                            out.append(encode_ok(reply.tarea_id, reply.resultado, reply.worker))
-                        except Exception:
-                            out.append(wire.encode_reply(reply))
-                    elif type(reply) is Deferred:
+                    reply = session.handle(wire.decode_request(line, registry))
+                    if type(reply) is Deferred:
                         reply.addCallbacks(self._reply, self._reply_failed)
                     else:
                         out.append(wire.encode_reply(reply))  # type: ignore[arg-type]
