@@ -134,7 +134,11 @@ class TLSFiles:
     @ivar cert: The server's certificate.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, san: Optional[Sequence[str]] = ("localhost",)) -> None:
+        """
+        @param san: The DNS names of the server certificate's
+            subjectAltName; L{None} for a certificate without one.
+        """
         import datetime
 
         from cryptography import x509
@@ -162,19 +166,20 @@ class TLSFiles:
             .sign(ca_key, hashes.SHA256())
         )
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
             .issuer_name(ca_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
-                           critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False)
-            .sign(ca_key, hashes.SHA256())
         )
+        if san is not None:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in san]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
         self.ca_dir = directory / "ca"
         self.ca_dir.mkdir()
         self.ca = self.ca_dir / "ca.pem"

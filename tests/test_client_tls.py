@@ -6,7 +6,6 @@ C{pfo3-client} and from L{pfo3.client.BlockingClient}.
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 from pathlib import Path
@@ -14,58 +13,15 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
-from .conftest import RunningServer, free_port, server_env, start_server
+from .conftest import RunningServer, TLSFiles, free_port, server_env, start_server
 
 pytestmark = pytest.mark.integration
 
 
-def make_certs(directory: Path, san: Optional[List[str]]) -> Tuple[Path, Path, Path]:
-    """
-    A CA and a server certificate for CN=localhost with the given
-    subjectAltName DNS names (none at all when L{None}).
-
-    @return: The CA directory (for trustRoots), the server key and cert.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfo3 test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-               .issuer_name(ca_name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(end))
-    if san is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in san]), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    ca_dir = directory / "ca"
-    ca_dir.mkdir()
-    (ca_dir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    key_file, cert_file = directory / "server.key", directory / "server.pem"
-    key_file.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return ca_dir, key_file, cert_file
-
-
 def tls_server(tmp_path: Path, san: Optional[List[str]]) -> Tuple[RunningServer, Path]:
-    ca_dir, key, cert = make_certs(tmp_path, san)
+    files = TLSFiles(tmp_path, san)
     port = free_port()
-    endpoint = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    return start_server(tmp_path, port=port, endpoint=endpoint), ca_dir
+    return start_server(tmp_path, port=port, endpoint=files.endpoint(port)), files.ca_dir
 
 
 @pytest.fixture(params=[None, ["otherhost.example"], ["localhost"]],
