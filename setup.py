@@ -14,6 +14,9 @@ setup(
         "twisted[tls]>=22.10",
         # The AMQP client of the distributed mode (docs/distributed.md).
         "pika>=1.3.2,<1.5",
+        # JWT authentication (docs/security.md): 2.13 fixed key-confusion
+        # and 'crit' header flaws; [crypto] brings RS256/ES256.
+        "PyJWT[crypto]>=2.13,<2.16",
     ],
     extras_require={
         "test": [
@@ -34,6 +37,7 @@ setup(
         "console_scripts": [
             "pfo3-client = pfo3.cli:main",
             "pfo3-bench = pfo3.bench:main",
+            "pfo3-token = pfo3.tokens:main",
         ],
     },
     classifiers=[

@@ -89,6 +89,10 @@ class Options(usage.Options):
          float],
         ["window", None, DEFAULT_WINDOW,
          "With --batch, most tasks in flight at once.", int],
+        ["token", None, None,
+         "A JWT to authenticate with, for servers that require one (default: "
+         "the PFO3_TOKEN environment variable). Prefer the variable: a token "
+         "on the command line shows in the process list."],
     ]
 
     optFlags: List[List[Optional[str]]] = [
@@ -322,7 +326,8 @@ def _connector(reactor: Any, options: Options) -> Callable[[], Deferred[TaskClie
             timeout=int(math.ceil(timeout)) if timeout is not None else 30,
         )
     host = host_to_verify(options["endpoint"]) if options["endpoint"] else None
-    return lambda: connect(reactor, endpoint, timeout=timeout, tls_host=host)
+    token = options["token"] or os.environ.get("PFO3_TOKEN") or None
+    return lambda: connect(reactor, endpoint, timeout=timeout, tls_host=host, token=token)
 
 
 def _where(options: Options, client: Optional[TaskClient]) -> Tuple[Any, Any]:

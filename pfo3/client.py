@@ -262,9 +262,21 @@ class TaskClient(LineOnlyReceiver):
         """
         return self._control("tipos", timeout).addCallback(_resultado)
 
-    def _control(self, op: str, timeout: Optional[float]) -> Deferred[Reply]:
+    def authenticate(self, token: str, timeout: Optional[float] = None) -> Deferred[Any]:
+        """
+        Prove who this connection's tasks come from (C{op: auth}).
+
+        @return: A Deferred firing with the server's answer
+            (C{{"identidad": ..., "expira": ...}}), or failing with the
+            server's refusal (C{token_invalido}, C{token_expirado}, ...).
+        """
+        return self._control("auth", timeout, token).addCallback(_resultado)
+
+    def _control(
+        self, op: str, timeout: Optional[float], token: Optional[str] = None
+    ) -> Deferred[Reply]:
         tarea_id = f"{op}-{uuid.uuid4()}"
-        return self._send(tarea_id, wire.encode_operation(op, tarea_id), timeout)
+        return self._send(tarea_id, wire.encode_operation(op, tarea_id, token), timeout)
 
     def _send(self, tarea_id: str, line: bytes, timeout: Optional[float]) -> Deferred[Reply]:
         if self._closed_because is not None or self.transport is None:
@@ -428,6 +440,7 @@ def connect(
     timeout: Optional[float] = None,
     max_request: int = DEFAULT_MAX_LINE,
     tls_host: Optional[str] = None,
+    token: Optional[str] = None,
 ) -> Deferred[TaskClient]:
     """
     Connect to a pfo3 server.
@@ -444,6 +457,9 @@ def connect(
     @param tls_host: Over TLS, the host name the server's certificate must
         be valid for; taken from C{endpoint} when it is a C{tls:}
         description.
+    @param token: A bearer token (JWT) that the connection authenticates
+        with (C{op: auth}) before the Deferred fires; a refused token fails
+        it with the server's error and closes the connection.
     @raise ValueError: if C{endpoint} is a description Twisted cannot parse.
     @return: A Deferred firing with the connected L{TaskClient}.
     """
@@ -455,6 +471,8 @@ def connect(
         endpoint, TaskClient(reactor, max_request, host)
     )
     d.addCallback(_once_verified)
+    if token is not None:
+        d.addCallback(_authenticated, token, timeout)
     if timeout is not None:
         d.addTimeout(timeout, reactor, onTimeoutCancel=_connect_timed_out)
     return d
@@ -471,6 +489,19 @@ def _once_verified(client: TaskClient) -> Deferred[TaskClient]:
         d.errback(f)
 
     client.verified.addCallbacks(lambda _: d.callback(client), failed)
+    return d
+
+
+def _authenticated(
+    client: TaskClient, token: str, timeout: Optional[float]
+) -> Deferred[TaskClient]:
+    def refused(f: Failure) -> Failure:
+        if client.transport is not None:
+            client.transport.loseConnection()
+        return f
+
+    d = client.authenticate(token, timeout)
+    d.addCallbacks(lambda _: client, refused)
     return d
 
 
@@ -509,12 +540,15 @@ class BlockingClient:
 
     def __init__(
         self, endpoint: str, timeout: Optional[float] = 30.0, reactor: Any = None,
+        token: Optional[str] = None,
     ) -> None:
         """
         @param endpoint: As for L{connect}.
         @param timeout: Default seconds to wait for a connection or a reply;
             L{None} waits forever.
         @param reactor: The reactor; the global one by default.
+        @param token: As for L{connect}: every connection authenticates
+            with it.
         """
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -524,7 +558,8 @@ class BlockingClient:
         self.reactor = reactor
         self.timeout = timeout
         self.endpoint = endpoint
-        self._client: TaskClient = self._call(connect, reactor, endpoint, timeout)
+        self.token = token
+        self._client: TaskClient = self._connect()
 
     @property
     def client(self) -> TaskClient:
@@ -533,8 +568,12 @@ class BlockingClient:
         does with connections left idle).
         """
         if self._client.closed:
-            self._client = self._call(connect, self.reactor, self.endpoint, self.timeout)
+            self._client = self._connect()
         return self._client
+
+    def _connect(self) -> TaskClient:
+        return self._call(
+            lambda: connect(self.reactor, self.endpoint, self.timeout, token=self.token))
 
     def _call(self, f: Callable[..., Deferred[_T]], *args: Any) -> _T:
         from twisted.internet.threads import blockingCallFromThread

@@ -156,6 +156,54 @@ class StoreUnavailable(Pfo3Error):
     codigo = "almacen_no_disponible"
 
 
+# --- authentication and abuse limits ---------------------------------------
+
+
+class MissingToken(Pfo3Error):
+    """
+    The server checks tokens and this request came with none: send
+    C{{"op": "auth", "token": ...}} first, or a C{token} field.
+    """
+
+    codigo = "token_faltante"
+
+
+class InvalidToken(Pfo3Error):
+    """
+    The token's signature, algorithm, issuer, audience or claims are not
+    what the server accepts (or it is not a JWT at all).
+    """
+
+    codigo = "token_invalido"
+
+
+class ExpiredToken(Pfo3Error):
+    """The token expired (C{exp}); get a new one."""
+
+    codigo = "token_expirado"
+
+
+class Forbidden(Pfo3Error):
+    """The identity's token does not allow this task type (claim C{tipos})."""
+
+    codigo = "prohibido"
+
+
+class RateLimited(Pfo3Error):
+    """The identity started more tasks per second than it may; retry later."""
+
+    codigo = "tasa_excedida"
+
+
+class TooManyConnections(Pfo3Error):
+    """
+    The server holds as many connections as it allows, in all or from this
+    address (or unauthenticated ones); it closes this one.
+    """
+
+    codigo = "demasiadas_conexiones"
+
+
 # --- execution and policy -------------------------------------------------
 
 

@@ -30,11 +30,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3 import wire
+from pfo3.auth import ANONYMOUS_IDENTITY, IAuthenticator, Identity, OpenAuthenticator, RateLimiter
 from pfo3.errors import (
     Busy,
     DuplicateTaskId,
     ExceedsTimeout,
+    Forbidden,
     InternalError,
+    MissingToken,
     Pfo3Error,
     ShuttingDown,
     TaskIdInUse,
@@ -80,6 +83,8 @@ class Orchestrator:
         max_tasks: int = 50_000,
         log_every: int = 0,
         store: Optional[IStore] = None,
+        authenticator: Optional[IAuthenticator] = None,
+        rate: float = 0.0,
     ) -> None:
         """
         @param registry: The task types accepted.
@@ -95,6 +100,10 @@ class Orchestrator:
             more than an inline task.
         @param store: Records every task (L{None}: recording off); it also
             answers C{op: estado} and durable resubmissions.
+        @param authenticator: Checks tokens (L{None}: an open server, see
+            L{pfo3.auth}).
+        @param rate: Tasks per second each identity may start when its
+            token sets no C{tasa} (C{0}: unlimited).
         """
         self.registry = registry
         self.executor = executor
@@ -106,6 +115,11 @@ class Orchestrator:
         self.draining = False
         self.completed = 0
         self.store = store
+        self.authenticator: IAuthenticator = authenticator or OpenAuthenticator()
+        self.limiter = RateLimiter(clock.seconds, rate)
+        # Whether a task must go through identity checks even without a
+        # token of its own (see Session._authorize).
+        self.guarded = bool(self.authenticator.required or rate)
         # Durable tasks (sent with "esperar") of this orchestrator not yet
         # answered, by (owner, tarea_id): a resubmission attaches to them.
         self._jobs: Dict[Tuple[str, str], _Durable] = {}
@@ -219,12 +233,14 @@ class _Task:
     Deferred of its reply.
     """
 
-    __slots__ = ("request", "session", "work", "reply", "done", "sampled", "started", "record")
+    __slots__ = ("request", "session", "work", "reply", "done", "sampled", "started", "record",
+                 "owner")
 
     def __init__(
         self, request: wire.TaskRequest, session: Session, work: Deferred[Any],
-        sampled: bool, started: float, record: Optional[Record],
+        sampled: bool, started: float, record: Optional[Record], owner: str,
     ) -> None:
+        self.owner = owner
         self.request = request
         self.session = session
         self.work = work
@@ -239,7 +255,14 @@ class Session:
     """
     The tasks of one connection.
 
-    @ivar owner: Whose tasks these are (see L{pfo3.store.ANONYMOUS}).
+    @ivar owner: Whose tasks these are (see L{pfo3.store.ANONYMOUS}): the
+        identity the connection authenticated as.  A request with a token of
+        its own belongs to that token's identity instead.
+    @ivar identity: The identity established for the whole connection
+        (C{op: auth} or a client certificate), if any.
+    @ivar authenticated: Whether this connection proved an identity yet
+        (by C{op: auth}, a certificate or a request's own token).
+    @ivar on_authenticated: Called once, when it first does.
     @ivar closed: The connection is gone; replies are no longer given.
     """
 
@@ -248,6 +271,11 @@ class Session:
     ) -> None:
         self.orchestrator = orchestrator
         self.owner = owner
+        self.identity: Optional[Identity] = None
+        self.authenticated = False
+        self.on_authenticated: Optional[Callable[[], None]] = None
+        self._token: Optional[str] = None
+        self._guarded = orchestrator.guarded
         self._peer = peer
         self._peer_text: Optional[str] = None
         self._pending: Dict[str, _Task] = {}
@@ -290,8 +318,11 @@ class Session:
         if type(request) is not wire.TaskRequest:
             assert type(request) is wire.ControlRequest
             return self._control(request)
+        owner = self.owner
+        if self._guarded or request.token is not None:
+            owner = self._authorize(request)
         if request.esperar is not None:
-            return self._durable(request)
+            return self._durable(request, owner)
         tarea_id = request.tarea_id
         if tarea_id in self._pending or tarea_id in self._waiting:
             raise DuplicateTaskId(
@@ -299,7 +330,73 @@ class Session:
                 tarea_id,
             )
         self._admit(request)
-        return self._start(request, None)
+        return self._start(request, None, owner)
+
+    # -- identity -----------------------------------------------------------
+
+    def _identify(self, request: wire.Request) -> Identity:
+        """
+        @return: Who sends C{request}: its own token's identity, else the
+            connection's, else (on an open server) the anonymous one.
+        @raise Pfo3Error: C{token_faltante}, C{token_invalido} or
+            C{token_expirado}.
+        """
+        token = request.token or self._token
+        authenticator = self.orchestrator.authenticator
+        try:
+            if token is not None:
+                identity = authenticator.authenticate(token)
+            elif self.identity is not None:
+                return self.identity
+            elif authenticator.required:
+                raise MissingToken(
+                    "Este servidor exige autenticación: envíe {\"op\": \"auth\", "
+                    "\"token\": ...} o un campo 'token' con la solicitud.")
+            else:
+                return ANONYMOUS_IDENTITY
+        except Pfo3Error as e:
+            e.tarea_id = request.tarea_id
+            raise
+        if not self.authenticated:
+            self._authenticated()
+        return identity
+
+    def _authorize(self, request: wire.TaskRequest) -> str:
+        """
+        Check that the sender of C{request} may run it now.
+
+        @return: The owner of the task: its sender's identity.
+        @raise Pfo3Error: C{token_*}, C{prohibido} or C{tasa_excedida}.
+        """
+        identity = self._identify(request)
+        if not identity.allows(request.tasktype):
+            raise Forbidden(
+                f"La identidad {identity.name!r} no puede ejecutar tareas de tipo "
+                f"{request.tasktype.name!r}.", request.tarea_id)
+        self.orchestrator.limiter.take(identity, request.tarea_id)
+        return identity.name
+
+    def set_identity(self, identity: Identity, token: Optional[str] = None) -> None:
+        """
+        Make C{identity} the connection's: its tasks are its, checked
+        against its restrictions.
+
+        @param token: The token that proved it, checked again (expiry) with
+            each request; L{None} for an identity that does not expire
+            while connected (a client certificate).
+        """
+        self.identity = identity
+        self._token = token
+        self.owner = identity.name
+        self._guarded = True
+        if not self.authenticated:
+            self._authenticated()
+
+    def _authenticated(self) -> None:
+        self.authenticated = True
+        callback, self.on_authenticated = self.on_authenticated, None
+        if callback is not None:
+            callback()
 
     def _admit(self, request: wire.TaskRequest) -> None:
         """
@@ -327,11 +424,14 @@ class Session:
                     tarea_id,
                 )
 
-    def _start(self, request: wire.TaskRequest, huella: Optional[str]) -> MaybeDeferredReply:
+    def _start(
+        self, request: wire.TaskRequest, huella: Optional[str], owner: str
+    ) -> MaybeDeferredReply:
         """
         Run an admitted task, recording it in the store.
 
         @param huella: The fingerprint of a durable task, else L{None}.
+        @param owner: Whose task it is.
         """
         orch = self.orchestrator
         tarea_id = request.tarea_id
@@ -348,11 +448,11 @@ class Session:
             orch.completed += 1
             error = self._as_error(Failure(), request)
             if sampled:
-                self._log_task(request, None, error.codigo, started)
+                self._log_task(request, None, error.codigo, started, owner)
             if store is not None:
                 now = orch.clock.seconds()
                 store.record(Record(
-                    self.owner, tarea_id, tasktype.name, request.arg, ERROR,
+                    owner, tarea_id, tasktype.name, request.arg, ERROR,
                     self._recorded_peer(), now, now, now, None, None, error.codigo,
                     error.mensaje, huella,
                 ))
@@ -360,11 +460,11 @@ class Session:
         if type(outcome) is tuple:
             orch.completed += 1
             if sampled:
-                self._log_task(request, outcome[1], "ok", started)
+                self._log_task(request, outcome[1], "ok", started, owner)
             if store is not None:
                 now = orch.clock.seconds()
                 store.record(Record(
-                    self.owner, tarea_id, tasktype.name, request.arg, OK,
+                    owner, tarea_id, tasktype.name, request.arg, OK,
                     self._peer_text or self._recorded_peer(), now, now, now, outcome[0],
                     outcome[1], None, None, huella,
                 ))
@@ -375,11 +475,11 @@ class Session:
         if store is not None:
             now = orch.clock.seconds()
             record = Record(
-                self.owner, tarea_id, tasktype.name, request.arg, RUNNING,
+                owner, tarea_id, tasktype.name, request.arg, RUNNING,
                 self._recorded_peer(), now, now, None, None, None, None, None, huella,
             )
             store.record(record)
-        task = _Task(request, self, work, sampled, started, record)
+        task = _Task(request, self, work, sampled, started, record, owner)
         orch.active += 1
         self._pending[tarea_id] = task
         orch._watch(task)
@@ -388,21 +488,43 @@ class Session:
         return task.reply
 
     def _control(self, request: wire.ControlRequest) -> MaybeDeferredReply:
-        if request.op == "ping":
+        op = request.op
+        if op == "ping":
             return wire.ControlResult(request.tarea_id, "pong")
-        if request.op == "estado":
-            return self._estado(request)
+        if op == "auth":
+            return self._auth(request)
+        owner = self.owner
+        if self._guarded or request.token is not None:
+            owner = self._identify(request).name
+        if op == "estado":
+            return self._estado(request, owner)
         return wire.ControlResult(request.tarea_id, self.orchestrator.registry.describe())
 
-    def _estado(self, request: wire.ControlRequest) -> MaybeDeferredReply:
+    def _auth(self, request: wire.ControlRequest) -> wire.ControlResult:
         """
-        The recorded state of one of this owner's tasks: a durable task in
+        C{op: auth}: the token's identity becomes the connection's.
+        """
+        token = request.token
+        assert token is not None
+        try:
+            identity = self.orchestrator.authenticator.authenticate(token)
+        except Pfo3Error as e:
+            e.tarea_id = request.tarea_id
+            raise
+        self.set_identity(identity, token)
+        return wire.ControlResult(request.tarea_id, {
+            "identidad": identity.name or None, "expira": identity.expira,
+        })
+
+    def _estado(self, request: wire.ControlRequest, owner: str) -> MaybeDeferredReply:
+        """
+        The recorded state of one of C{owner}'s tasks: a durable task in
         flight here, else what the store has.
         """
         tarea_id = request.tarea_id
         assert tarea_id is not None
         orch = self.orchestrator
-        job = orch._jobs.get((self.owner, tarea_id))
+        job = orch._jobs.get((owner, tarea_id))
         if job is not None:
             return wire.ControlResult(tarea_id, job.describe())
         store = orch.store
@@ -414,7 +536,7 @@ class Session:
                 raise _not_found(tarea_id)
             return wire.ControlResult(tarea_id, record.describe())
 
-        d: Deferred[Any] = store.get(self.owner, tarea_id)
+        d: Deferred[Any] = store.get(owner, tarea_id)
         d.addCallback(found)
         if not d.called:
             self._lookups += 1
@@ -425,7 +547,7 @@ class Session:
         self._lookups -= 1
         return result
 
-    def _durable(self, request: wire.TaskRequest) -> Deferred[wire.Reply]:
+    def _durable(self, request: wire.TaskRequest, owner: str) -> Deferred[wire.Reply]:
         """
         A task sent with C{esperar}: it belongs to its owner, not to this
         connection.  A resubmission of one in flight here attaches to it;
@@ -441,7 +563,7 @@ class Session:
         if orch.draining:
             raise ShuttingDown("El servidor se está apagando y no acepta tareas nuevas.", tarea_id)
         huella = fingerprint(request)
-        key = (self.owner, tarea_id)
+        key = (owner, tarea_id)
         job = orch._jobs.get(key)
         new = job is None
         if job is None:
@@ -504,10 +626,10 @@ class Session:
         orch._finished()
         if task.sampled:
             if isinstance(reply, wire.TaskResult):
-                self._log_task(request, reply.worker, "ok", task.started)
+                self._log_task(request, reply.worker, "ok", task.started, task.owner)
             else:
                 estado = reply.codigo if isinstance(reply, Pfo3Error) else "abandonada"
-                self._log_task(request, None, estado, task.started)
+                self._log_task(request, None, estado, task.started, task.owner)
         if reply is None:
             return
         if isinstance(reply, Pfo3Error):
@@ -550,14 +672,14 @@ class Session:
         return InternalError("Error interno al ejecutar la tarea.", tarea_id)
 
     def _log_task(
-        self, request: wire.TaskRequest, worker: Any, estado: str, started: float
+        self, request: wire.TaskRequest, worker: Any, estado: str, started: float, owner: str
     ) -> None:
         log.info(
             "tarea {tarea_id} tipo={tipo} worker={worker} estado={estado} "
-            "duracion={duration:.6f}s peer={peer}",
+            "duracion={duration:.6f}s peer={peer} identidad={identity}",
             tarea_id=request.tarea_id, tipo=request.tasktype.name, worker=worker,
             estado=estado, duration=self.orchestrator.clock.seconds() - started,
-            peer=self.peer,
+            peer=self.peer, identity=owner or "-",
         )
 
     def cancel_all(self, reason: Optional[Pfo3Error] = None) -> None:
@@ -704,7 +826,7 @@ class _Durable:
         orch._sessions.add(session)
         self._session = session
         try:
-            reply = session._start(request, self.huella)
+            reply = session._start(request, self.huella, self.key[0])
         except Pfo3Error as e:
             self._answer(e)
             return

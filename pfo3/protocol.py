@@ -17,7 +17,7 @@ L{pfo3.framing.BufferBudget}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -32,6 +32,7 @@ from zope.interface import implementer
 from pfo3 import wire
 from pfo3.errors import BufferFull, InternalError, LineTooLong, Pfo3Error
 from pfo3.framing import DEFAULT_MAX_BUFFERED, OVER_BUDGET, TOO_LONG, BufferBudget, LineSplitter
+from pfo3.gate import Gate
 from pfo3.orchestrator import Orchestrator, Session
 
 log = Logger(namespace="pfo3")
@@ -58,6 +59,9 @@ class TaskProtocol(LineOnlyReceiver):
     factory: TaskFactory
     session: Session
     transport: Any  # a transport that is also a push producer and consumer
+    #: Called with the first bytes received, before they are read; the
+    #: connection goes on only if it returns true (see L{pfo3.gate.Gate}).
+    on_first_data: Optional[Callable[[TaskProtocol], bool]] = None
 
     def __init__(self) -> None:
         self._held: List[Optional[bytes]] = []
@@ -76,12 +80,24 @@ class TaskProtocol(LineOnlyReceiver):
         self.last_active = self.factory.clock.seconds()
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
+        self.factory.gate.connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._splitter.release()
         self._held.clear()
         self.session.close()
+        self.factory.gate.disconnected(self)
         self.factory._lost(self)
+
+    def refuse(self, error: Pfo3Error) -> None:
+        """
+        Answer C{error} and close, reading nothing more.
+        """
+        if self.transport.disconnecting:
+            return
+        self._held.clear()
+        self.transport.write(wire.encode_error(error))
+        self.close()
 
     def readConnectionLost(self) -> None:
         """
@@ -166,6 +182,10 @@ class TaskProtocol(LineOnlyReceiver):
     # -- input ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.on_first_data is not None:
+            hook, self.on_first_data = self.on_first_data, None
+            if not hook(self):
+                return
         self.last_active = self.factory.clock.seconds()
         splitter = self._splitter
         self._held.extend(splitter.feed(data))
@@ -326,6 +346,7 @@ class TaskFactory(_FactoryBase):
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         idle_timeout: float = 0.0,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        gate: Optional[Gate] = None,
     ) -> None:
         """
         @param idle_timeout: L{close_idle} closes connections that have had
@@ -335,6 +356,8 @@ class TaskFactory(_FactoryBase):
             connections may hold together (L{budget}); past it, a connection
             whose unfinished line grows beyond a few KiB is answered
             C{buffer_lleno} and the rest of that line is dropped.
+        @param gate: The connection limits (L{None}: L{pfo3.gate.Gate}'s
+            defaults, and authentication as the orchestrator requires).
         """
         self.orchestrator = orchestrator
         self.clock = orchestrator.clock
@@ -342,6 +365,8 @@ class TaskFactory(_FactoryBase):
         self.max_inflight = max_inflight
         self.idle_timeout = idle_timeout
         self.budget = BufferBudget(max_buffered)
+        self.gate = gate if gate is not None else Gate(
+            self.clock, auth_required=orchestrator.authenticator.required)
         self.protocols: Set[TaskProtocol] = set()
         self._all_closed: List[Deferred[None]] = []
 

@@ -110,6 +110,7 @@ class TaskServerService(MultiService):
             workers=self.executor.workers, timeout=orch.timeout,
             tipos=", ".join(t.name for t in orch.registry),
         )
+        log.info("pfo3 {auth}", auth=orch.authenticator.describe())
 
     def stopService(self) -> Deferred[None]:
         if self._sweeper is not None and self._sweeper.running:

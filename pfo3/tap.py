@@ -4,6 +4,7 @@ Configuration: C{twistd pfo3} options and the service they build.
 
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -12,8 +13,17 @@ from twisted.python import usage
 
 from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
 from pfo3.amqp.tap import topology as broker_topology
+from pfo3.auth import DEFAULT_LEEWAY, IAuthenticator, authenticator_from_options
 from pfo3.executor import DaemonThreadPool, IExecutor, LocalExecutor
 from pfo3.framing import DEFAULT_MAX_BUFFERED
+from pfo3.gate import (
+    DEFAULT_AUTH_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_PROXIES,
+    Gate,
+    parse_networks,
+)
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
@@ -108,6 +118,39 @@ class Options(usage.Options):
          "every N-th task; 0 logs none, 1 logs all.", int],
     ]
 
+    # Authentication and abuse limits (docs/security.md).
+    optParameters += [
+        ["jwt-secret-file", None, None,
+         "Require a JWT with every task, signed with HS256 and the secret in "
+         "this file (at least 32 bytes). The environment variable "
+         "PFO3_JWT_SECRET may hold the secret instead. Without it or "
+         "--jwt-public-key the server is open (its start-up log says so)."],
+        ["jwt-public-key", None, None,
+         "Require a JWT with every task, signed with RS256 or ES256 and "
+         "checked with the PEM public key in this file."],
+        ["jwt-issuer", None, None, "Accept only tokens whose 'iss' is this."],
+        ["jwt-audience", None, None, "Accept only tokens whose 'aud' names this."],
+        ["jwt-leeway", None, DEFAULT_LEEWAY,
+         "Seconds of clock skew tolerated on a token's 'exp' and 'nbf'.", float],
+        ["rate-limit", None, 0.0,
+         "Tasks per second each identity may start (a token's 'tasa' claim "
+         "sets its own); past it tasks are answered 'tasa_excedida'. 0: no "
+         "limit. Without authentication all clients are one identity.", float],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "Open connections in all; past it new ones are answered "
+         "'demasiadas_conexiones' and closed. 0: no limit.", int],
+        ["max-connections-per-peer", None, 0,
+         "Open connections per client address (behind HAProxy, the address "
+         "in its PROXY header). 0: no limit (clients behind one NAT share an "
+         "address).", int],
+        ["max-unauthenticated", None, DEFAULT_MAX_UNAUTHENTICATED,
+         "With authentication on: connections that have not authenticated "
+         "yet; past it new ones are refused.", int],
+        ["auth-timeout", None, DEFAULT_AUTH_TIMEOUT,
+         "With authentication on: seconds a connection may stay without "
+         "authenticating before it is closed.", float],
+    ]
+
     optParameters += [
         ["broker", "b", None,
          "Distributed mode: publish tasks to this RabbitMQ (amqp://USER:PASSWORD@"
@@ -130,6 +173,19 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
+        self["proxy-from"] = []
+
+    def opt_proxy_from(self, network: str) -> None:
+        """
+        Believe PROXY headers on haproxy: endpoints only from this address
+        or network (repeatable; default 127.0.0.0/8 and ::1: HAProxy on this
+        machine). Anyone else reaching a haproxy: port is disconnected.
+        """
+        try:
+            parse_networks([network])
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-from: {e}")
+        self["proxy-from"].append(network)
 
     def opt_port(self, endpoint: str) -> None:
         """
@@ -160,6 +216,16 @@ class Options(usage.Options):
             raise usage.UsageError("--store-max-records must be at least 1")
         if not 0 < self["store-max-age"] < float("inf"):
             raise usage.UsageError("--store-max-age must be a positive number of seconds")
+        for name in ("max-connections", "max-connections-per-peer"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 or more")
+        if self["max-unauthenticated"] < 1:
+            raise usage.UsageError("--max-unauthenticated must be at least 1")
+        for name in ("auth-timeout", "jwt-leeway", "rate-limit"):
+            if not 0 <= self[name] < float("inf") or (name == "auth-timeout"
+                                                      and not self[name]):
+                raise usage.UsageError(f"--{name} must be a positive number")
+        self["authenticator"] = authenticator(self)
         if self["broker"]:
             check_broker(self)
         from twisted.internet import reactor
@@ -201,10 +267,21 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         log_every=options["log-tasks"],
         store=from_url(options["store"], reactor, max_age=options["store-max-age"],
                        max_records=options["store-max-records"], reactor=reactor),
+        authenticator=options["authenticator"],
+        rate=options["rate-limit"],
+    )
+    gate = Gate(
+        reactor,
+        max_connections=options["max-connections"],
+        max_per_peer=options["max-connections-per-peer"],
+        auth_required=orchestrator.authenticator.required,
+        max_unauthenticated=options["max-unauthenticated"],
+        auth_timeout=options["auth-timeout"],
+        proxies=parse_networks(options["proxy-from"] or DEFAULT_PROXIES),
     )
     factory = TaskFactory(
         orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"],
-        max_buffered=options["max-buffered"],
+        max_buffered=options["max-buffered"], gate=gate,
     )
     service = TaskServerService(
         factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],
@@ -215,3 +292,15 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
             reactor, with_backlog(description, options["backlog"]))
         StreamServerEndpointService(endpoint, factory).setServiceParent(service)
     return service
+
+
+
+def authenticator(options: Options) -> IAuthenticator:
+    """
+    The authenticator the options ask for (with the environment's
+    C{PFO3_JWT_SECRET}).
+    """
+    return authenticator_from_options(
+        options["jwt-secret-file"], options["jwt-public-key"], options["jwt-issuer"],
+        options["jwt-audience"], options["jwt-leeway"],
+        env_secret=os.environ.get("PFO3_JWT_SECRET"))

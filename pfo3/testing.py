@@ -28,7 +28,9 @@ from zope.interface import implementer
 
 from pfo3.amqp.connection import Delivery, IChannel, Refused, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
+from pfo3.auth import IAuthenticator
 from pfo3.executor import LocalExecutor
+from pfo3.gate import Gate
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.store import IStore
@@ -80,6 +82,9 @@ def make_server(
     inline: bool = True,
     idle_timeout: float = 0.0,
     store: Optional[IStore] = None,
+    authenticator: Optional[IAuthenticator] = None,
+    rate: float = 0.0,
+    gate: Optional[Gate] = None,
 ) -> TaskFactory:
     """
     A real pfo3 server factory running on fakes: time moves only when the
@@ -88,6 +93,11 @@ def make_server(
 
     @param store: Records the tasks (a L{pfo3.store.MemoryStore} on the same
         fake clock, typically); none by default.
+    @param authenticator: Checks tokens (see L{pfo3.auth}); an open server
+        by default.
+    @param rate: The default tasks per second of each identity.
+    @param gate: The connection limits (see L{pfo3.gate}); their defaults,
+        with authentication as C{authenticator} requires, otherwise.
     """
     if reactor is None:
         reactor = FakeReactor()
@@ -95,8 +105,9 @@ def make_server(
         registry = default_registry(entry_points=False)
     executor = LocalExecutor(reactor, SynchronousThreadPool(), inline=inline)
     orchestrator = Orchestrator(
-        registry, executor, reactor, timeout=timeout, max_tasks=max_tasks, store=store)
-    return TaskFactory(orchestrator, max_line, max_inflight, idle_timeout)
+        registry, executor, reactor, timeout=timeout, max_tasks=max_tasks, store=store,
+        authenticator=authenticator, rate=rate)
+    return TaskFactory(orchestrator, max_line, max_inflight, idle_timeout, gate=gate)
 
 
 def connect_in_memory(

@@ -27,8 +27,10 @@ from pfo3.errors import (
     InternalError,
     InvalidJSON,
     InvalidTaskId,
+    InvalidToken,
     InvalidUTF8,
     InvalidWait,
+    MissingToken,
     MissingType,
     NotAnObject,
     Pfo3Error,
@@ -41,7 +43,7 @@ from pfo3.tasks import MISSING, TaskRegistry, TaskType
 MAX_TASK_ID = 256
 
 #: Control operations a request may name in its C{op} field.
-OPERATIONS = ("ping", "tipos", "estado")
+OPERATIONS = ("ping", "tipos", "estado", "auth")
 
 def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"JSON inválido: {name} no es un valor de JSON estándar.")
@@ -84,17 +86,20 @@ class TaskRequest:
     @ivar esperar: L{None} for a plain task (the seed's kind); C{True} or
         C{False} for a durable one (C{docs/protocol.md}, "Results store"):
         C{False} asks for the reply C{aceptada} at once.
+    @ivar token: The bearer token sent with this request, if any.
     """
 
-    __slots__ = ("tarea_id", "tasktype", "arg", "esperar")
+    __slots__ = ("tarea_id", "tasktype", "arg", "esperar", "token")
 
     def __init__(
-        self, tarea_id: str, tasktype: TaskType, arg: Any, esperar: Optional[bool] = None
+        self, tarea_id: str, tasktype: TaskType, arg: Any, esperar: Optional[bool] = None,
+        token: Optional[str] = None,
     ) -> None:
         self.tarea_id = tarea_id
         self.tasktype = tasktype
         self.arg = arg
         self.esperar = esperar
+        self.token = token
 
     def __repr__(self) -> str:
         return f"TaskRequest({self.tarea_id!r}, {self.tasktype.name!r}, {self.arg!r})"
@@ -106,13 +111,15 @@ class ControlRequest:
 
     @ivar op: One of L{OPERATIONS}.
     @ivar tarea_id: Echoed in the reply when the client sent one.
+    @ivar token: The bearer token sent with this request, if any.
     """
 
-    __slots__ = ("op", "tarea_id")
+    __slots__ = ("op", "tarea_id", "token")
 
-    def __init__(self, op: str, tarea_id: Optional[str]) -> None:
+    def __init__(self, op: str, tarea_id: Optional[str], token: Optional[str] = None) -> None:
         self.op = op
         self.tarea_id = tarea_id
+        self.token = token
 
     def __repr__(self) -> str:
         return f"ControlRequest({self.op!r}, {self.tarea_id!r})"
@@ -231,6 +238,10 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
             f"'tarea_id' debe ser un texto de 1 a {MAX_TASK_ID} caracteres."
         )
 
+    token = obj.get("token")
+    if token is not None and (type(token) is not str or not token):
+        raise InvalidToken("Token inválido: 'token' debe ser un texto.", tarea_id)
+
     if "op" in obj:
         op = obj["op"]
         if op not in OPERATIONS or type(op) is not str:
@@ -241,7 +252,9 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
             )
         if op == "estado" and tarea_id is None:
             raise InvalidTaskId("La operación 'estado' necesita 'tarea_id'.")
-        return ControlRequest(op, tarea_id)
+        if op == "auth" and token is None:
+            raise MissingToken("La operación 'auth' necesita 'token'.", tarea_id)
+        return ControlRequest(op, tarea_id, token)
 
     if tarea_id is None:
         tarea_id = str(uuid.uuid4())
@@ -261,7 +274,7 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         # A task type's validator failed in a way it did not mean to: the
         # server's fault, not the request's.  The caller logs the cause.
         raise InternalError("Error interno al validar la tarea.", tarea_id) from e
-    return TaskRequest(tarea_id, tasktype, arg, esperar)
+    return TaskRequest(tarea_id, tasktype, arg, esperar, token)
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -354,7 +367,7 @@ def decode_reply(line: Union[bytes, str]) -> Dict[str, Any]:
 
 def encode_request(
     tipo: Union[str, int], contenido: Any = MISSING, tarea_id: Optional[str] = None,
-    esperar: Optional[bool] = None,
+    esperar: Optional[bool] = None, token: Optional[str] = None,
 ) -> bytes:
     """
     Encode a task request line (for clients).
@@ -362,6 +375,7 @@ def encode_request(
     @param contenido: The task's input; leave it out (L{MISSING}) to send a
         request without C{contenido}.
     @param esperar: Send a durable task (L{None}, the default: a plain one).
+    @param token: A bearer token for this request alone.
     """
     req: Dict[str, Any] = {}
     if tarea_id is not None:
@@ -371,14 +385,22 @@ def encode_request(
         req["contenido"] = contenido
     if esperar is not None:
         req["esperar"] = esperar
+    if token is not None:
+        req["token"] = token
     return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")
 
 
-def encode_operation(op: str, tarea_id: Optional[str] = None) -> bytes:
+def encode_operation(
+    op: str, tarea_id: Optional[str] = None, token: Optional[str] = None
+) -> bytes:
     """
     Encode a control request line (for clients).
+
+    @param token: A bearer token (C{op: auth} needs one).
     """
     req: Dict[str, Any] = {"op": op}
     if tarea_id is not None:
         req["tarea_id"] = tarea_id
+    if token is not None:
+        req["token"] = token
     return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")

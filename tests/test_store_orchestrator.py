@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfo3 import wire
+from pfo3.auth import Identity
 from pfo3.errors import StoreUnavailable
 from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.service import TaskServerService
@@ -498,7 +499,7 @@ class OwnerTests(StoreTestCase):
 
     def owned(self, owner: str) -> Tuple[TaskProtocol, StringTransport]:
         proto, transport = connect(self.factory)
-        proto.session.owner = owner
+        proto.session.set_identity(Identity(owner))
         return proto, transport
 
     def test_estado_of_another_owner(self) -> None:

@@ -1,0 +1,211 @@
+"""
+The gate: who may hold a connection, and for how long without proving who
+they are.
+
+A L{Gate} is shared by every connection of a server.  It applies the abuse
+limits that come before any request:
+
+  - connections in all (C{--max-connections}) and per client address
+    (C{--max-connections-per-peer}), the address being the real client's
+    behind HAProxy (from the PROXY header);
+  - a C{haproxy:} endpoint believes the PROXY header only from the proxies
+    it trusts (C{--proxy-from}); anyone else reaching it is disconnected,
+    since it could claim any address;
+  - where tokens are required, connections that have not authenticated yet
+    are capped (C{--max-unauthenticated}) and get C{--auth-timeout}
+    seconds to do so;
+  - with mutual TLS, the client certificate's subject becomes the
+    connection's identity.
+
+Refusals are a C{demasiadas_conexiones} or C{token_faltante} error line,
+then the connection closes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Union
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+
+from pfo3.auth import Identity
+from pfo3.errors import MissingToken, TooManyConnections
+
+if TYPE_CHECKING:
+    from pfo3.protocol import TaskProtocol
+
+log = Logger(namespace="pfo3")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_UNAUTHENTICATED = 1_000
+DEFAULT_AUTH_TIMEOUT = 10.0
+#: Where PROXY headers are believed from by default: this machine only.
+DEFAULT_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+def parse_networks(texts: Iterable[str]) -> List[Network]:
+    """
+    @param texts: Addresses or networks (C{10.0.0.5}, C{10.0.0.0/24},
+        C{::1}).
+    @raise ValueError: for one that is neither.
+    """
+    return [ipaddress.ip_network(t.strip(), strict=False) for t in texts]
+
+
+class Gate:
+    """
+    Connection limits shared by the connections of one server.
+
+    @ivar unauthenticated: Connections that must authenticate and have not
+        yet.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_peer: int = 0,
+        auth_required: bool = False,
+        max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+        auth_timeout: float = DEFAULT_AUTH_TIMEOUT,
+        proxies: Iterable[Network] = (),
+        certificate_identity: Optional[Callable[[Any], Optional[str]]] = None,
+    ) -> None:
+        """
+        @param max_connections: Open connections in all (C{0}: no limit).
+        @param max_per_peer: Open connections per client address (C{0}: no
+            limit).
+        @param auth_required: Whether connections must authenticate; the
+            two limits after it apply only then.
+        @param proxies: Whose PROXY headers a C{haproxy:} endpoint believes.
+        @param certificate_identity: With mutual TLS: the verified client
+            certificate's subject, given the connection's transport.
+        """
+        self.clock = clock
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.auth_required = auth_required
+        self.max_unauthenticated = max_unauthenticated
+        self.auth_timeout = auth_timeout
+        self.proxies = list(proxies) or parse_networks(DEFAULT_PROXIES)
+        self.certificate_identity = certificate_identity
+        self.open = 0
+        self.unauthenticated = 0
+        self._per_peer: Dict[str, int] = {}
+        self._hosts: Dict[TaskProtocol, str] = {}
+        self._waiting: Dict[TaskProtocol, IDelayedCall] = {}
+        self._counted: Set[TaskProtocol] = set()
+
+    def trusts(self, address: Any) -> bool:
+        """
+        @return: Whether PROXY headers from C{address} are believed.
+        """
+        if not isinstance(address, (IPv4Address, IPv6Address)):
+            return True  # a UNIX socket: whoever may open it is local
+        host = ipaddress.ip_address(address.host.split("%", 1)[0])
+        return any(host in net for net in self.proxies)
+
+    def connected(self, p: TaskProtocol) -> None:
+        """
+        A connection was made: let it in, or refuse it.
+        """
+        transport = p.transport
+        behind_proxy = isinstance(transport, HAProxyProtocolWrapper)
+        if behind_proxy:
+            real = transport.transport.getPeer()
+            if not self.trusts(real):
+                log.warn("Dropped a connection from {address} to a PROXY endpoint: "
+                         "not a trusted proxy (--proxy-from)",
+                         address=getattr(real, "host", real))
+                transport.abortConnection()
+                return
+        if self.max_connections and self.open >= self.max_connections:
+            p.refuse(TooManyConnections(
+                f"El servidor ya tiene el máximo de {self.max_connections} conexiones "
+                "abiertas. Reintente más tarde."))
+            return
+        self.open += 1
+        self._counted.add(p)
+        if self.auth_required:
+            if self.unauthenticated >= self.max_unauthenticated:
+                p.refuse(TooManyConnections(
+                    f"Hay {self.unauthenticated} conexiones sin autenticar, el máximo. "
+                    "Reintente más tarde."))
+                return
+            self.unauthenticated += 1
+            p.session.on_authenticated = lambda: self._authenticated(p)
+            self._waiting[p] = self.clock.callLater(self.auth_timeout, self._too_late, p)
+        if behind_proxy or self.certificate_identity is not None:
+            # The real address (PROXY header) and the client certificate
+            # (TLS handshake) are known once the first bytes arrive.
+            p.on_first_data = self.first_data
+        else:
+            self.first_data(p)
+
+    def first_data(self, p: TaskProtocol) -> bool:
+        """
+        The connection's first bytes arrived (or, for a plain connection,
+        it was made): count its address, read its certificate.
+
+        @return: Whether it may go on.
+        """
+        if self.certificate_identity is not None:
+            subject = self.certificate_identity(p.transport)
+            if subject:
+                p.session.set_identity(Identity.from_certificate(subject))
+        if self.max_per_peer:
+            host = _host(p.transport.getPeer())
+            count = self._per_peer.get(host, 0)
+            if count >= self.max_per_peer:
+                p.refuse(TooManyConnections(
+                    f"Ya hay {count} conexiones abiertas desde {host}, el máximo."))
+                return False
+            self._per_peer[host] = count + 1
+            self._hosts[p] = host
+        return True
+
+    def _authenticated(self, p: TaskProtocol) -> None:
+        timer = self._waiting.pop(p, None)
+        if timer is not None:
+            self.unauthenticated -= 1
+            if timer.active():
+                timer.cancel()
+
+    def _too_late(self, p: TaskProtocol) -> None:
+        if self._waiting.pop(p, None) is None:
+            return
+        self.unauthenticated -= 1
+        p.session.on_authenticated = None
+        log.info("Closing connection from {peer}: not authenticated in {timeout}s",
+                 peer=p.session.peer, timeout=self.auth_timeout)
+        p.refuse(MissingToken(
+            f"La conexión no se autenticó en {self.auth_timeout:g} s; se cierra."))
+
+    def disconnected(self, p: TaskProtocol) -> None:
+        """
+        A connection is gone: forget what it counted.
+        """
+        if p in self._counted:
+            self._counted.discard(p)
+            self.open -= 1
+        timer = self._waiting.pop(p, None)
+        if timer is not None:
+            self.unauthenticated -= 1
+            if timer.active():
+                timer.cancel()
+        host = self._hosts.pop(p, None)
+        if host is not None:
+            left = self._per_peer[host] - 1
+            if left:
+                self._per_peer[host] = left
+            else:
+                del self._per_peer[host]
+
+
+def _host(address: Any) -> str:
+    return str(getattr(address, "host", None) or getattr(address, "name", None) or "-")
