@@ -121,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:
         print(f"[ERROR] {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
+    except ValueError as e:  # a key PyJWT or cryptography cannot use
+        print(f"[ERROR] {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,9 +7,6 @@ connection gate (L{pfo3.gate.Gate}).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,6 +34,8 @@ from pfo3.protocol import TaskFactory, TaskProtocol
 from pfo3.store import MemoryStore
 from pfo3.testing import FakeReactor, make_server
 
+from .conftest import b64, connect_transport, handmade_token, take_replies
+
 SECRET = b"s" * 32
 
 
@@ -46,20 +45,6 @@ def token(claims: Optional[Dict[str, Any]] = None, key: Any = SECRET, algorithm:
     body.update(claims or {})
     body.update(extra)
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def handmade(header: Dict[str, Any], claims: Dict[str, Any], key: Optional[bytes]) -> str:
-    """
-    A token built by hand, as an attacker would: any header, signed with
-    HMAC-SHA256 over C{key} (no signature when L{None}).
-    """
-    signing = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
-    sig = "" if key is None else b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
-    return signing + "." + sig
 
 
 class JWTAuthenticatorTests(SynchronousTestCase):
@@ -103,7 +88,7 @@ class JWTAuthenticatorTests(SynchronousTestCase):
         An unsigned token (C{alg: none}) is refused.
         """
         claims = {"sub": "root", "exp": int(time.time()) + 3600}
-        unsigned = handmade({"alg": "none", "typ": "JWT"}, claims, None)
+        unsigned = handmade_token({"alg": "none", "typ": "JWT"}, claims, None)
         self.assertIn("algoritmo", self.refused(unsigned))
 
     def test_rs_hs_confusion(self) -> None:
@@ -117,7 +102,7 @@ class JWTAuthenticatorTests(SynchronousTestCase):
         auth = JWTAuthenticator.from_public_key(pem)
         claims = {"sub": "root", "exp": int(time.time()) + 3600}
         with self.assertRaises(InvalidToken):
-            auth.authenticate(handmade({"alg": "HS256", "typ": "JWT"}, claims, pem))
+            auth.authenticate(handmade_token({"alg": "HS256", "typ": "JWT"}, claims, pem))
         self.assertEqual(auth.authenticate(token(key=private, algorithm="RS256")).name, "alice")
 
     def test_expired(self) -> None:
@@ -264,9 +249,7 @@ class RateLimiterTests(SynchronousTestCase):
 
 
 def connect(factory: TaskFactory, host: str = "10.0.0.1") -> Tuple[TaskProtocol, StringTransport]:
-    proto = factory.buildProtocol(None)
-    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
-    proto.makeConnection(transport)
+    proto, transport = connect_transport(factory, IPv4Address("TCP", host, 40000))
     return proto, transport
 
 
@@ -274,10 +257,7 @@ def send(proto: TaskProtocol, **request: Any) -> None:
     proto.dataReceived(json.dumps(request).encode() + b"\n")
 
 
-def replies(transport: StringTransport) -> List[Dict[str, Any]]:
-    data = transport.value()
-    transport.clear()
-    return [json.loads(line) for line in data.splitlines()]
+replies = take_replies
 
 
 class AuthenticatedServerTests(SynchronousTestCase):
