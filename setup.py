@@ -14,6 +14,8 @@ setup(
         "twisted[tls]>=22.10",
         # The AMQP client of the distributed mode (docs/distributed.md).
         "pika>=1.3.2,<1.5",
+        # pfo3-certs (docs/security.md#tls): the range the tests ran against.
+        "cryptography>=49,<51",
     ],
     extras_require={
         "test": [
@@ -34,6 +36,7 @@ setup(
         "console_scripts": [
             "pfo3-client = pfo3.cli:main",
             "pfo3-bench = pfo3.bench:main",
+            "pfo3-certs = pfo3.certs:main",
         ],
     },
     classifiers=[
