@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
@@ -19,6 +20,9 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
+from pfo3.tlsid import is_tls, load_authorities, require_client_certificates
+
+log = Logger()
 
 DEFAULT_PORT = "tcp:9000"
 
@@ -42,6 +46,22 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind in _BACKLOG_TYPES and "backlog=" not in rest:
         return f"{description}:backlog={backlog}"
     return description
+
+
+def client_authorities(path: Optional[str], ports: List[str]) -> List[Any]:
+    """
+    @return: The certificate authorities of C{--tls-client-ca PATH}, none
+        without it.
+    @raise usage.UsageError: When they cannot be read, or no port is ssl:.
+    """
+    if path is None:
+        return []
+    if not any(is_tls(description) for description in ports):
+        raise usage.UsageError("--tls-client-ca needs at least one ssl: --port")
+    try:
+        return load_authorities(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--tls-client-ca: {e}")
 
 
 class Options(usage.Options):
@@ -118,6 +138,14 @@ class Options(usage.Options):
          "its reply queue (default: host name and process id)."],
     ] + BROKER_PARAMETERS
 
+    optParameters += [
+        ["tls-client-ca", None, None,
+         "Mutual TLS: on every ssl: port, refuse clients that do not present a "
+         "certificate signed by these certificate authorities (a PEM file, or a "
+         "folder of *.pem files such as the tls/ca that 'pfo3-certs ca' makes). "
+         "See docs/security.md."],
+    ]
+
     optFlags: List[List[Optional[str]]] = [
         ["no-inline", None,
          "Run the cheap built-in text tasks on the thread pool too, instead "
@@ -170,6 +198,7 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
         from_url(self["store"], reactor)  # raises UsageError; touches no database
+        self["client-authorities"] = client_authorities(self["tls-client-ca"], self["ports"])
 
 
 def makeService(options: Options, reactor: Any = None) -> TaskServerService:
@@ -213,5 +242,11 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
     for description in options["ports"]:
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["backlog"]))
+        if options.get("client-authorities"):
+            if is_tls(description):
+                require_client_certificates(endpoint, options["client-authorities"])
+            else:
+                log.warn("--port {port} is not ssl:, so it asks no client certificate",
+                         port=description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(service)
     return service

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -152,13 +153,13 @@ class TLSFiles:
     def client(self, identity: str) -> Any:
         """
         Make a client certificate with subject C{CN=identity}, signed by
-        this CA.
+        this CA (a new one each time).
 
         @return: Its L{pfo3.certs.KeyPairFiles}.
         """
         from pfo3.certs import make_client
 
-        return make_client(self.folder, identity)
+        return make_client(self.folder, identity, force=True)
 
     def endpoint(self, port: int, *extra: str) -> str:
         """
@@ -202,8 +203,17 @@ class LineSocket:
     A blocking socket client that speaks lines, as netcat would.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
+        tls: Optional[ssl.SSLContext] = None, server_hostname: str = "localhost",
+    ) -> None:
+        """
+        @param tls: Speak TLS with this context, checking the server's
+            certificate for C{server_hostname}.
+        """
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
