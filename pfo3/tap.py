@@ -20,7 +20,7 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
-from pfo3.tlsid import is_tls, load_authorities, require_client_certificates
+from pfo3.tlsid import is_tls
 
 log = Logger()
 
@@ -58,6 +58,8 @@ def client_authorities(path: Optional[str], ports: List[str]) -> List[Any]:
         return []
     if not any(is_tls(description) for description in ports):
         raise usage.UsageError("--tls-client-ca needs at least one ssl: --port")
+    from pfo3.tlsid import load_authorities
+
     try:
         return load_authorities(path)
     except ValueError as e:
@@ -77,7 +79,8 @@ class Options(usage.Options):
         "--port takes any Twisted server endpoint and may be repeated: "
         "tcp:9000, tcp:9000:interface=127.0.0.1, "
         "ssl:9443:privateKey=key.pem:certKey=cert.pem, unix:/tmp/pfo3.sock, "
-        "haproxy:tcp:9001 (PROXY protocol behind HAProxy). "
+        "haproxy:tcp:9001 (PROXY protocol behind HAProxy), haproxy:ssl:9443:... "
+        "(the PROXY header in clear, then TLS, as HAProxy sends them). "
         "The protocol is described in docs/protocol.md."
     )
 
@@ -242,11 +245,14 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
     for description in options["ports"]:
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["backlog"]))
-        if options.get("client-authorities"):
-            if is_tls(description):
+        if is_tls(description):
+            from pfo3.tlsid import proxy_header_before_tls, require_client_certificates
+
+            if options.get("client-authorities"):
                 require_client_certificates(endpoint, options["client-authorities"])
-            else:
-                log.warn("--port {port} is not ssl:, so it asks no client certificate",
-                         port=description)
+            endpoint = proxy_header_before_tls(endpoint)
+        elif options.get("client-authorities"):
+            log.warn("--port {port} is not ssl:, so it asks no client certificate",
+                     port=description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(service)
     return service

@@ -18,7 +18,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import endpoints, ssl
-from twisted.internet.interfaces import ISSLTransport, IStreamServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    ISSLTransport,
+    IStreamServerEndpoint,
+)
+from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 
 class NotATLSEndpoint(ValueError):
@@ -93,8 +103,9 @@ def require_client_certificates(
         listens.
     @raise NotATLSEndpoint: When C{endpoint} is not an C{ssl:} one.
     """
-    while isinstance(endpoint, endpoints._WrapperServerEndpoint):
-        endpoint = endpoint._wrappedEndpoint
+    while isinstance(endpoint, (endpoints._WrapperServerEndpoint, ProxyHeaderThenTLS)):
+        endpoint = (endpoint.tls if isinstance(endpoint, ProxyHeaderThenTLS)
+                    else endpoint._wrappedEndpoint)
     if not isinstance(endpoint, endpoints.SSL4ServerEndpoint):
         raise NotATLSEndpoint("client certificates need an ssl: endpoint")
     current = endpoint._sslContextFactory
@@ -109,6 +120,47 @@ def require_client_certificates(
         trustRoot=ssl.trustRootFromCertificates(authorities),
         **extra,
     )
+
+
+@implementer(IStreamServerEndpoint)
+class ProxyHeaderThenTLS:
+    """
+    A server endpoint that reads the PROXY protocol header in clear, then
+    speaks TLS: what HAProxy in C{mode tcp} with C{send-proxy-v2} sends.
+
+    Twisted's C{haproxy:ssl:} nests the other way (TLS first, the header
+    inside it), which HAProxy never sends.
+    """
+
+    def __init__(self, tls: endpoints.SSL4ServerEndpoint) -> None:
+        """
+        @param tls: The C{ssl:} endpoint whose port, interface, backlog and
+            TLS options to use, read when listening (after
+            L{require_client_certificates}, if any).
+        """
+        self.tls = tls
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        tls = self.tls
+        tcp = endpoints.TCP4ServerEndpoint(
+            tls._reactor, tls._port, backlog=tls._backlog, interface=tls._interface)
+        inner = TLSMemoryBIOFactory(tls._sslContextFactory, False, protocolFactory)
+        listening: Deferred[IListeningPort] = proxyEndpoint(tcp).listen(inner)
+        return listening
+
+
+def proxy_header_before_tls(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    """
+    @param endpoint: What L{endpoints.serverFromString} made of a
+        description.
+    @return: For C{haproxy:ssl:...}, a L{ProxyHeaderThenTLS} on the same
+        port with the same TLS options; any other C{endpoint} as it is.
+    """
+    if (isinstance(endpoint, endpoints._WrapperServerEndpoint)
+            and endpoint._wrapperFactory is HAProxyWrappingFactory
+            and isinstance(endpoint._wrappedEndpoint, endpoints.SSL4ServerEndpoint)):
+        return ProxyHeaderThenTLS(endpoint._wrappedEndpoint)
+    return endpoint
 
 
 def peer_certificate_identity(transport: Any) -> Optional[str]:
@@ -149,6 +201,8 @@ def peer_certificate_identity(transport: Any) -> Optional[str]:
 
 __all__ = [
     "NotATLSEndpoint",
+    "ProxyHeaderThenTLS",
+    "proxy_header_before_tls",
     "is_tls",
     "load_authorities",
     "peer_certificate_identity",

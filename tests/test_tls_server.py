@@ -22,6 +22,7 @@ from .conftest import (
     read_to_end,
     server_env,
     start_server,
+    wait_for_port,
 )
 
 pytestmark = pytest.mark.integration
@@ -258,3 +259,66 @@ def test_mtls_serves_a_client_with_a_good_certificate(
     done = subprocess.run([sys.executable, "-c", BLOCKING, endpoint], capture_output=True,
                           text=True, timeout=60, env=server_env())
     assert done.stdout.strip() == "HOLA", done
+
+
+HAPROXY_CONFIG = """\
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend pfo3
+    bind 127.0.0.1:{front}
+    default_backend orchestrators
+
+backend orchestrators
+    server s1 127.0.0.1:{port} send-proxy-v2
+"""
+
+
+def test_mtls_behind_a_real_haproxy(tmp_path: Path) -> None:
+    """
+    Behind a real HAProxy in mode tcp with send-proxy-v2 (the PROXY header
+    in clear, then the client's TLS passed through), a haproxy:ssl: port
+    with --tls-client-ca serves a client with a good certificate and logs
+    the client's own address and port from the header; a client without a
+    certificate is refused.
+    """
+    from .test_haproxy import _haproxy
+
+    (tmp_path / "server-ca").mkdir()
+    files = TLSFiles(tmp_path / "server-ca")
+    port, front = free_port(), free_port()
+    running = start_server(
+        tmp_path, "--tls-client-ca", str(files.ca_dir), "--log-tasks", "1", port=port,
+        endpoint="haproxy:" + files.endpoint(port))
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(front=front, port=port))
+    log = tmp_path / "haproxy.log"
+    with log.open("wb") as out:
+        haproxy = subprocess.Popen([_haproxy(), "-db", "-f", str(config)], stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(front, proc=haproxy)
+        conn = LineSocket(front, tls=context(files, "alice"))
+        try:
+            client_port = conn.sock.getsockname()[1]
+            conn.send_json(REQUEST)
+            assert conn.read_json()["resultado"] == "HOLA"
+        finally:
+            conn.close()
+        anonymous = LineSocket(front, tls=context(files))
+        try:
+            anonymous.send_json({**REQUEST, "tarea_id": "t2"})
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                anonymous.read_line()
+        finally:
+            anonymous.close()
+    finally:
+        haproxy.terminate()
+        haproxy.wait(10)
+        running.stop()
+    text = running.log.read_text()
+    assert f"peer=127.0.0.1:{client_port}" in text, text
+    assert "tarea t2" not in text

@@ -6,6 +6,7 @@ verified client (in process, over real loopback sockets).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any, Optional
@@ -21,13 +22,15 @@ from twisted.python import usage
 from pfo3.tap import Options
 from pfo3.tlsid import (
     NotATLSEndpoint,
+    ProxyHeaderThenTLS,
     is_tls,
     load_authorities,
     peer_certificate_identity,
+    proxy_header_before_tls,
     require_client_certificates,
 )
 
-from .conftest import LineSocket, TLSFiles
+from .conftest import TLSFiles
 
 
 @pytest.fixture
@@ -140,50 +143,82 @@ class WhoAmIFactory:
         return WhoAmI()
 
 
-def ask(port: int, files: TLSFiles, identity: Optional[str], first: bytes = b"") -> bytes:
+def ask(
+    port: int, files: TLSFiles, identity: Optional[str], inside: bytes = b"",
+    clear: bytes = b"",
+) -> bytes:
     """
-    Connect over TLS (trusting C{files}' CA, presenting C{identity}'s
-    certificate when given), send C{first} then a line, and read the answer.
+    Connect, send C{clear} before the TLS handshake, then over TLS (trusting
+    C{files}' CA, presenting C{identity}'s certificate when given) send
+    C{inside} then a line, and read the answer.
     """
     ctx = ssl.create_default_context(cafile=str(files.ca))
     if identity is not None:
         client = files.client(identity)
         ctx.load_cert_chain(str(client.cert), str(client.key))
-    conn = LineSocket(port, tls=ctx)
-    try:
-        conn.send(first + b"who\n")
-        return conn.read_line()
-    finally:
-        conn.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(clear)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(inside + b"who\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = conn.recv(4096)
+                assert chunk, answer
+                answer += chunk
+    return answer.rstrip(b"\n")
+
+
+PROXY = b"PROXY TCP4 192.0.2.7 127.0.0.1 4444 9443\r\n"
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("wrapper, first, peer", [
-    ("", b"", "127.0.0.1"),
-    ("haproxy:", b"PROXY TCP4 192.0.2.7 127.0.0.1 4444 9443\r\n", "192.0.2.7"),
-], ids=["ssl", "haproxy-ssl"])
+@pytest.mark.parametrize("wrapper, reorder, inside, clear, peer", [
+    ("", False, b"", b"", "127.0.0.1"),
+    ("haproxy:", False, PROXY, b"", "192.0.2.7"),
+    ("haproxy:", True, b"", PROXY, "192.0.2.7"),
+], ids=["ssl", "haproxy-header-inside-tls", "haproxy-header-before-tls"])
 @pytest_twisted.inlineCallbacks
 def test_identity_of_a_verified_client(
-    files: TLSFiles, wrapper: str, first: bytes, peer: str,
+    files: TLSFiles, wrapper: str, reorder: bool, inside: bytes, clear: bytes, peer: str,
 ) -> Any:
     """
-    On an ssl: endpoint that requires client certificates (bare, or inside
-    haproxy:, whose PROXY header sets the peer address), the identity of a
-    client is the subject CN of its certificate: 'alice' for alice's,
-    'bob' for bob's, on separate connections to the same port.
+    On an ssl: endpoint that requires client certificates, bare or inside
+    haproxy: (Twisted's nesting, the PROXY header inside TLS; or pfo3's,
+    proxy_header_before_tls, the header in clear first as HAProxy sends it),
+    the identity of a client is the subject CN of its certificate: 'alice'
+    for alice's, 'bob' for bob's, on separate connections to the same port;
+    and the peer address is the one the PROXY header gave.
     """
     from twisted.internet import reactor
 
     endpoint = endpoints.serverFromString(reactor, wrapper + files.endpoint(0))
     require_client_certificates(endpoint, load_authorities(files.ca_dir))
+    if reorder:
+        endpoint = proxy_header_before_tls(endpoint)
+        assert isinstance(endpoint, ProxyHeaderThenTLS)
     port = yield endpoint.listen(WhoAmIFactory())
     try:
         number = port.getHost().port
         for identity in ("alice", "bob"):
-            answer = yield deferToThread(ask, number, files, identity, first)
+            answer = yield deferToThread(ask, number, files, identity, inside, clear)
             assert answer == f"'{identity}' {peer}".encode()
     finally:
         yield port.stopListening()
+
+
+def test_only_haproxy_ssl_is_reordered(files: TLSFiles) -> None:
+    """
+    proxy_header_before_tls changes haproxy:ssl: only: ssl:, tcp: and
+    haproxy:tcp: endpoints come back as they were.
+    """
+    from twisted.internet import reactor
+
+    for description in (files.endpoint(0), "tcp:0", "haproxy:tcp:0"):
+        endpoint = endpoints.serverFromString(reactor, description)
+        assert proxy_header_before_tls(endpoint) is endpoint
+    assert isinstance(proxy_header_before_tls(
+        endpoints.serverFromString(reactor, "haproxy:" + files.endpoint(0))),
+        ProxyHeaderThenTLS)
 
 
 @pytest.mark.integration
