@@ -349,19 +349,26 @@ def parser() -> argparse.ArgumentParser:
     """
     top = argparse.ArgumentParser(
         prog=PROGRAM,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Make a development certificate authority and the certificates it signs "
-            "for pfo3 over TLS, as PEM files Twisted endpoint strings take directly. "
-            "Private keys are written readable by their owner only (0600); existing "
+            "Make a development certificate authority and the certificates it signs\n"
+            "for pfo3 over TLS, as PEM files Twisted endpoint strings take directly.\n"
+            "Private keys are written readable by their owner only (0600); existing\n"
             "files are never replaced without --force."),
-        epilog=(
-            "Start to finish: '%(prog)s ca', then '%(prog)s server --san localhost "
-            "--san 127.0.0.1', then 'twistd -n pfo3 --port ssl:9443:privateKey=tls/"
-            "server.key:certKey=tls/server.pem' and 'pfo3-client --endpoint "
-            "tls:localhost:9443:trustRoots=tls/ca ...'. For mutual TLS: "
-            "'%(prog)s client alice', the server's --tls-client-ca tls/ca, and the "
-            "client's ...:certificate=tls/clients/alice.pem:privateKey=tls/clients/"
-            "alice.key. See docs/security.md."),
+        epilog="""\
+start to finish, in the folder tls/:
+  %(prog)s ca
+  %(prog)s server --san localhost --san 127.0.0.1
+  twistd -n pfo3 --port ssl:9443:privateKey=tls/server.key:certKey=tls/server.pem
+  pfo3-client --endpoint tls:localhost:9443:trustRoots=tls/ca ...
+
+mutual TLS, the client known as alice:
+  %(prog)s client alice
+  twistd -n pfo3 --port ssl:9443:... --tls-client-ca tls/ca
+  pfo3-client --endpoint tls:localhost:9443:trustRoots=tls/ca:\\
+certificate=tls/clients/alice.pem:privateKey=tls/clients/alice.key ...
+
+'%(prog)s COMMAND --help' describes each command; docs/security.md the rest.""",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

@@ -250,6 +250,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
 
             if options.get("client-authorities"):
                 require_client_certificates(endpoint, options["client-authorities"])
+                log.info("--port {port} requires client certificates from {path}",
+                         port=description, path=options["tls-client-ca"])
             endpoint = proxy_header_before_tls(endpoint)
         elif options.get("client-authorities"):
             log.warn("--port {port} is not ssl:, so it asks no client certificate",

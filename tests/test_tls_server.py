@@ -200,6 +200,7 @@ def test_mtls_refuses_a_client_without_certificate(
     certificate, and logs no traceback.
     """
     running, files = mtls
+    assert f"requires client certificates from {files.ca_dir}" in running.log.read_text()
     assert_refused(cli(files.client_endpoint(running.port)),
                    "exige un certificado de cliente", "certificate=")
     conn = LineSocket(running.port, tls=context(files))
