@@ -6,6 +6,13 @@ Twisted's C{ssl:} server endpoint string has no field for client
 certificates (C{caCertsDir=} exists only on the C{ssl:} I{client}
 endpoint), so C{twistd pfo3 --tls-client-ca PATH} applies them to the
 C{ssl:} ports that Twisted parsed, as L{require_client_certificates} does.
+Behind HAProxy, L{ProxyHeaderThenTLS} reads the PROXY header before the TLS
+handshake, where HAProxy sends it.
+
+Both reach into the endpoints Twisted parsed (C{SSL4ServerEndpoint}'s TLS
+options, port and interface; the C{haproxy:} wrapper's inner endpoint).
+Should a Twisted release move them, the server fails to start rather than
+listen without client certificates, and the tests say so.
 """
 
 from __future__ import annotations
