@@ -161,14 +161,11 @@ class TLSFiles:
 
         return make_client(self.folder, identity, force=True)
 
-    def endpoint(self, port: int, *extra: str) -> str:
+    def endpoint(self, port: int) -> str:
         """
-        @param extra: More C{key=value} fields for the endpoint.
         @return: The C{ssl:} server endpoint for this certificate on C{port}.
         """
-        return ":".join([
-            f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}",
-            *extra])
+        return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"
 
     def client_endpoint(self, port: int, identity: Optional[str] = None) -> str:
         """
