@@ -17,6 +17,8 @@ setup(
         # JWT authentication (docs/security.md): 2.13 fixed key-confusion
         # and 'crit' header flaws; [crypto] brings RS256/ES256.
         "PyJWT[crypto]>=2.13,<2.16",
+        # pfo3-certs (docs/security.md#tls): the range the tests ran against.
+        "cryptography>=49,<51",
     ],
     extras_require={
         "test": [
@@ -38,6 +40,7 @@ setup(
             "pfo3-client = pfo3.cli:main",
             "pfo3-bench = pfo3.bench:main",
             "pfo3-token = pfo3.tokens:main",
+            "pfo3-certs = pfo3.certs:main",
         ],
     },
     classifiers=[

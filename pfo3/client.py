@@ -108,6 +108,14 @@ class ServerNotVerified(ClientError):
     """
 
 
+#: The alerts a server sends about the client's certificate (RFC 8446, 6.2).
+_CLIENT_CERTIFICATE_ALERTS = (
+    "alert unknown ca", "alert bad certificate", "alert certificate expired",
+    "alert certificate revoked", "alert certificate unknown",
+    "alert unsupported certificate", "alert access denied",
+)
+
+
 def _describe_loss(reason: Failure) -> str:
     if reason.check(ServerNotVerified):
         return str(reason.value)
@@ -122,9 +130,13 @@ def _describe_loss(reason: Failure) -> str:
             item[-1] for item in (reason.value.args[0] if reason.value.args else [])
             if isinstance(item, tuple) and item
         ]
-        return "falló la conexión TLS con el servidor (" + (
-            "; ".join(str(d) for d in details) or reason.getErrorMessage()
-        ) + ")"
+        said = "; ".join(str(d) for d in details) or reason.getErrorMessage()
+        if "certificate required" in said:
+            return (f"el servidor exige un certificado de cliente ({said}; añada "
+                    "certificate= y privateKey= al endpoint tls:)")
+        if any(alert in said for alert in _CLIENT_CERTIFICATE_ALERTS):
+            return f"el servidor rechazó el certificado de cliente ({said})"
+        return f"falló la conexión TLS con el servidor ({said})"
     return f"se perdió la conexión con el servidor ({reason.getErrorMessage()})"
 
 

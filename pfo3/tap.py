@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
@@ -29,6 +30,9 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
+from pfo3.tlsid import is_tls
+
+log = Logger()
 
 DEFAULT_PORT = "tcp:9000"
 
@@ -54,6 +58,24 @@ def with_backlog(description: str, backlog: int) -> str:
     return description
 
 
+def client_authorities(path: Optional[str], ports: List[str]) -> List[Any]:
+    """
+    @return: The certificate authorities of C{--tls-client-ca PATH}, none
+        without it.
+    @raise usage.UsageError: When they cannot be read, or no port is ssl:.
+    """
+    if path is None:
+        return []
+    if not any(is_tls(description) for description in ports):
+        raise usage.UsageError("--tls-client-ca needs at least one ssl: --port")
+    from pfo3.tlsid import load_authorities
+
+    try:
+        return load_authorities(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--tls-client-ca: {e}")
+
+
 class Options(usage.Options):
     """
     Command-line options of C{twistd pfo3}.
@@ -67,7 +89,8 @@ class Options(usage.Options):
         "--port takes any Twisted server endpoint and may be repeated: "
         "tcp:9000, tcp:9000:interface=127.0.0.1, "
         "ssl:9443:privateKey=key.pem:certKey=cert.pem, unix:/tmp/pfo3.sock, "
-        "haproxy:tcp:9001 (PROXY protocol behind HAProxy). "
+        "haproxy:tcp:9001 (PROXY protocol behind HAProxy), haproxy:ssl:9443:... "
+        "(the PROXY header in clear, then TLS, as HAProxy sends them). "
         "The protocol is described in docs/protocol.md."
     )
 
@@ -161,6 +184,14 @@ class Options(usage.Options):
          "its reply queue (default: host name and process id)."],
     ] + BROKER_PARAMETERS
 
+    optParameters += [
+        ["tls-client-ca", None, None,
+         "Mutual TLS: on every ssl: port, refuse clients that do not present a "
+         "certificate signed by these certificate authorities (a PEM file, or a "
+         "folder of *.pem files such as the tls/ca that 'pfo3-certs ca' makes). "
+         "See docs/security.md."],
+    ]
+
     optFlags: List[List[Optional[str]]] = [
         ["no-inline", None,
          "Run the cheap built-in text tasks on the thread pool too, instead "
@@ -236,6 +267,7 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
         from_url(self["store"], reactor)  # raises UsageError; touches no database
+        self["client-authorities"] = client_authorities(self["tls-client-ca"], self["ports"])
 
 
 def makeService(options: Options, reactor: Any = None) -> TaskServerService:
@@ -290,6 +322,17 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
     for description in options["ports"]:
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["backlog"]))
+        if is_tls(description):
+            from pfo3.tlsid import proxy_header_before_tls, require_client_certificates
+
+            if options.get("client-authorities"):
+                require_client_certificates(endpoint, options["client-authorities"])
+                log.info("--port {port} requires client certificates from {path}",
+                         port=description, path=options["tls-client-ca"])
+            endpoint = proxy_header_before_tls(endpoint)
+        elif options.get("client-authorities"):
+            log.warn("--port {port} is not ssl:, so it asks no client certificate",
+                     port=description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(service)
     return service
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -125,10 +126,11 @@ def start_server(
 class TLSFiles:
     """
     A throwaway certificate authority and a C{localhost} server certificate
-    it signed, as files.
+    it signed, as files, made by L{pfo3.certs} (what C{pfo3-certs} runs).
 
+    @ivar folder: The folder C{pfo3-certs --dir} would name.
     @ivar ca_dir: A directory holding only the CA certificate (C{ca.pem}),
-        for Twisted's C{trustRoots}.
+        for Twisted's C{trustRoots} and the server's C{--tls-client-ca}.
     @ivar ca: The CA certificate file, for L{ssl.create_default_context}.
     @ivar key: The server's private key.
     @ivar cert: The server's certificate.
@@ -136,66 +138,49 @@ class TLSFiles:
 
     def __init__(self, directory: Path, san: Optional[Sequence[str]] = ("localhost",)) -> None:
         """
-        @param san: The DNS names of the server certificate's
-            subjectAltName; L{None} for a certificate without one.
+        @param san: The host names and addresses of the server certificate's
+            subjectAltName; L{None} for a certificate without one (its
+            subject is C{CN=localhost} all the same).
         """
-        import datetime
+        from pfo3.certs import make_ca, make_server
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
+        self.folder = directory
+        ca = make_ca(directory)
+        self.ca_dir, self.ca = ca.directory, ca.cert
+        server = make_server(directory, list(san or []), common_name="localhost")
+        self.key, self.cert = server.key, server.cert
 
-        now = datetime.datetime.now(datetime.timezone.utc)
-        start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=1)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfo3 test CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name).issuer_name(ca_name)
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False)
-        )
-        if san is not None:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in san]), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        self.ca_dir = directory / "ca"
-        self.ca_dir.mkdir()
-        self.ca = self.ca_dir / "ca.pem"
-        self.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-        self.key, self.cert = directory / "server.key", directory / "server.pem"
-        self.key.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        ))
-        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    def client(self, identity: str) -> Any:
+        """
+        Make a client certificate with subject C{CN=identity}, signed by
+        this CA (a new one each time).
+
+        @return: Its L{pfo3.certs.KeyPairFiles}.
+        """
+        from pfo3.certs import make_client
+
+        return make_client(self.folder, identity, force=True)
 
     def endpoint(self, port: int) -> str:
         """
         @return: The C{ssl:} server endpoint for this certificate on C{port}.
         """
         return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"
+
+    def client_endpoint(self, port: int, identity: Optional[str] = None) -> str:
+        """
+        @param identity: Present the client certificate of this identity
+            (made first with L{client}).
+        @return: The C{tls:} client endpoint that trusts this CA and
+            connects to C{localhost:port}.
+        """
+        description = f"tls:localhost:{port}:trustRoots={self.ca_dir}"
+        if identity is not None:
+            from pfo3.certs import client_files
+
+            files = client_files(self.folder, identity)
+            description += f":certificate={files.cert}:privateKey={files.key}"
+        return description
 
 
 @pytest.fixture
@@ -215,8 +200,17 @@ class LineSocket:
     A blocking socket client that speaks lines, as netcat would.
     """
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
+        tls: Optional[ssl.SSLContext] = None, server_hostname: str = "localhost",
+    ) -> None:
+        """
+        @param tls: Speak TLS with this context, checking the server's
+            certificate for C{server_hostname}.
+        """
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_hostname)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
