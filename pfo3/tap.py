@@ -30,7 +30,7 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
-from pfo3.tlsid import is_tls
+from pfo3.tlsid import is_tls, peer_certificate_identity
 
 log = Logger()
 
@@ -310,6 +310,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         max_unauthenticated=options["max-unauthenticated"],
         auth_timeout=options["auth-timeout"],
         proxies=parse_networks(options["proxy-from"] or DEFAULT_PROXIES),
+        certificate_identity=peer_certificate_identity
+        if options.get("client-authorities") else None,
     )
     factory = TaskFactory(
         orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"],

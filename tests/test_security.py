@@ -302,3 +302,42 @@ def test_connection_caps_and_the_authentication_deadline(
             s.close()
     finally:
         server.stop()
+
+
+def test_client_certificate_is_the_identity(tmp_path: Path, secret_file: Path) -> None:
+    """
+    With --tls-client-ca and JWT both on, a verified client certificate
+    authenticates the connection: its tasks run without a token and are
+    recorded under the certificate's subject, which another identity
+    cannot read.
+    """
+    import ssl
+
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, "--jwt-secret-file", str(secret_file),
+                          "--tls-client-ca", str(tls.ca_dir), "--log-tasks", "1",
+                          port=port, endpoint=tls.endpoint(port))
+    try:
+        tls.client("sensor-7")
+
+        def connect(identity: str) -> LineSocket:
+            ctx = ssl.create_default_context(cafile=str(tls.ca))
+            cert = tls.client(identity)
+            ctx.load_cert_chain(str(cert.cert), str(cert.key))
+            return LineSocket(port, tls=ctx)
+
+        conn = connect("sensor-7")
+        conn.send_json({"tarea_id": "m1", "tipo": "1", "contenido": "sin token"})
+        assert conn.read_json()["resultado"] == "SIN TOKEN"
+        conn.send_json({"op": "estado", "tarea_id": "m1"})
+        assert conn.read_json()["resultado"]["estado"] == "ok"
+        conn.close()
+        other = connect("sensor-8")
+        other.send_json({"op": "estado", "tarea_id": "m1"})
+        assert other.read_json()["codigo"] == "tarea_desconocida"
+        other.close()
+        time.sleep(0.2)
+        assert "identidad=sensor-7" in server.log.read_text()
+    finally:
+        server.stop()
