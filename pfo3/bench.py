@@ -11,6 +11,7 @@ itself is L{pfo3.load}.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -74,6 +75,15 @@ class Options(usage.Options):
         ["quiet", "q", "No live progress line."],
     ]
 
+    optParameters += [
+        ["token", None, None,
+         "A JWT for a server that requires one (default: the PFO3_TOKEN "
+         "environment variable)."],
+        ["auth", None, "connection",
+         "How the token is sent: 'connection' (op: auth once per connection) "
+         "or 'request' (a token field in every request)."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["tipos"] = []
@@ -99,6 +109,8 @@ class Options(usage.Options):
         for name in ("connections", "inflight", "procs"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if self["auth"] not in ("connection", "request"):
+            raise usage.UsageError("--auth must be 'connection' or 'request'")
         if self["count"] is not None and self["count"] < 1:
             raise usage.UsageError("--count must be at least 1")
         if not self["duration"] > 0 or not self["timeout"] > 0:
@@ -141,6 +153,7 @@ class Options(usage.Options):
                 endpoint=self["endpoint"], connections=conns[i], inflight=self["inflight"],
                 kinds=self["kinds"], count=counts[i], duration=self["duration"],
                 timeout=self["timeout"], offset=sum(conns[:i]),
+                token=self["token"] or os.environ.get("PFO3_TOKEN") or None, auth=self["auth"],
             ))
         return plans
 

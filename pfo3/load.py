@@ -16,9 +16,10 @@ work per request as it can:
     clock reading per chunk of replies; the histograms of several load
     processes (C{--procs}) are summed.
 
-Requests carry only C{tarea_id}, C{tipo} and C{contenido}; when the protocol
-grows authentication, a C{--token} option will add its field in
-L{_request_line}, the one place where request lines are built.
+Requests carry C{tarea_id}, C{tipo} and C{contenido}; against a server that
+requires tokens, each connection sends C{{"op": "auth"}} first (its reply is
+set aside), or every request carries the token (L{Plan.auth}).
+L{_request_line} is the one place where request lines are built.
 """
 
 
@@ -159,8 +160,10 @@ def make_text(size: int) -> str:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-def _request_line(tarea_id: str, kind: Kind) -> bytes:
+def _request_line(tarea_id: str, kind: Kind, token: Optional[str] = None) -> bytes:
     request = {"tarea_id": tarea_id, "tipo": kind.tipo, "contenido": kind.contenido}
+    if token is not None:
+        request["token"] = token
     return (json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8")
 
 
@@ -286,6 +289,9 @@ class Plan:
     @ivar timeout: Give up when no reply came for this many seconds while
         requests are outstanding.
     @ivar offset: Where this process starts in the mix's cycle.
+    @ivar token: A bearer token for a server that requires one.
+    @ivar auth: How the token is sent: C{"connection"} (C{op: auth} once per
+        connection) or C{"request"} (in every request).
     """
 
     endpoint: str
@@ -296,6 +302,8 @@ class Plan:
     duration: float
     timeout: float = 30.0
     offset: int = 0
+    token: Optional[str] = None
+    auth: str = "connection"
 
 
 class _Load:
@@ -309,7 +317,11 @@ class _Load:
         self.result = Result(connections=plan.connections)
         tids = [f"t{s}" for s in range(plan.inflight)]
         self.slot_of = {t.encode(): s for s, t in enumerate(tids)}
-        self.lines = [[_request_line(t, k) for t in tids] for k in plan.kinds]
+        per_request = plan.token if plan.auth == "request" else None
+        self.lines = [[_request_line(t, k, per_request) for t in tids] for k in plan.kinds]
+        self.auth_line = b""
+        if plan.token is not None and plan.auth == "connection":
+            self.auth_line = (json.dumps({"op": "auth", "token": plan.token}) + "\n").encode()
         self.cycle = schedule(plan.kinds)
         self.remaining: float = plan.count if plan.count is not None else math.inf
         self.deadline = math.inf
@@ -365,6 +377,7 @@ class _LoadProtocol(Protocol):
         self.feed = LineSplitter().feed
         self.sock: Any = None
         self.lost = False
+        self.authenticating = False
 
     def connectionMade(self) -> None:
         # On a plain TCP or UNIX connection, requests go straight to the
@@ -380,6 +393,9 @@ class _LoadProtocol(Protocol):
             and not getattr(transport, "TLS", False)
         ):
             self.sock = getattr(transport, "socket", None)
+        if self.load.auth_line:
+            self.authenticating = True
+            self._write(self.load.auth_line)
 
     def _write(self, data: bytes) -> None:
         sock = self.sock
@@ -419,6 +435,12 @@ class _LoadProtocol(Protocol):
         load = self.load
         chunk = self.feed(data)
         result = load.result
+        if self.authenticating and chunk:
+            # The answer to op: auth comes first; a refusal counts as an error.
+            self.authenticating = False
+            answer = chunk.pop(0)
+            if _OK[0] not in answer and _OK[1] not in answer:
+                load.error_line(answer)
         hist = result.hist
         starts = self.starts
         slot_of = load.slot_of
