@@ -47,11 +47,13 @@ class IExecutor(Interface):
         "Blocking task functions still running whose caller gave up on them."
     )
 
-    def run(tasktype: TaskType, arg: Any) -> MaybeDeferredOutcome:  # noqa: N805
+    def run(tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:  # noqa: N805
         """
         Run one task.
 
         @param arg: C{contenido} as the task type's validator returned it.
+        @param identity: Who sent it (empty: anonymous), for executors that
+            pass it on (to a worker's logs, in distributed mode).
         @return: C{(resultado, worker)}, or a Deferred of it.  Cancelling the
             Deferred gives up on the task.  Exceptions of a task run
             synchronously propagate to the caller.
@@ -133,7 +135,7 @@ class LocalExecutor:
             self.threadpool.stop()
         return succeed(None)
 
-    def run(self, tasktype: TaskType, arg: Any) -> MaybeDeferredOutcome:
+    def run(self, tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:
         mode = tasktype.mode
         if mode == INLINE and self.inline:
             return tasktype.run(arg), REACTOR_WORKER

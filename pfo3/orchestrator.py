@@ -443,7 +443,7 @@ class Session:
             sampled = next(orch._counter) % orch.log_every == 0
             started = orch.clock.seconds()
         try:
-            outcome = orch.executor.run(tasktype, request.arg)
+            outcome = orch.executor.run(tasktype, request.arg, owner)
         except Exception:
             orch.completed += 1
             error = self._as_error(Failure(), request)

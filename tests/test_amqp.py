@@ -19,6 +19,7 @@ from pfo3.amqp import messages
 from pfo3.amqp.executor import AMQPExecutor
 from pfo3.amqp.topology import Topology
 from pfo3.amqp.worker import WorkerService
+from pfo3.auth import Identity
 from pfo3.errors import BrokerUnavailable, Busy, DeliveryLimit, TaskFailed, UnknownType
 from pfo3.executor import IExecutor, LocalExecutor
 from pfo3.orchestrator import Orchestrator
@@ -38,7 +39,9 @@ class MessageTests(SynchronousTestCase):
         an error reply becomes the typed error of its code.
         """
         self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1.5)),
-                         ("sleep", 1.5))
+                         ("sleep", 1.5, ""))
+        self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1, "alice")),
+                         ("sleep", 1, "alice"))
         self.assertEqual(messages.decode_reply(messages.encode_result("HOLA", "w1/0")),
                          ("HOLA", "w1/0"))
         error = messages.decode_reply(messages.encode_failure(TaskFailed("no")))
@@ -143,6 +146,25 @@ class ExecutorTests(SynchronousTestCase):
         self.assertEqual(replies(transport)[0]["resultado"], "Esperé 2 segundos")
         self.assertEqual(self.cluster.broker.unacked, {})
         self.assertEqual(self.cluster.orchestrator.active, 0)
+
+    def test_identity_travels_to_the_worker(self) -> None:
+        """
+        The identity that sent a task reaches the worker's executor with it.
+        """
+        worker = self.cluster.worker("w1")
+        seen: List[str] = []
+        run = worker.executor.run
+
+        def spy(tasktype: Any, arg: Any, identity: str = "") -> Any:
+            seen.append(identity)
+            return run(tasktype, arg, identity)
+
+        worker.executor.run = spy  # type: ignore[method-assign]
+        proto, transport = self.cluster.client()
+        proto.session.set_identity(Identity("alice"))
+        proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+        self.assertEqual(replies(transport)[0]["resultado"], "HOLA")
+        self.assertEqual(seen, ["alice"])
 
     def test_no_broker_is_refused_at_once(self) -> None:
         """

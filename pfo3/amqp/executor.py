@@ -102,12 +102,12 @@ class AMQPExecutor:
         return d.addCallback(
             lambda _: channel.consume(self.reply_queue, lambda m: self._on_reply(channel, m)))
 
-    def run(self, tasktype: TaskType, arg: Any) -> MaybeDeferredOutcome:
+    def run(self, tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:
         channel = self.broker.channel
         if channel is None:
             raise BrokerUnavailable(
                 "No hay conexión con el broker de tareas; reintente en unos segundos.")
-        body = messages.encode_task(tasktype.name, arg)
+        body = messages.encode_task(tasktype.name, arg, identity)
         correlation_id = uuid.uuid4().hex
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d

@@ -4,7 +4,9 @@ type, never pickles.  Pure functions, no Twisted, no AMQP client.
 
 A task message's body is C{{"v": 1, "tipo": NAME, "contenido": ARG}}: the
 canonical name of its type and its validated
-C{contenido} (the worker validates it again with its own registry).  Its
+C{contenido} (the worker validates it again with its own registry), plus
+C{"identidad"} when an authenticated identity sent it (for the worker's
+logs).  Its
 AMQP properties carry the rest: C{correlation_id} (a fresh id per task,
 never the client's C{tarea_id}, which is only unique per connection),
 C{reply_to} (the orchestrator's reply queue) and C{expiration} (when nobody
@@ -47,26 +49,30 @@ def _load(body: bytes) -> Dict[str, Any]:
     return obj
 
 
-def encode_task(tipo: str, contenido: Any) -> bytes:
+def encode_task(tipo: str, contenido: Any, identidad: str = "") -> bytes:
     """
     @param tipo: The task type's canonical name.
     @param contenido: Its validated C{contenido} (JSON-serialisable).
+    @param identidad: Who sent it (empty: anonymous).
     @raise ValueError: if C{contenido} is not JSON-serialisable.
     """
-    return _dumps({"v": VERSION, "tipo": tipo, "contenido": contenido}).encode(
-        "utf-8", "backslashreplace")
+    task: Dict[str, Any] = {"v": VERSION, "tipo": tipo, "contenido": contenido}
+    if identidad:
+        task["identidad"] = identidad
+    return _dumps(task).encode("utf-8", "backslashreplace")
 
 
-def decode_task(body: bytes) -> Tuple[str, Any]:
+def decode_task(body: bytes) -> Tuple[str, Any, str]:
     """
-    @return: C{(tipo, contenido)}.
+    @return: C{(tipo, contenido, identidad)}.
     @raise BadMessage: if C{body} is not a task message.
     """
     obj = _load(body)
     tipo = obj.get("tipo")
-    if type(tipo) is not str or "contenido" not in obj:
+    identidad = obj.get("identidad", "")
+    if type(tipo) is not str or "contenido" not in obj or type(identidad) is not str:
         raise BadMessage("a task message needs 'tipo' and 'contenido'")
-    return tipo, obj["contenido"]
+    return tipo, obj["contenido"], identidad
 
 
 def encode_result(resultado: Any, worker: Any) -> bytes:

@@ -46,9 +46,10 @@ class _Held:
     A task this worker received and has not acknowledged.
     """
 
-    __slots__ = ("delivery", "channel", "work", "cancelled", "timer")
+    __slots__ = ("delivery", "channel", "work", "cancelled", "timer", "identity")
 
     def __init__(self, delivery: Delivery, channel: IChannel) -> None:
+        self.identity = ""
         self.delivery = delivery
         self.channel = channel
         self.work: Optional[Deferred[Any]] = None
@@ -144,10 +145,10 @@ class WorkerService(Service):
             return
         held = _Held(delivery, channel)
         try:
-            tipo, contenido = messages.decode_task(delivery.body)
+            tipo, contenido, held.identity = messages.decode_task(delivery.body)
             tasktype = self.registry.lookup(tipo)
             arg = tasktype.validate(contenido)
-            outcome = self.executor.run(tasktype, arg)
+            outcome = self.executor.run(tasktype, arg, held.identity)
         except Pfo3Error as e:
             self._answer(held, messages.encode_failure(e))
             return
@@ -158,7 +159,8 @@ class WorkerService(Service):
                 InternalError("Error interno: mensaje de tarea ilegible.")))
             return
         except Exception:
-            log.failure("Task {id} raised an unexpected exception", id=correlation_id)
+            log.failure("Task {id} raised an unexpected exception", id=correlation_id,
+                        identity=held.identity or "-")
             self._answer(held, messages.encode_failure(
                 InternalError("Error interno al ejecutar la tarea.")))
             return
@@ -195,7 +197,7 @@ class WorkerService(Service):
             error = failure.value
         else:
             log.failure("Task {id} raised an unexpected exception", failure,
-                        id=held.delivery.correlation_id)
+                        id=held.delivery.correlation_id, identity=held.identity or "-")
             error = InternalError("Error interno al ejecutar la tarea.")
         self._answer(held, messages.encode_failure(error))
 
