@@ -65,6 +65,17 @@ def server_env() -> Dict[str, str]:
     return env
 
 
+def shell_env() -> Dict[str, str]:
+    """
+    @return: The environment a README's commands run in: this venv's
+        commands first on C{PATH}, as after C{. .venv/bin/activate}, and
+        this checkout's pfo3 plugin visible to C{twistd}.
+    """
+    env = server_env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 class RunningServer:
     """
     A C{twistd -n pfo3} process and the port it listens on.

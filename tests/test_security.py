@@ -20,13 +20,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .conftest import (
+    ROOT,
     LineSocket,
     TLSFiles,
     free_port,
     handmade_token,
     read_to_end,
     server_env,
+    shell_env,
     start_server,
+    wait_for_port,
 )
 
 pytestmark = pytest.mark.integration
@@ -341,3 +344,44 @@ def test_client_certificate_is_the_identity(tmp_path: Path, secret_file: Path) -
         assert "identidad=sensor-7" in server.log.read_text()
     finally:
         server.stop()
+
+
+def test_readme_recipe_runs_as_written(tmp_path: Path) -> None:
+    """
+    The README's "Authentication in three steps" works as written (only
+    the port changed): the secret is private to its owner, the server
+    starts with it, and the client's task gets its result with the minted
+    token, while the same client without it is refused.
+    """
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = dict(re.findall(r"<!-- jwt-recipe: ([\w-]+) -->\n```\w*\n(.*?)\n```", readme,
+                             re.DOTALL))
+    assert list(blocks) == ["secret", "server", "client"], list(blocks)
+    port = str(free_port())
+    env = shell_env()
+
+    def on_port(text: str) -> str:
+        return text.replace("9000", port).replace("pfo3-client ", f"pfo3-client --port {port} ")
+
+    def sh(text: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-ec", on_port(text)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    assert sh(blocks["secret"]).returncode == 0
+    assert (tmp_path / "jwt.secret").stat().st_mode & 0o077 == 0
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(["bash", "-ec", "exec " + on_port(blocks["server"])],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(int(port), proc=server)
+        done = sh(blocks["client"])
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["respuesta"]["resultado"] == "HOLA JWT"
+        without = sh(blocks["client"].splitlines()[-1])
+        assert without.returncode == 1 and "token_faltante" in without.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        log.close()

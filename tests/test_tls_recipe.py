@@ -16,7 +16,6 @@ import select
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from .conftest import ROOT, free_port, server_env, wait_for_port
+from .conftest import ROOT, free_port, shell_env, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +40,6 @@ def recipe() -> Dict[str, str]:
     assert list(blocks) == ["ca", "server-cert", "server", "client", "s_client",
                             "client-cert", "mtls-server", "mtls-client"], list(blocks)
     return blocks
-
-
-def shell_env() -> Dict[str, str]:
-    """
-    @return: The environment the recipe's commands run in: this venv's
-        commands first on C{PATH}, as after C{. .venv/bin/activate}, and
-        this checkout's pfo3 plugin visible to C{twistd}.
-    """
-    env = server_env()
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def read_lines(proc: subprocess.Popen, n: int, deadline: float = 15.0) -> List[bytes]:
