@@ -276,3 +276,17 @@ def test_fast_parse_agrees_with_json_loads(text: str) -> None:
                 wire._parse(text)
         else:
             assert repr(wire._parse(text)) == repr(expected)
+
+
+def test_every_error_code_is_documented() -> None:
+    """
+    docs/protocol.md's table of error codes lists every code the server can
+    send, and no code it cannot.
+    """
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = text.split("### Error codes", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.MULTILINE))
+    assert documented == set(ERROR_CODES)
