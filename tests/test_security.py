@@ -210,8 +210,14 @@ def test_rs256_public_key(tmp_path: Path) -> None:
         server.stop()
 
 
-def proxy_v1(source: str, port: int) -> bytes:
-    return f"PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n".encode()
+def proxied_ping(port: int, source: str) -> LineSocket:
+    """
+    A connection to a haproxy: port that claims, in a PROXY v1 header, to
+    come from C{source}, and sends C{op: ping}.
+    """
+    s = LineSocket(port)
+    s.send(f"PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n".encode() + b'{"op": "ping"}\n')
+    return s
 
 
 def test_proxy_header_only_from_trusted_proxies(tmp_path: Path) -> None:
@@ -223,8 +229,7 @@ def test_proxy_header_only_from_trusted_proxies(tmp_path: Path) -> None:
     port = free_port()
     default = start_server(tmp_path, port=port, endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1")
     try:
-        s = LineSocket(port)
-        s.send(proxy_v1("198.51.100.7", port) + b'{"op": "ping"}\n')
+        s = proxied_ping(port, "198.51.100.7")
         assert s.read_json()["resultado"] == "pong"
         s.close()
     finally:
@@ -233,8 +238,7 @@ def test_proxy_header_only_from_trusted_proxies(tmp_path: Path) -> None:
     strict = start_server(tmp_path, "--proxy-from", "10.0.0.0/8", port=port,
                           endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1")
     try:
-        s = LineSocket(port)
-        s.send(proxy_v1("198.51.100.7", port) + b'{"op": "ping"}\n')
+        s = proxied_ping(port, "198.51.100.7")
         try:
             assert read_to_end(s.sock) == b""  # closed without a word...
         except ConnectionResetError:
@@ -255,14 +259,11 @@ def test_per_address_limit_behind_a_proxy(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--max-connections-per-peer", "1", port=port,
                           endpoint=f"haproxy:tcp:{port}:interface=127.0.0.1")
     try:
-        first = LineSocket(port)
-        first.send(proxy_v1("203.0.113.7", port) + b'{"op": "ping"}\n')
+        first = proxied_ping(port, "203.0.113.7")
         assert first.read_json()["resultado"] == "pong"
-        second = LineSocket(port)
-        second.send(proxy_v1("203.0.113.7", port) + b'{"op": "ping"}\n')
+        second = proxied_ping(port, "203.0.113.7")
         assert replies(read_to_end(second.sock))[0]["codigo"] == "demasiadas_conexiones"
-        other = LineSocket(port)
-        other.send(proxy_v1("203.0.113.8", port) + b'{"op": "ping"}\n')
+        other = proxied_ping(port, "203.0.113.8")
         assert other.read_json()["resultado"] == "pong"
         for s in (first, second, other):
             s.close()
