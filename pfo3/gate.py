@@ -24,7 +24,7 @@ then the connection closes.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Set, Union
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,10 +32,8 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 
 from pfo3.auth import Identity
-from pfo3.errors import MissingToken, TooManyConnections
-
-if TYPE_CHECKING:
-    from pfo3.protocol import TaskProtocol
+from pfo3.errors import MissingToken, Pfo3Error, TooManyConnections
+from pfo3.orchestrator import Session
 
 log = Logger(namespace="pfo3")
 
@@ -55,6 +53,21 @@ def parse_networks(texts: Iterable[str]) -> List[Network]:
     @raise ValueError: for one that is neither.
     """
     return [ipaddress.ip_network(t.strip(), strict=False) for t in texts]
+
+
+class Connection(Protocol):
+    """
+    What the gate needs of a connection (a L{pfo3.protocol.TaskProtocol}).
+    """
+
+    transport: Any
+    session: Session
+    on_first_data: Optional[Callable[[Any], bool]]
+
+    def refuse(self, error: Pfo3Error) -> None:
+        """
+        Answer C{error}, then close.
+        """
 
 
 class Gate:
@@ -97,9 +110,9 @@ class Gate:
         self.open = 0
         self.unauthenticated = 0
         self._per_peer: Dict[str, int] = {}
-        self._hosts: Dict[TaskProtocol, str] = {}
-        self._waiting: Dict[TaskProtocol, IDelayedCall] = {}
-        self._counted: Set[TaskProtocol] = set()
+        self._hosts: Dict[Connection, str] = {}
+        self._waiting: Dict[Connection, IDelayedCall] = {}
+        self._counted: Set[Connection] = set()
 
     def trusts(self, address: Any) -> bool:
         """
@@ -110,7 +123,7 @@ class Gate:
         host = ipaddress.ip_address(address.host.split("%", 1)[0])
         return any(host in net for net in self.proxies)
 
-    def connected(self, p: TaskProtocol) -> None:
+    def connected(self, p: Connection) -> None:
         """
         A connection was made: let it in, or refuse it.
         """
@@ -147,7 +160,7 @@ class Gate:
         else:
             self.first_data(p)
 
-    def first_data(self, p: TaskProtocol) -> bool:
+    def first_data(self, p: Connection) -> bool:
         """
         The connection's first bytes arrived (or, for a plain connection,
         it was made): count its address, read its certificate.
@@ -169,14 +182,14 @@ class Gate:
             self._hosts[p] = host
         return True
 
-    def _authenticated(self, p: TaskProtocol) -> None:
+    def _authenticated(self, p: Connection) -> None:
         timer = self._waiting.pop(p, None)
         if timer is not None:
             self.unauthenticated -= 1
             if timer.active():
                 timer.cancel()
 
-    def _too_late(self, p: TaskProtocol) -> None:
+    def _too_late(self, p: Connection) -> None:
         if self._waiting.pop(p, None) is None:
             return
         self.unauthenticated -= 1
@@ -186,7 +199,7 @@ class Gate:
         p.refuse(MissingToken(
             f"La conexión no se autenticó en {self.auth_timeout:g} s; se cierra."))
 
-    def disconnected(self, p: TaskProtocol) -> None:
+    def disconnected(self, p: Connection) -> None:
         """
         A connection is gone: forget what it counted.
         """
