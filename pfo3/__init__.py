@@ -7,6 +7,7 @@ Clients send one JSON object per line; the server validates it, runs the task
 
 from typing import Any
 
+from pfo3.auth import IAuthenticator, Identity, JWTAuthenticator, OpenAuthenticator
 from pfo3.errors import ERROR_CODES, Pfo3Error, TaskFailed
 from pfo3.executor import IExecutor, LocalExecutor
 from pfo3.orchestrator import Orchestrator, Session
@@ -32,9 +33,13 @@ __all__ = [
     "BlockingClient",
     "ConnectionClosed",
     "ERROR_CODES",
+    "IAuthenticator",
     "IExecutor",
     "INLINE",
+    "Identity",
+    "JWTAuthenticator",
     "LocalExecutor",
+    "OpenAuthenticator",
     "Orchestrator",
     "Pfo3Error",
     "ReplyTimeout",
