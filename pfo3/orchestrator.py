@@ -264,6 +264,9 @@ class Session:
         (by C{op: auth}, a certificate or a request's own token).
     @ivar on_authenticated: Called once, when it first does.
     @ivar closed: The connection is gone; replies are no longer given.
+    @ivar inflight: Tasks of this connection accepted and not yet answered:
+        its tasks running, the durable tasks it waits for and its store
+        lookups (C{op: estado}) not yet answered.
     """
 
     def __init__(
@@ -281,8 +284,9 @@ class Session:
         self._pending: Dict[str, _Task] = {}
         # Durable tasks whose reply this connection waits for.
         self._waiting: Dict[str, Deferred[wire.Reply]] = {}
-        # Store lookups (op: estado) not yet answered.
-        self._lookups = 0
+        # A count kept as each of them starts and ends, not a property that
+        # adds them up: the protocol reads it for every line it handles.
+        self.inflight = 0
         self.closed = False
 
     @property
@@ -291,13 +295,6 @@ class Session:
         The client, as logs show it.
         """
         return self._peer()
-
-    @property
-    def inflight(self) -> int:
-        """
-        Tasks of this connection accepted and not yet answered.
-        """
-        return len(self._pending) + len(self._waiting) + self._lookups
 
     def _recorded_peer(self) -> str:
         # The address learnt first (a PROXY header comes before any task).
@@ -482,6 +479,7 @@ class Session:
         task = _Task(request, self, work, sampled, started, record, owner)
         orch.active += 1
         self._pending[tarea_id] = task
+        self.inflight += 1
         orch._watch(task)
         work.addCallbacks(self._work_ok, self._work_failed, callbackArgs=(task,),
                           errbackArgs=(task,))
@@ -539,12 +537,12 @@ class Session:
         d: Deferred[Any] = store.get(owner, tarea_id)
         d.addCallback(found)
         if not d.called:
-            self._lookups += 1
+            self.inflight += 1
             d.addBoth(self._looked_up)
         return d
 
     def _looked_up(self, result: Any) -> Any:
-        self._lookups -= 1
+        self.inflight -= 1
         return result
 
     def _durable(self, request: wire.TaskRequest, owner: str) -> Deferred[wire.Reply]:
@@ -575,11 +573,13 @@ class Session:
             job.start()
         if not d.called:
             self._waiting[tarea_id] = d
+            self.inflight += 1
             d.addBoth(self._unwait, tarea_id)
         return d
 
     def _unwait(self, result: Any, tarea_id: str) -> Any:
-        self._waiting.pop(tarea_id, None)
+        if self._waiting.pop(tarea_id, None) is not None:
+            self.inflight -= 1
         return result
 
     def _work_ok(self, outcome: Any, task: _Task) -> None:
@@ -601,6 +601,7 @@ class Session:
         task.done = True
         request = task.request
         del self._pending[request.tarea_id]
+        self.inflight -= 1
         orch = self.orchestrator
         record = task.record
         if record is not None and orch.store is not None:
@@ -702,6 +703,7 @@ class Session:
         Durable tasks it waited for go on (their replies go nowhere).
         """
         self.closed = True
+        self.inflight -= len(self._waiting)
         self._waiting.clear()
         self.cancel_all()
         self.orchestrator._sessions.discard(self)

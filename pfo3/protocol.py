@@ -229,6 +229,10 @@ class TaskProtocol(LineOnlyReceiver):
         registry = session.orchestrator.registry
         limit = self.max_inflight
         max_length = self.MAX_LENGTH
+        # Looked up once per read rather than once per line.
+        decode = wire.decode_request
+        handle = session.handle
+        encode = wire.encode_reply
         i = 0
         try:
             while i < len(held):
@@ -250,11 +254,11 @@ class TaskProtocol(LineOnlyReceiver):
                 if not line or line.isspace():
                     continue
                 try:
-                    reply = session.handle(wire.decode_request(line, registry))
+                    reply = handle(decode(line, registry))
                     if type(reply) is Deferred:
                         reply.addCallbacks(self._reply, self._reply_failed)
                     else:
-                        out.append(wire.encode_reply(reply))  # type: ignore[arg-type]
+                        out.append(encode(reply))  # type: ignore[arg-type]
                 except Pfo3Error as e:
                     out.append(self._error_line(e))
         finally:

@@ -67,7 +67,7 @@ class MemoryStore:
         records = self._records
         records[(record.owner, record.tarea_id)] = record
         if len(records) > self.max_records:
-            records.popitem(last=False)
+            records.popitem(False)  # the oldest; positional: no keyword parsing
             self.evicted += 1
 
     def get(self, owner: str, tarea_id: str) -> Deferred[Optional[Record]]:
