@@ -200,6 +200,17 @@ class JWTAuthenticator:
             raise usage.UsageError(
                 f"the JWT secret has {len(secret)} bytes; use at least {MIN_SECRET} "
                 "random bytes (e.g. 'head -c 32 /dev/urandom | base64')")
+        from jwt.algorithms import HMACAlgorithm
+        from jwt.exceptions import InvalidKeyError
+
+        try:
+            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+        except InvalidKeyError:
+            # A public key or certificate as the HMAC secret: the mix-up
+            # behind key-confusion attacks, and never what was meant.
+            raise usage.UsageError(
+                "the JWT secret file holds a key or certificate; for RS256/ES256 give "
+                "the public key with --jwt-public-key")
         return cls(secret, "HS256", **kw)
 
     @classmethod
@@ -250,11 +261,11 @@ class JWTAuthenticator:
             claims = jwt.decode(
                 token, self.key, algorithms=[self.algorithm],
                 issuer=self.issuer, audience=self.audience, leeway=self.leeway,
-                options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
+                options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise ExpiredToken("El token expiró.")
-        except jwt.InvalidTokenError as e:
+        except jwt.PyJWTError as e:
             reason = next((text for cls in type(e).__mro__
                            if (text := _REFUSALS.get(cls.__name__)) is not None),
                           "el token no es válido")
@@ -313,7 +324,9 @@ class RateLimiter:
 
         @raise RateLimited: if the bucket is empty.
         """
-        rate = identity.tasa if identity.tasa is not None else self.rate
+        rate = self.rate
+        if identity.tasa is not None and (not rate or identity.tasa < rate):
+            rate = identity.tasa  # a claim restricts; the server's rate is a ceiling
         if not rate:
             return
         now = self._seconds()
@@ -323,7 +336,8 @@ class RateLimiter:
                 self._forget_full(now)
             bucket = self._buckets[identity.name] = [max(1.0, rate), now, rate]
         else:
-            bucket[0] = min(max(1.0, rate), bucket[0] + (now - bucket[1]) * rate)
+            # max(): a clock that stepped back refills nothing, takes nothing.
+            bucket[0] = min(max(1.0, rate), bucket[0] + max(0.0, now - bucket[1]) * rate)
             bucket[1] = now
             bucket[2] = rate
         if bucket[0] < 1.0:
@@ -356,7 +370,7 @@ def authenticator_from_options(
     kw: Dict[str, Any] = {"issuer": issuer, "audience": audience, "leeway": leeway}
     if not (secret_file or public_key_file):
         if env_secret:
-            return JWTAuthenticator.from_secret(env_secret.strip().encode("utf-8"), **kw)
+            return JWTAuthenticator.from_secret(env_secret.rstrip("\r\n").encode("utf-8"), **kw)
         if issuer or audience:
             raise usage.UsageError(
                 "--jwt-issuer and --jwt-audience need --jwt-secret-file or --jwt-public-key")
@@ -369,5 +383,6 @@ def authenticator_from_options(
     except OSError as e:
         raise usage.UsageError(f"cannot read {path}: {e.strerror}")
     if secret_file:
-        return JWTAuthenticator.from_secret(data.strip(), **kw)
+        # Only the line end an editor or 'echo' adds: the rest is the secret.
+        return JWTAuthenticator.from_secret(data.rstrip(b"\r\n"), **kw)
     return JWTAuthenticator.from_public_key(data, **kw)

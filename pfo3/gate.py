@@ -127,15 +127,14 @@ class Gate:
         """
         A connection was made: let it in, or refuse it.
         """
-        transport = p.transport
-        behind_proxy = isinstance(transport, HAProxyProtocolWrapper)
-        if behind_proxy:
-            real = transport.transport.getPeer()
+        proxy = _proxy_wrapper(p.transport)
+        if proxy is not None and proxy.transport is not None:
+            real = proxy.transport.getPeer()
             if not self.trusts(real):
                 log.warn("Dropped a connection from {address} to a PROXY endpoint: "
                          "not a trusted proxy (--proxy-from)",
                          address=getattr(real, "host", real))
-                transport.abortConnection()
+                p.transport.abortConnection()
                 return
         if self.max_connections and self.open >= self.max_connections:
             p.refuse(TooManyConnections(
@@ -153,17 +152,18 @@ class Gate:
             self.unauthenticated += 1
             p.session.on_authenticated = lambda: self._authenticated(p)
             self._waiting[p] = self.clock.callLater(self.auth_timeout, self._too_late, p)
-        if behind_proxy or self.certificate_identity is not None:
-            # The real address (PROXY header) and the client certificate
-            # (TLS handshake) are known once the first bytes arrive.
-            p.on_first_data = self.first_data
-        else:
-            self.first_data(p)
+        if proxy is None and not self._count_peer(p):
+            return
+        if proxy is not None or self.certificate_identity is not None:
+            # The real address (from the PROXY header) and the client
+            # certificate (from the TLS handshake) are known once the first
+            # bytes arrive.
+            p.on_first_data = (
+                self._first_data_behind_proxy if proxy is not None else self._first_data)
 
-    def first_data(self, p: Connection) -> bool:
+    def _first_data(self, p: Connection) -> bool:
         """
-        The connection's first bytes arrived (or, for a plain connection,
-        it was made): count its address, read its certificate.
+        The connection's first bytes arrived: read its certificate.
 
         @return: Whether it may go on.
         """
@@ -171,15 +171,27 @@ class Gate:
             subject = self.certificate_identity(p.transport)
             if subject:
                 p.session.set_identity(Identity.from_certificate(subject))
-        if self.max_per_peer:
-            host = _host(p.transport.getPeer())
-            count = self._per_peer.get(host, 0)
-            if count >= self.max_per_peer:
-                p.refuse(TooManyConnections(
-                    f"Ya hay {count} conexiones abiertas desde {host}, el máximo."))
-                return False
-            self._per_peer[host] = count + 1
-            self._hosts[p] = host
+        return True
+
+    def _first_data_behind_proxy(self, p: Connection) -> bool:
+        return self._count_peer(p) and self._first_data(p)
+
+    def _count_peer(self, p: Connection) -> bool:
+        """
+        Count the connection against its address's limit.
+
+        @return: Whether it may go on.
+        """
+        if not self.max_per_peer:
+            return True
+        host = _host(p.transport.getPeer())
+        count = self._per_peer.get(host, 0)
+        if count >= self.max_per_peer:
+            p.refuse(TooManyConnections(
+                f"Ya hay {count} conexiones abiertas desde {host}, el máximo."))
+            return False
+        self._per_peer[host] = count + 1
+        self._hosts[p] = host
         return True
 
     def _authenticated(self, p: Connection) -> None:
@@ -218,6 +230,19 @@ class Gate:
                 self._per_peer[host] = left
             else:
                 del self._per_peer[host]
+
+
+def _proxy_wrapper(transport: Any) -> Optional[HAProxyProtocolWrapper]:
+    """
+    @return: The PROXY-protocol wrapper under a connection's transport, if
+        any: the transport itself on C{haproxy:tcp:}, under the TLS layer on
+        C{haproxy:ssl:}.
+    """
+    while transport is not None:
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 def _host(address: Any) -> str:

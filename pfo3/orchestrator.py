@@ -115,11 +115,8 @@ class Orchestrator:
         self.draining = False
         self.completed = 0
         self.store = store
-        self.authenticator: IAuthenticator = authenticator or OpenAuthenticator()
+        self._authenticator: IAuthenticator = authenticator or OpenAuthenticator()
         self.limiter = RateLimiter(clock.seconds, rate)
-        # Whether a task must go through identity checks even without a
-        # token of its own (see Session._authorize).
-        self.guarded = bool(self.authenticator.required or rate)
         # Durable tasks (sent with "esperar") of this orchestrator not yet
         # answered, by (owner, tarea_id): a resubmission attaches to them.
         self._jobs: Dict[Tuple[str, str], _Durable] = {}
@@ -132,6 +129,22 @@ class Orchestrator:
         self._deadlines: Deque[Tuple[float, _Task]] = deque()
         self._timer: Optional[IDelayedCall] = None
         self._expiring = False
+
+    @property
+    def authenticator(self) -> IAuthenticator:
+        """
+        Checks tokens; fixed when the orchestrator is made, so that no
+        session can start before it.
+        """
+        return self._authenticator
+
+    @property
+    def guarded(self) -> bool:
+        """
+        Whether every task goes through the identity checks, even without a
+        token of its own (see L{Session._authorize}).
+        """
+        return bool(self._authenticator.required or self.limiter.rate)
 
     def session(
         self, peer: Callable[[], str] = lambda: "-", owner: str = ANONYMOUS

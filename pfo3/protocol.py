@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -39,6 +39,14 @@ log = Logger(namespace="pfo3")
 
 DEFAULT_MAX_LINE = 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 1000
+
+#: Seconds a connection being closed may take to send its last bytes (and,
+#: over TLS, to answer the close_notify) before it is dropped: a client
+#: that stops reading, or never completes a TLS handshake, does not keep
+#: its socket.
+CLOSE_GRACE = 10.0
+#: The same, for a connection refused by the limits.
+REFUSE_GRACE = 2.0
 
 #: Stands in the queue of held lines for a line that was too long.
 _TOO_LONG = None
@@ -72,6 +80,7 @@ class TaskProtocol(LineOnlyReceiver):
         self._input_done = False
         self._finishing = False
         self._splitter = LineSplitter(DEFAULT_MAX_LINE)
+        self._dropping: Optional[IDelayedCall] = None
 
     # -- connection life ----------------------------------------------------
 
@@ -83,6 +92,8 @@ class TaskProtocol(LineOnlyReceiver):
         self.factory.gate.connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._dropping is not None and self._dropping.active():
+            self._dropping.cancel()
         self._splitter.release()
         self._held.clear()
         self.session.close()
@@ -97,7 +108,7 @@ class TaskProtocol(LineOnlyReceiver):
             return
         self._held.clear()
         self.transport.write(wire.encode_error(error))
-        self.close()
+        self.close(REFUSE_GRACE)
 
     def readConnectionLost(self) -> None:
         """
@@ -129,9 +140,10 @@ class TaskProtocol(LineOnlyReceiver):
         if self._finishing and not self._held and not self.session.inflight:
             self.close()
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
         """
-        Close the connection once the replies already written are sent.
+        Close the connection once the replies already written are sent, or
+        drop it if that takes more than C{grace} seconds.
 
         The protocol stops being the transport's producer first: a transport
         with a registered producer does not finish closing (TLS waits for it
@@ -146,6 +158,12 @@ class TaskProtocol(LineOnlyReceiver):
             self._read_paused = False
             self.transport.resumeProducing()
         self.transport.loseConnection()
+        self._dropping = self.factory.clock.callLater(grace, self._drop)
+
+    def _drop(self) -> None:
+        log.info("Dropping connection from {peer}: it did not close in time",
+                 peer=self.session.peer)
+        self.transport.abortConnection()
 
     def is_idle(self, since: float) -> bool:
         """

@@ -30,7 +30,7 @@ from pfo3.auth import (
 )
 from pfo3.errors import ExpiredToken, InvalidToken, RateLimited
 from pfo3.gate import Gate
-from pfo3.protocol import TaskFactory, TaskProtocol
+from pfo3.protocol import REFUSE_GRACE, TaskFactory, TaskProtocol
 from pfo3.store import MemoryStore
 from pfo3.testing import FakeReactor, make_server
 
@@ -167,6 +167,35 @@ class JWTAuthenticatorTests(SynchronousTestCase):
         with self.assertRaises(ExpiredToken):
             auth.authenticate(text)
 
+    def test_crit_header(self) -> None:
+        """
+        A token whose header marks an extension as critical (C{crit}) that
+        the server does not implement is refused.
+        """
+        claims = {"sub": "alice", "exp": int(time.time()) + 3600}
+        self.refused(handmade_token({"alg": "HS256", "typ": "JWT", "crit": ["exp"]}, claims,
+                                    SECRET))
+        self.refused(handmade_token({"alg": "HS256", "typ": "JWT", "crit": ["b64"], "b64": False},
+                                    claims, SECRET))
+
+    def test_audience_without_one_configured(self) -> None:
+        """
+        A token meant for some audience is refused by a server that
+        expects none: it was issued for another service.
+        """
+        self.refused(token(aud="otro-servicio"))
+
+    def test_key_as_secret(self) -> None:
+        """
+        A PEM public key given as the HS256 secret (the mix-up behind key
+        confusion) is a usage error at start, not a failure per request.
+        """
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        with self.assertRaises(usage.UsageError):
+            JWTAuthenticator.from_secret(pem)
+
     def test_short_secret(self) -> None:
         """
         A secret shorter than 32 bytes is a usage error.
@@ -232,6 +261,32 @@ class RateLimiterTests(SynchronousTestCase):
         limiter.take(ana, "4")
         with self.assertRaises(RateLimited):
             limiter.take(ana, "5")
+
+    def test_server_rate_is_a_ceiling(self) -> None:
+        """
+        A token's C{tasa} may lower an identity's rate, not raise it above
+        the server's.
+        """
+        limiter = RateLimiter(FakeReactor().seconds, 1)
+        greedy = Identity("greedy", tasa=100)
+        limiter.take(greedy, None)
+        with self.assertRaises(RateLimited):
+            limiter.take(greedy, None)
+
+    def test_clock_stepping_back(self) -> None:
+        """
+        A wall clock that steps back neither refills a bucket nor locks the
+        identity out once time moves on again.
+        """
+        now = [1000.0]
+        limiter = RateLimiter(lambda: now[0], 1)
+        ana = Identity("ana")
+        limiter.take(ana, None)
+        now[0] = 400.0
+        with self.assertRaises(RateLimited):
+            limiter.take(ana, None)
+        now[0] = 401.0
+        limiter.take(ana, None)
 
     def test_identity_rate_overrides(self) -> None:
         """
@@ -517,6 +572,34 @@ class GateTests(SynchronousTestCase):
         _, t4 = connect(factory)
         self.assertFalse(t4.disconnecting)
         self.assertEqual(factory.gate.unauthenticated, 2)
+
+    def test_per_peer_counted_at_once_with_client_certificates(self) -> None:
+        """
+        With client certificates on, a connection still counts against its
+        address as soon as it is made (only the certificate waits for the
+        first bytes), so silent connections cannot pile up.
+        """
+        gate = Gate(self.clock, max_per_peer=1, certificate_identity=lambda transport: None)
+        factory = make_server(reactor=self.clock, gate=gate)
+        connect(factory, "10.0.0.1")
+        _, t2 = connect(factory, "10.0.0.1")
+        self.assertRefused(t2, "demasiadas_conexiones")
+
+    def test_refused_connection_is_dropped_if_it_lingers(self) -> None:
+        """
+        A refused connection that does not close (a TLS client that never
+        finishes its handshake, a client that never reads) is dropped after
+        a grace period, and its place is free again.
+        """
+        factory = self.server(max_connections=1)
+        first, _ = connect(factory)
+        proto, transport = connect(factory)
+        aborted: List[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        self.clock.advance(REFUSE_GRACE)
+        self.assertEqual(aborted, [True])
+        proto.connectionLost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_counts_return_to_zero(self) -> None:
         """

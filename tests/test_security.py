@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -386,3 +387,79 @@ def test_readme_recipe_runs_as_written(tmp_path: Path) -> None:
         server.terminate()
         server.wait(timeout=15)
         log.close()
+
+
+def closed_by_server(sock: socket.socket, deadline: float) -> bool:
+    """
+    @return: Whether the server closed (or reset) C{sock} within
+        C{deadline} seconds, whatever it wrote first.
+    """
+    sock.settimeout(deadline)
+    try:
+        while sock.recv(4096):
+            pass
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_silent_tls_connections_do_not_keep_their_places(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    """
+    On an ssl: port with JWT on, raw sockets that never start TLS are
+    refused past --max-connections and closed after --auth-timeout all the
+    same (a TLS close cannot complete with them, so they are dropped after
+    a grace period); then a real client is served.
+    """
+    import ssl
+
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, "--jwt-secret-file", str(secret_file),
+                          "--auth-timeout", "1", "--max-connections", "2",
+                          port=port, endpoint=tls.endpoint(port))
+    try:
+        hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        assert all(closed_by_server(h, 8) for h in hogs)
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        s = LineSocket(port, tls=ctx)
+        s.send_json({"op": "ping"})
+        assert s.read_json()["resultado"] == "pong"
+        s.close()
+        for h in hogs:
+            h.close()
+    finally:
+        server.stop()
+
+
+def test_proxy_header_before_tls_only_from_trusted_proxies(tmp_path: Path) -> None:
+    """
+    On a haproxy:ssl: port (PROXY header in clear, then TLS), a header from
+    outside --proxy-from is not believed either: the connection is dropped
+    and logged, and no request on it is answered.
+    """
+    import ssl
+
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, "--proxy-from", "10.0.0.0/8", port=port,
+                          endpoint="haproxy:" + tls.endpoint(port))
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.sendall(f"PROXY TCP4 198.51.100.7 127.0.0.1 40000 {port}\r\n".encode())
+        answer = b""
+        try:
+            conn = ctx.wrap_socket(raw, server_hostname="localhost")
+            conn.sendall(b'{"op": "ping"}\n')
+            answer = conn.recv(4096)
+        except (ssl.SSLError, OSError):
+            pass
+        assert answer == b""
+        raw.close()
+        assert "not a trusted proxy" in server.log.read_text()
+    finally:
+        server.stop()
