@@ -339,8 +339,7 @@ class Session:
                 f"Ya hay una tarea en curso con tarea_id {tarea_id!r} en esta conexión.",
                 tarea_id,
             )
-        self._admit(request)
-        return self._start(request, None, owner)
+        return self._start(request, owner)
 
     # -- identity -----------------------------------------------------------
 
@@ -408,10 +407,19 @@ class Session:
         if callback is not None:
             callback()
 
-    def _admit(self, request: wire.TaskRequest) -> None:
+    def _start(
+        self, request: wire.TaskRequest, owner: str, durable: Optional[_Durable] = None
+    ) -> MaybeDeferredReply:
         """
+        Admit a task, then run it, recording it in the store.
+
+        Admission and start are one call, not two: this runs for every task.
+
+        @param owner: Whose task it is.
+        @param durable: The durable task this is, told once it is admitted
+            (L{_Durable.admitted}), before it runs; L{None} for a plain task.
         @raise Pfo3Error: if the task is refused before it runs (shutting
-            down, too many tasks, declared too long).
+            down, too many tasks, declared too long), or failed at once.
         """
         orch = self.orchestrator
         tarea_id = request.tarea_id
@@ -433,19 +441,10 @@ class Session:
                     f"límite de {orch.timeout:g} s.",
                     tarea_id,
                 )
-
-    def _start(
-        self, request: wire.TaskRequest, huella: Optional[str], owner: str
-    ) -> MaybeDeferredReply:
-        """
-        Run an admitted task, recording it in the store.
-
-        @param huella: The fingerprint of a durable task, else L{None}.
-        @param owner: Whose task it is.
-        """
-        orch = self.orchestrator
-        tarea_id = request.tarea_id
-        tasktype = request.tasktype
+        huella = None
+        if durable is not None:
+            huella = durable.huella
+            durable.admitted(self)
         store = orch.store
         sampled = False
         started = 0.0
@@ -833,15 +832,7 @@ class _Durable:
         request = self.request
         session = Session(orch, self.peer, self.key[0])
         try:
-            session._admit(request)
-        except Pfo3Error as e:
-            self._answer(e)
-            return
-        self.ran = True
-        orch._sessions.add(session)
-        self._session = session
-        try:
-            reply = session._start(request, self.huella, self.key[0])
+            reply = session._start(request, self.key[0], self)
         except Pfo3Error as e:
             self._answer(e)
             return
@@ -854,6 +845,14 @@ class _Durable:
         for d in accepted:
             d.callback(wire.AcceptedResult(request.tarea_id))
         reply.addCallbacks(self._answer, self._failed)
+
+    def admitted(self, session: Session) -> None:
+        """
+        The task was admitted and runs now, in C{session}.
+        """
+        self.ran = True
+        self.orchestrator._sessions.add(session)
+        self._session = session
 
     def _failed(self, failure: Failure) -> None:
         error = failure.value

@@ -251,16 +251,17 @@ class TaskProtocol(LineOnlyReceiver):
         decode = wire.decode_request
         handle = session.handle
         encode = wire.encode_reply
-        i = 0
+        i = 0  # lines taken from held
         try:
-            while i < len(held):
+            # A for loop, not indexing: held may grow (or be cleared) while
+            # a line is handled, and a list's iterator sees it.
+            for line in held:
                 if self._write_paused or session.inflight >= limit:
                     break
                 if self.transport.disconnecting:
                     held.clear()
                     i = 0
                     break
-                line = held[i]
                 i += 1
                 if line is not None and line[-1:] == b"\r":
                     line = line[:-1]
