@@ -6,11 +6,23 @@ already cover.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, List
 
 import pytest
 
 from pfo3.chaos import fuzz
+
+from .conftest import LineSocket, read_to_end, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +65,174 @@ def test_fuzz_run_leaves_the_server_unharmed() -> None:
     assert figures["lines"] >= 20_000
     assert set(figures["transports"]) == {"tcp", "tls", "proxy"}
     assert figures["replies"]["ok"] > 0 and figures["replies"]["utf8_invalido"] > 0
+
+
+# -- fault injection ----------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle(read: Callable[[], int], want: int, deadline: float = 10.0) -> int:
+    """
+    Poll C{read} until it is at most C{want} or the deadline passes.
+    """
+    end = time.monotonic() + deadline
+    value = read()
+    while value > want and time.monotonic() < end:
+        time.sleep(0.1)
+        value = read()
+    return value
+
+
+def no_tracebacks(log: Path) -> None:
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]
+
+
+def ping_time(port: int) -> float:
+    started = time.monotonic()
+    c = LineSocket(port, timeout=5)
+    c.send_json({"op": "ping"})
+    assert c.read_json()["resultado"] == "pong"
+    c.close()
+    return time.monotonic() - started
+
+
+def test_sigterm_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
+    """
+    SIGTERM while four connections hold 1,000 tasks in flight (sleeps of
+    0.2 to 3 s, some durable in the background): every task is answered
+    exactly once, with its result or, past --shutdown-timeout, C{apagando};
+    tasks sent after the signal are refused with C{apagando}; the server
+    then closes every connection and exits within its bounds, without a
+    traceback.
+    """
+    server = start_server(tmp_path, "--shutdown-timeout", "1.5")
+    rng = random.Random(5)
+    conns = [LineSocket(server.port, timeout=30) for _ in range(4)]
+    sent: Dict[int, List[str]] = {i: [] for i in range(4)}
+    for i, c in enumerate(conns):
+        lines = []
+        for j in range(250):
+            tarea_id = f"c{i}-{j}"
+            req: Dict[str, Any] = {"tarea_id": tarea_id, "tipo": "sleep",
+                                   "contenido": round(rng.uniform(0.2, 3.0), 2)}
+            if j % 10 == 0:
+                req["esperar"] = j % 20 == 0
+            lines.append(json.dumps(req).encode() + b"\n")
+            sent[i].append(tarea_id)
+        c.send(b"".join(lines))
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for i, c in enumerate(conns):
+        c.send_json({"tarea_id": f"late{i}", "tipo": "upper", "contenido": "x"})
+    started = time.monotonic()
+    codes: Counter[str] = Counter()
+    for i, c in enumerate(conns):
+        replies = [json.loads(x) for x in read_to_end(c.sock, 20).splitlines()]
+        ids = [r["tarea_id"] for r in replies]
+        assert sorted(ids) == sorted(sent[i] + [f"late{i}"]), f"connection {i}"
+        for r in replies:
+            code = r.get("codigo") or r["estado"]
+            codes[code] += 1
+            if r["tarea_id"] == f"late{i}":
+                assert code == "apagando", r
+            else:
+                assert code in ("ok", "aceptada", "apagando"), r
+        c.close()
+    assert server.proc.wait(20) == -signal.SIGTERM
+    assert time.monotonic() - started < 15
+    assert codes["ok"] > 0 and codes["apagando"] > 4, codes
+    no_tracebacks(server.log)
+
+
+def test_client_that_stops_reading_costs_bounded_memory(tmp_path: Path) -> None:
+    """
+    A client that sends 120 MB of requests whose replies are as large, and
+    never reads: the server stops reading from it (the client's writes
+    block) after a bounded amount, its resident memory stays within 64 MiB
+    of where it was, and other clients are served at once meanwhile.
+    """
+    server = start_server(tmp_path)
+    try:
+        before = rss_kib(server.proc.pid)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        line = json.dumps({"tipo": 1, "contenido": "a" * 60_000}).encode() + b"\n"
+        progress = [0]
+
+        def flood() -> None:
+            try:
+                for _ in range(2000):
+                    sock.sendall(line)
+                    progress[0] += len(line)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        time.sleep(4)
+        stuck_at = progress[0]
+        time.sleep(1)
+        assert progress[0] == stuck_at, "the server kept reading a client that does not read"
+        assert stuck_at < 32 * 1024 * 1024, stuck_at
+        peak = rss_kib(server.proc.pid)
+        assert peak - before < 64 * 1024, (before, peak)
+        assert ping_time(server.port) < 1.0
+        print(f"client stuck after {stuck_at} bytes; RSS {before} -> {peak} KiB")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+        sock.close()
+    finally:
+        server.stop()
+    no_tracebacks(server.log)
+
+
+def test_ten_thousand_connections_opened_and_dropped(tmp_path: Path) -> None:
+    """
+    10,000 connections, 200 at a time, each closed at once, after half a
+    line, after a task, or reset mid-line: afterwards the server holds the
+    file descriptors it held before, answers at once, and logged no
+    traceback.
+    """
+    server = start_server(tmp_path)
+    try:
+        ping_time(server.port)
+        time.sleep(0.5)
+        fds_before = fd_count(server.proc.pid)
+        rng = random.Random(11)
+        started = time.monotonic()
+        for _ in range(50):
+            socks = []
+            for _ in range(200):
+                s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                what = rng.random()
+                if what < 0.25:
+                    s.sendall(b'{"tipo": "upper", "conte')
+                elif what < 0.5:
+                    s.sendall(b'{"tipo": "sleep", "contenido": 0.5}\n{"tipo": 1')
+                if what > 0.75:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                socks.append(s)
+            for s in socks:
+                s.close()
+        elapsed = time.monotonic() - started
+        fds_after = settle(lambda: fd_count(server.proc.pid), fds_before)
+        assert fds_after <= fds_before
+        assert ping_time(server.port) < 1.0
+        print(f"10,000 connections in {elapsed:.1f} s; fds {fds_before} -> {fds_after}")
+    finally:
+        server.stop()
+    no_tracebacks(server.log)
