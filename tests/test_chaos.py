@@ -411,3 +411,48 @@ def test_sigterm_during_a_postgresql_partition(
     finally:
         server.proc.kill()
         proxy.close()
+
+
+def _entry_conn() -> Any:
+    from pfo3.chaos.soak import Conn
+
+    return Conn(socket.socket())
+
+
+def test_soak_ledger_balances_only_when_nothing_is_lost_or_doubled(tmp_path: Path) -> None:
+    """
+    The soak's ledger balances for tasks answered once, background tasks
+    recorded finished, and tasks on a connection cut before the server read
+    them; one task without reply or finished record, or one answered twice,
+    unbalances it, and a reply that disagrees with its record is a problem.
+    """
+    from pfo3.chaos.soak import Soak
+
+    def ledger(*tasks: Tuple[str, List[Dict[str, Any]], Dict[str, Any], bool]) -> Any:
+        s = Soak(tmp_path, 1, 1, 1, broker=False)
+        for i, (kind, replies, record, cut) in enumerate(tasks):
+            conn = _entry_conn()
+            conn.cut_by_client = cut
+            s.ledger.sent(str(i), kind, conn)
+            s.ledger.entries[str(i)].replies = replies
+            s.ledger.entries[str(i)].record = record
+        return s._figures(1.0)
+
+    ok = {"estado": "ok"}
+    unknown = {"codigo": "tarea_desconocida"}
+    good = ledger(
+        ("plain", [{"estado": "ok", "tarea_id": "0"}], {"estado": "ok"}, False),
+        ("background", [{"estado": "aceptada"}], ok, False),
+        ("plain", [], {"estado": "abandonada"}, True),
+        ("plain", [], unknown, True),
+        ("plain", [{"estado": "error", "codigo": "apagando"}], unknown, False),
+    )
+    assert good["ok"] and good["balanced"], good
+    assert (good["sent"], good["accepted"], good["not_accepted"]) == (5, 4, 1)
+    lost = ledger(("background", [{"estado": "aceptada"}], {"estado": "en_curso"}, False))
+    assert not lost["balanced"] and lost["lost"] == 1
+    twice = ledger(("plain", [{"estado": "ok"}, {"estado": "ok"}], ok, False))
+    assert not twice["balanced"] and twice["duplicates"] == 1
+    disagree = ledger(("plain", [{"estado": "ok"}], {"estado": "timeout",
+                                                    "codigo": "timeout"}, False))
+    assert disagree["balanced"] and not disagree["ok"] and disagree["mismatches"] == 1
