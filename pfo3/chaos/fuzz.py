@@ -364,7 +364,8 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
         payload = payload[:cut]
         if payload.endswith(b"\n"):
             payload += b'{"tipo": "1", "conte'
-    tally.lines += len(lines)
+    # Lines sent whole: a connection dropped mid-line sends only some.
+    tally.lines += payload.count(b"\n")
     tally.bytes += len(header) + len(payload)
     try:
         sock = _connect(target, transport, 20.0)
@@ -492,15 +493,22 @@ def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int
     tally = Tally()
     lock = threading.Lock()
     started = time.monotonic()
-    jobs = max(1, lines // batch)
+    count = [0]
 
-    def one(i: int) -> None:
-        t = run_connection(target, seed * 1_000_003 + i, batch)
-        with lock:
-            tally.add(t)
+    def worker(k: int) -> None:
+        # Each thread opens connections until the lines sent reach the target.
+        while True:
+            with lock:
+                if tally.lines >= lines:
+                    return
+                i = count[0]
+                count[0] += 1
+            t = run_connection(target, seed * 1_000_003 + i, batch)
+            with lock:
+                tally.add(t)
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(one, i) for i in range(jobs)]:
+        for f in [pool.submit(worker, k) for k in range(concurrency)]:
             f.result()
     elapsed = time.monotonic() - started
     ping_s = ping(target)
