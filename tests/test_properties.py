@@ -141,7 +141,7 @@ def test_mutated_requests_decode_or_fail_typed(obj: Dict[str, Any], data: st.Dat
     _decode_or_typed_error(_mutate(_line(obj), data))
 
 
-@settings(max_examples=30)
+@settings(max_examples=30, deadline=None)
 @given(st.integers(1, 200_000), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]))
 def test_deep_nesting_is_a_typed_error_or_a_request(
     depth: int, brackets: Any

@@ -515,7 +515,7 @@ def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int
     fds_after = _settle(proc.fd_count, fds_before, 10.0)
     rss_after = _settle(proc.rss_kib, rss_before + rss_slack_kib, 5.0)
     tracebacks = proc.tracebacks()
-    problems = list(tally.problems)
+    problems = warm.problems + tally.problems
     if ping_s > 1.0:
         problems.append(f"the server took {ping_s:.2f}s to answer a ping afterwards")
     if fds_after != fds_before:
