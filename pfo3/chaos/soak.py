@@ -471,6 +471,8 @@ class Soak:
             problems.append(f"{self.ledger.unmatched} replies matched no task sent")
         procs = [p for p in [self.orchestrator, *self.workers] if p is not None]
         tracebacks = {p.name: len(p.tracebacks()) for p in procs}
+        if any(tracebacks.values()):
+            problems.append(f"tracebacks in the logs: {tracebacks}")
         return {
             "ok": balanced and not problems, "balanced": balanced, "seed": self.seed,
             "duration": self.duration, "seconds": round(load_seconds, 1),
