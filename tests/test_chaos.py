@@ -494,3 +494,47 @@ def ping_via_proxy(port: int) -> bool:
         s.sendall(b"PROXY TCP4 10.0.0.1 127.0.0.1 4000 9000\r\n" + b'{"op": "ping"}\n')
         s.shutdown(socket.SHUT_WR)
         return b"pong" in read_to_end(s, 10)
+
+
+def test_clock_jumping_forward_answers_each_task_once() -> None:
+    """
+    The reactor's clock is the wall clock (Twisted's C{seconds()} is
+    C{time.time}); when it jumps forward an hour with sleeps and a
+    background task in flight, every task is still answered exactly once,
+    early (a sleep ends with the jump, not after its seconds), its record
+    ends finished and shows the jump, and it is purged once it is older
+    than C{--store-max-age} by the new clock; the server keeps serving.
+    """
+    from pfo3.store import MemoryStore
+    from pfo3.testing import FakeReactor, make_server
+
+    from .conftest import connect_transport, take_replies
+
+    reactor = FakeReactor()
+    store = MemoryStore(reactor, max_age=600)
+    store.start()
+    factory = make_server(reactor=reactor, timeout=30.0, store=store)
+    proto, transport = connect_transport(factory)
+    lines = [json.dumps({"tarea_id": f"s{i}", "tipo": "sleep", "contenido": i % 5 + 1})
+             for i in range(20)]
+    lines.append(json.dumps({"tarea_id": "bg", "tipo": "sleep", "contenido": 2,
+                             "esperar": False}))
+    proto.dataReceived(("\n".join(lines) + "\n").encode())
+    assert [r["estado"] for r in take_replies(transport)] == ["aceptada"]
+    reactor.advance(0.5)
+    reactor.advance(3600)
+    replies = take_replies(transport)
+    assert sorted(r["tarea_id"] for r in replies) == sorted(f"s{i}" for i in range(20))
+    assert {r["estado"] for r in replies} == {"ok"}
+    proto.dataReceived(b'{"op": "estado", "tarea_id": "bg"}\n')
+    after = take_replies(transport)
+    record = after[0]["resultado"]
+    assert (record["estado"], record["resultado"]) == ("ok", "Esperé 2 segundos")
+    assert record["terminada"] - record["aceptada"] >= 3600
+    reactor.advance(700)
+    proto.dataReceived(b'{"op": "estado", "tarea_id": "bg"}\n')
+    assert take_replies(transport)[0]["codigo"] == "tarea_desconocida"
+    proto.dataReceived(b'{"tarea_id": "x", "tipo": "upper", "contenido": "vivo"}\n')
+    assert take_replies(transport)[0]["resultado"] == "VIVO"
+    reactor.advance(0)
+    assert take_replies(transport) == []
