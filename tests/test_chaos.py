@@ -422,9 +422,10 @@ def _entry_conn() -> Any:
 def test_soak_ledger_balances_only_when_nothing_is_lost_or_doubled(tmp_path: Path) -> None:
     """
     The soak's ledger balances for tasks answered once, background tasks
-    recorded finished, and tasks on a connection cut before the server read
-    them; one task without reply or finished record, or one answered twice,
-    unbalances it, and a reply that disagrees with its record is a problem.
+    recorded finished, and tasks on a connection the client cut before the
+    server read them; one task without reply or finished record (on a
+    connection nobody cut), or one answered twice, unbalances it, and a
+    reply that disagrees with its record is a problem.
     """
     from pfo3.chaos.soak import Soak
 
@@ -451,6 +452,8 @@ def test_soak_ledger_balances_only_when_nothing_is_lost_or_doubled(tmp_path: Pat
     assert (good["sent"], good["accepted"], good["not_accepted"]) == (5, 4, 1)
     lost = ledger(("background", [{"estado": "aceptada"}], {"estado": "en_curso"}, False))
     assert not lost["balanced"] and lost["lost"] == 1
+    unread = ledger(("plain", [], unknown, False))
+    assert not unread["balanced"] and unread["lost"] == 1
     twice = ledger(("plain", [{"estado": "ok"}, {"estado": "ok"}], ok, False))
     assert not twice["balanced"] and twice["duplicates"] == 1
     disagree = ledger(("plain", [{"estado": "ok"}], {"estado": "timeout",
