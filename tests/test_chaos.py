@@ -561,4 +561,4 @@ def test_command_line_writes_figures_into_the_doc(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("before\n<!-- chaos:fuzz -->\nRun of ")
     assert text.endswith("fuzz: PASS\n```\n<!-- /chaos:fuzz -->\nafter\n")
-    assert "old" not in text and f"fuzz: {figures['lines']} lines" in text
+    assert "old" not in text and f"fuzz (local mode): {figures['lines']} lines" in text

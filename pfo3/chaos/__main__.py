@@ -24,6 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     f.add_argument("--seed", type=int, default=1, help="random seed (1)")
     f.add_argument("--concurrency", type=int, default=6, help="connections at once (6)")
     f.add_argument("--batch", type=int, default=200, help="lines per connection (200)")
+    f.add_argument("--broker", action="store_true",
+                   help="run the server in distributed mode, with a worker, on RabbitMQ")
     f.add_argument("--json", type=Path, help="also write the figures to this file")
     f.add_argument("--doc", type=Path, help="put the figures in this Markdown file "
                    "(docs/reliability.md), between its chaos:fuzz markers")
@@ -41,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from pfo3.chaos import fuzz
 
         figures = fuzz.fuzz(lines=args.lines, seed=args.seed, concurrency=args.concurrency,
-                            batch=args.batch)
+                            batch=args.batch, broker=args.broker)
         text = fuzz.report(figures)
     else:
         from pfo3.chaos import soak

@@ -19,6 +19,9 @@ from typing import List, Optional, Sequence
 
 import pfo3
 
+#: The RabbitMQ the distributed runs use.
+BROKER = os.environ.get("PFO3_CHAOS_BROKER", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
 #: The log lines that betray an exception nobody handled.
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Unhandled Error",
                      "Unhandled error in Deferred")
@@ -221,3 +224,26 @@ class ThrowawayCA:
         @return: The C{ssl:} server endpoint for this certificate on C{port}.
         """
         return f"ssl:{port}:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}"
+
+
+def delete_broker_objects(prefix: str, orchestrators: Sequence[str]) -> Optional[str]:
+    """
+    Delete the queues and exchanges that a run declared under C{prefix}.
+
+    @return: L{None}, or why the broker could not be cleaned.
+    """
+    try:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(BROKER))
+    except Exception as e:  # the broker's fault, not the run's
+        return f"cannot clean up the broker: {e}"
+    try:
+        channel = connection.channel()
+        for q in ["tareas", "muertas", *(f"respuestas.{n}" for n in orchestrators)]:
+            channel.queue_delete(f"{prefix}.{q}")
+        for x in ["muertas", "cancelaciones"]:
+            channel.exchange_delete(f"{prefix}.{x}")
+    finally:
+        connection.close()
+    return None

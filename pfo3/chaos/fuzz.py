@@ -25,13 +25,20 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pfo3.chaos._process import Process, ThrowawayCA, free_port
+from pfo3.chaos._process import (
+    BROKER,
+    Process,
+    ThrowawayCA,
+    delete_broker_objects,
+    free_port,
+)
 from pfo3.errors import ERROR_CODES
 
 #: The server's --max-line in a fuzz run: small enough that an over-long
@@ -433,19 +440,24 @@ def ping(target: Target) -> float:
     return time.monotonic() - started
 
 
-def start_server(workdir: Path) -> Tuple[Process, Target]:
+def start_server(workdir: Path, broker: Optional[str] = None) -> Tuple[Process, Target]:
     """
     Start a C{twistd pfo3} listening on TCP, TLS and PROXY-protocol TCP.
+
+    @param broker: A queue prefix: run in distributed mode on that prefix
+        (a worker must consume from it).
     """
     ca = ThrowawayCA(workdir)
     target = Target(free_port(), free_port(), free_port(), ca.ca)
+    extra = [] if broker is None else [
+        "--broker", BROKER, "--broker-prefix", broker, "--name", "o1"]
     proc = Process(workdir, "pfo3-fuzz", "pfo3", [
         "--port", f"tcp:{target.tcp}:interface=127.0.0.1",
         "--port", ca.endpoint(target.tls),
         "--port", f"haproxy:tcp:{target.proxy}:interface=127.0.0.1",
         "--timeout", str(TIMEOUT), "--max-line", str(MAX_LINE),
-        "--store-max-records", "2000", "--workers", "2",
-    ], wait_port=target.tcp)
+        "--store-max-records", "2000", "--workers", "2", *extra,
+    ], wait_port=target.tcp, wait_log=None if broker is None else "Connected to the broker")
     return proc, target
 
 
@@ -459,20 +471,42 @@ def _settle(read: Callable[[], int], want: int, deadline: float) -> int:
 
 
 def fuzz(lines: int = 100_000, seed: int = 1, concurrency: int = 6, batch: int = 200,
-         rss_slack_kib: int = 32 * 1024, workdir: Optional[Path] = None) -> Dict[str, Any]:
+         rss_slack_kib: int = 32 * 1024, workdir: Optional[Path] = None,
+         broker: bool = False) -> Dict[str, Any]:
     """
     Run the fuzz against a server of its own.
 
+    @param broker: Run the server in distributed mode, with one
+        C{pfo3-worker}, on RabbitMQ (L{BROKER}); the worker's log must hold
+        no traceback either.
     @return: The figures, with C{"ok"} telling whether every check passed
         and C{"problems"} what failed.
     """
     with tempfile.TemporaryDirectory(prefix="pfo3-fuzz-") as tmp:
         directory = workdir or Path(tmp)
-        proc, target = start_server(directory)
+        prefix = f"pfo3fuzz{uuid.uuid4().hex[:8]}" if broker else None
+        worker = None
         try:
-            return _fuzz(proc, target, lines, seed, concurrency, batch, rss_slack_kib)
+            if prefix is not None:
+                worker = Process(directory, "w1", "pfo3-worker", [
+                    "--broker", BROKER, "--broker-prefix", prefix, "--name", "w1",
+                    "--timeout", str(TIMEOUT)], wait_log="Connected to the broker")
+            proc, target = start_server(directory, prefix)
+            try:
+                figures = _fuzz(proc, target, lines, seed, concurrency, batch, rss_slack_kib)
+            finally:
+                proc.stop()
+            figures["mode"] = "distributed" if broker else "local"
+            if worker is not None and worker.tracebacks():
+                figures["ok"] = False
+                figures["problems"].append(
+                    f"tracebacks in the worker's log: {worker.tracebacks()[:3]}")
+            return figures
         finally:
-            proc.stop()
+            if worker is not None:
+                worker.stop()
+            if prefix is not None:
+                delete_broker_objects(prefix, ["o1"])
 
 
 def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int,
@@ -547,7 +581,8 @@ def report(figures: Dict[str, Any]) -> str:
     @return: The figures of a fuzz run, for people.
     """
     out = [
-        f"fuzz: {figures['lines']} lines ({figures['bytes']} bytes) on "
+        f"fuzz ({figures.get('mode', 'local')} mode): {figures['lines']} lines "
+        f"({figures['bytes']} bytes) on "
         f"{figures['connections']} connections in {figures['seconds']} s "
         f"({figures['lines_per_second']} lines/s), seed {figures['seed']}",
         "  transports: " + ", ".join(f"{k} {v}" for k, v in figures["transports"].items()),

@@ -32,7 +32,6 @@ problem too.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
@@ -46,9 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pfo3.chaos._process import Process, free_port, wait_for_port
-
-BROKER = os.environ.get("PFO3_CHAOS_BROKER", "amqp://guest:guest@127.0.0.1:5672/%2F")
+from pfo3.chaos._process import (
+    BROKER,
+    Process,
+    delete_broker_objects,
+    free_port,
+    wait_for_port,
+)
 
 #: Replies that refuse a task before it runs: the store has no record.
 REFUSALS = {"ocupado", "apagando", "broker_no_disponible", "buffer_lleno"}
@@ -167,24 +170,9 @@ class Soak:
             if p is not None:
                 p.stop()
         if self.broker:
-            self._delete_broker_objects()
-
-    def _delete_broker_objects(self) -> None:
-        try:
-            import pika
-
-            connection = pika.BlockingConnection(pika.URLParameters(BROKER))
-        except Exception as e:  # the broker's fault, not the soak's
-            self.problems.append(f"cannot clean up the broker: {e}")
-            return
-        try:
-            channel = connection.channel()
-            for q in ["tareas", "muertas", "respuestas.o1"]:
-                channel.queue_delete(f"{self.prefix}.{q}")
-            for x in ["muertas", "cancelaciones"]:
-                channel.exchange_delete(f"{self.prefix}.{x}")
-        finally:
-            connection.close()
+            why = delete_broker_objects(self.prefix, ["o1"])
+            if why:
+                self.problems.append(why)
 
     # -- faults ---------------------------------------------------------------
 
