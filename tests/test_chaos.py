@@ -25,6 +25,7 @@ from pfo3.chaos import fuzz
 
 from .conftest import LineSocket, read_to_end, start_server
 from .pgdb import Database, pg_database  # noqa: F401
+from .test_distributed import Cluster, cluster  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -562,3 +563,57 @@ def test_command_line_writes_figures_into_the_doc(tmp_path: Path) -> None:
     assert text.startswith("before\n<!-- chaos:fuzz -->\nRun of ")
     assert text.endswith("fuzz: PASS\n```\n<!-- /chaos:fuzz -->\nafter\n")
     assert "old" not in text and f"fuzz (local mode): {figures['lines']} lines" in text
+
+
+def test_sigterm_on_the_orchestrator_with_a_thousand_tasks_on_workers(
+    cluster: Cluster,  # noqa: F811
+) -> None:
+    """
+    Distributed mode: SIGTERM on the orchestrator while 1,000 tasks are in
+    flight, queued in RabbitMQ or running on two workers: every task is
+    answered exactly once, with its result or C{apagando}; lines sent
+    after the signal get C{apagando}; the orchestrator exits within its
+    bounds, and no log holds a traceback.
+    """
+    cluster.worker("w1")
+    cluster.worker("w2")
+    port = cluster.orchestrator("--shutdown-timeout", "2")
+    orchestrator = cluster.procs[-1]
+    rng = random.Random(9)
+    conns = [LineSocket(port, timeout=30) for _ in range(4)]
+    sent: Dict[int, List[str]] = {i: [] for i in range(4)}
+    for i, c in enumerate(conns):
+        lines = []
+        for j in range(250):
+            tarea_id = f"c{i}-{j}"
+            req: Dict[str, Any] = {"tarea_id": tarea_id, "tipo": "sleep",
+                                   "contenido": round(rng.uniform(0.05, 0.5), 2)}
+            if j % 10 == 0:
+                req["esperar"] = j % 20 == 0
+            lines.append(json.dumps(req).encode() + b"\n")
+            sent[i].append(tarea_id)
+        c.send(b"".join(lines))
+    time.sleep(0.5)
+    orchestrator.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for i, c in enumerate(conns):
+        c.send_json({"tarea_id": f"late{i}", "tipo": "upper", "contenido": "x"})
+    started = time.monotonic()
+    codes: Counter[str] = Counter()
+    for i, c in enumerate(conns):
+        replies = [json.loads(x) for x in read_to_end(c.sock, 30).splitlines()]
+        assert sorted(r["tarea_id"] for r in replies) == sorted(sent[i] + [f"late{i}"])
+        for r in replies:
+            code = r.get("codigo") or r["estado"]
+            codes[code] += 1
+            if r["tarea_id"] == f"late{i}":
+                assert code == "apagando", r
+            else:
+                assert code in ("ok", "aceptada", "apagando"), r
+        c.close()
+    assert orchestrator.wait(20) is not None
+    assert time.monotonic() - started < 15
+    assert codes["ok"] > 0 and codes["apagando"] >= 4, codes
+    print(f"1,000 tasks on workers at SIGTERM: {dict(codes)}")
+    for name in ("o1.log", "w1.log", "w2.log"):
+        no_tracebacks(cluster.tmp / name)
