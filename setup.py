@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["pfo3", "pfo3.amqp", "pfo3.store", "twisted.plugins"],
+    packages=["pfo3", "pfo3.amqp", "pfo3.chaos", "pfo3.store", "twisted.plugins"],
     package_data={"pfo3": ["py.typed"], "twisted": ["plugins/pfo3_plugin.py"]},
     install_requires=[
         "twisted[tls]>=22.10",

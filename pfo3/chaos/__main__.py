@@ -1,0 +1,79 @@
+"""
+C{python -m pfo3.chaos fuzz|soak}: the robustness suite's command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """
+    Run the fuzz or the soak, print its figures, and return 0 when every
+    check passed (1 otherwise).
+    """
+    parser = argparse.ArgumentParser(prog="python -m pfo3.chaos", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fuzz", help="mutated and random lines against a real server")
+    f.add_argument("--lines", type=int, default=100_000, help="lines to send (100000)")
+    f.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    f.add_argument("--concurrency", type=int, default=6, help="connections at once (6)")
+    f.add_argument("--batch", type=int, default=200, help="lines per connection (200)")
+    f.add_argument("--broker", action="store_true",
+                   help="run the server in distributed mode, with a worker, on RabbitMQ")
+    f.add_argument("--json", type=Path, help="also write the figures to this file")
+    f.add_argument("--doc", type=Path, help="put the figures in this Markdown file "
+                   "(docs/reliability.md), between its chaos:fuzz markers")
+    s = sub.add_parser("soak", help="mixed load with faults injected on a schedule")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of load (60)")
+    s.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    s.add_argument("--clients", type=int, default=4, help="client connections at once (4)")
+    s.add_argument("--no-broker", action="store_true",
+                   help="run without RabbitMQ and workers (local mode only)")
+    s.add_argument("--json", type=Path, help="also write the figures to this file")
+    s.add_argument("--doc", type=Path, help="put the ledger in this Markdown file "
+                   "(docs/reliability.md), between its chaos:soak markers")
+    args = parser.parse_args(argv)
+    if args.command == "fuzz":
+        from pfo3.chaos import fuzz
+
+        figures = fuzz.fuzz(lines=args.lines, seed=args.seed, concurrency=args.concurrency,
+                            batch=args.batch, broker=args.broker)
+        text = fuzz.report(figures)
+    else:
+        from pfo3.chaos import soak
+
+        figures = soak.soak(duration=args.duration, seed=args.seed, clients=args.clients,
+                            broker=not args.no_broker)
+        text = soak.report(figures)
+    print(text, flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    if args.doc is not None:
+        update_doc(args.doc, args.command, text)
+    return 0 if figures["ok"] else 1
+
+
+def update_doc(path: Path, name: str, text: str) -> None:
+    """
+    Replace what lies between C{<!-- chaos:NAME -->} and
+    C{<!-- /chaos:NAME -->} in a Markdown file with C{text}, dated, as a
+    code block.
+    """
+    start, end = f"<!-- chaos:{name} -->", f"<!-- /chaos:{name} -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\nRun of {stamp}:\n\n```\n{text}\n```\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
