@@ -372,11 +372,6 @@ def test_postgresql_partitioned_then_back(
     assert time.monotonic() - stopped < 15
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pfo3/store/_sql.py: the PostgreSQL connections have a connect_timeout but no "
-    "statement or socket timeout, so a write (SQLStore._write, _copy) blocks its adbapi "
-    "thread for as long as the network is silent, and ConnectionPool.finalClose, a "
-    "shutdown trigger, joins that thread: twistd never exits during a partition"))
 def test_sigterm_during_a_postgresql_partition(
     tmp_path: Path, pg_database: Database  # noqa: F811
 ) -> None:

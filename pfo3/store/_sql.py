@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from json.encoder import encode_basestring as _quote
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -295,7 +296,7 @@ class SQLStore:
         self.failures = 0
         self.written = 0
         self.ready = False
-        self._pool: Optional[adbapi.ConnectionPool] = None
+        self._pool: Optional[_Pool] = None
         self._pending: Dict[Tuple[str, str], Record] = {}
         self._writing: Optional[Dict[Tuple[str, str], Record]] = None
         self._timer: Optional[IDelayedCall] = None
@@ -333,7 +334,7 @@ class SQLStore:
         args, kwargs = self.dialect.pool_args(self.target)
         if self.reactor is not None:
             kwargs["cp_reactor"] = self.reactor
-        self._pool = adbapi.ConnectionPool(self.dialect.module, *args, **kwargs)
+        self._pool = _Pool(self.dialect.module, *args, **kwargs)
         self._purger = LoopingCall(self._purge_old)
         self._purger.clock = self.clock
         self._purger.start(purge_interval(self.max_age), now=False)
@@ -345,7 +346,9 @@ class SQLStore:
             self._purger.stop()
         d = self.flush()
 
-        def close(_: Any) -> None:
+        def close(result: Any) -> Any:
+            # Also when the flush fails or is given up on (the service's
+            # deadline cancels it): the pool must be closed or abandoned.
             self._stopping = True
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
@@ -359,10 +362,19 @@ class SQLStore:
                     "({dropped} in all since start)",
                     store=self.describe(), lost=lost, dropped=self.dropped,
                 )
-            if self._pool is not None and self._writing is None:
-                self._pool.close()
+            if self._pool is not None:
+                if self._writing is None:
+                    self._pool.close()
+                else:
+                    # A write is stuck (a database that does not answer):
+                    # its thread cannot be interrupted, and joining it
+                    # would keep the server from ever exiting.
+                    log.error("Results store {store}: a write is still waiting for the "
+                              "database; stopping without it", store=self.describe())
+                    self._pool.abandon()
+            return result
 
-        return d.addCallback(close)
+        return d.addBoth(close)
 
     # -- writes ----------------------------------------------------------------
 
@@ -586,3 +598,33 @@ def _unavailable(tarea_id: str) -> Deferred[Optional[Record]]:
     d.errback(StoreUnavailable(
         "El almacén de resultados no responde; reintente más tarde.", tarea_id))
     return d
+
+
+class _Pool(adbapi.ConnectionPool):
+    """
+    adbapi's pool with daemon threads, and a way to stop without waiting
+    for a thread stuck in the database.
+    """
+
+    def start(self) -> None:
+        # Before the pool starts its threads: a thread blocked on a silent
+        # database must not keep the process alive once it stops.
+        self.threadpool.threadFactory = _daemon_thread
+        super().start()
+
+    def abandon(self) -> None:
+        """
+        Stop taking work and forget the pool's threads and connections
+        without joining them (their daemon threads end with the process).
+        """
+        if self.shutdownID:
+            self._reactor.removeSystemEventTrigger(self.shutdownID)
+            self.shutdownID = None
+        if self.startID:
+            self._reactor.removeSystemEventTrigger(self.startID)
+            self.startID = None
+        self.running = False
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
