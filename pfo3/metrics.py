@@ -227,13 +227,23 @@ def server_registry(stats: ServerStats) -> CollectorRegistry:
     return registry
 
 
+class _QuietSite(Site):
+    """
+    A site that writes no access log: a scrape a second would be a log line
+    a second.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 def metrics_service(reactor: Any, description: str, resource: Resource) -> \
         StreamServerEndpointService:
     """
     @return: A service listening on the endpoint C{description} and serving
         C{resource} over HTTP.
     """
-    site = Site(resource)
+    site = _QuietSite(resource)
     site.noisy = False
     site.displayTracebacks = False
     return StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)

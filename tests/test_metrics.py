@@ -335,3 +335,17 @@ class OptionTests(SynchronousTestCase):
         options.parseOptions(broker)
         self.assertIsInstance(worker_tap.makeService(options, MemoryReactorClock()),
                               WorkerService)
+
+    def test_client_stats_flag(self) -> None:
+        """
+        pfo3-client --stats takes no task: with --tipo or --batch it is a
+        usage error.
+        """
+        from pfo3.cli import Options as ClientOptions
+
+        options = ClientOptions()
+        options.parseOptions(["--stats"])
+        self.assertTrue(options["stats"])
+        for extra in (["--tipo", "1"], ["--batch"]):
+            with self.assertRaises(usage.UsageError):
+                ClientOptions().parseOptions(["--stats", *extra])
