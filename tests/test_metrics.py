@@ -349,3 +349,40 @@ class OptionTests(SynchronousTestCase):
         for extra in (["--tipo", "1"], ["--batch"]):
             with self.assertRaises(usage.UsageError):
                 ClientOptions().parseOptions(["--stats", *extra])
+
+
+class _Stopping(Service):
+    """
+    A service whose stop waits for the test.
+    """
+
+    def __init__(self) -> None:
+        self.stopping: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stopping
+
+
+class MetricsLastTests(SynchronousTestCase):
+    """
+    The worker's metrics listener outlives the worker's stop.
+    """
+
+    def test_order(self) -> None:
+        """
+        The listener starts before the worker and stops only once the
+        worker has stopped, so /healthz answers while the worker finishes
+        what it holds.
+        """
+        worker, metrics = _Stopping(), Service()
+        both = worker_tap.MetricsLast(worker, metrics)
+        both.startService()
+        self.assertTrue(worker.running and metrics.running)
+        stopped = both.stopService()
+        self.assertFalse(worker.running)
+        self.assertTrue(metrics.running)
+        self.assertNoResult(stopped)
+        worker.stopping.callback(None)
+        self.successResultOf(stopped)
+        self.assertFalse(metrics.running)

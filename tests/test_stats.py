@@ -259,3 +259,33 @@ class TallyTests(SynchronousTestCase):
         p = t.percentiles(now=20.0, window=60.0)
         self.assertEqual((p["tareas"], p["p50"], p["p90"], p["p99"], p["max"]),
                          (100, 50.0, 90.0, 99.0, 100.0))
+
+
+class OldestPublishedTests(SynchronousTestCase):
+    """
+    The publish times an orchestrator keeps for the queue-age metric.
+    """
+
+    def test_oldest_and_bounded(self) -> None:
+        """
+        The age is that of the oldest task still waited for; answered tasks
+        are forgotten, and the times kept stay proportional to the tasks
+        waited for even when the oldest never ends.
+        """
+        clock = FakeReactor()
+        pending: Dict[str, Any] = {}
+        oldest = OldestPublished(clock, pending)
+        self.assertIsNone(oldest())
+        for i in range(3):
+            pending[f"t{i}"] = None
+            oldest.published(f"t{i}")
+            clock.advance(1)
+        self.assertEqual(oldest(), 3.0)
+        del pending["t0"]
+        self.assertEqual(oldest(), 2.0)
+        for i in range(3, 5000):
+            pending[f"t{i}"] = None
+            oldest.published(f"t{i}")
+            del pending[f"t{i}"]
+        self.assertLessEqual(len(oldest.queue), 2 * len(pending) + 1025)
+        self.assertEqual(oldest(), 2.0)
