@@ -19,6 +19,10 @@ setup(
         "PyJWT[crypto]>=2.13,<2.16",
         # pfo3-certs (docs/security.md#tls): the range the tests ran against.
         "cryptography>=49,<51",
+        # --metrics (docs/operations.md): the custom-collector API used here
+        # (prometheus_client.registry.Collector) is in every release since
+        # 0.17; the tests ran against 0.26.
+        "prometheus_client>=0.17,<0.27",
     ],
     extras_require={
         "test": [

@@ -98,6 +98,9 @@ class Options(usage.Options):
     optFlags: List[List[Optional[str]]] = [
         ["batch", "b",
          "Read tasks from stdin, one per line, and print one JSON reply per line."],
+        ["stats", None,
+         "Print the server's summary (op: stats: tasks by type and state, in flight, "
+         "connections, errors by code, latency, broker) as JSON and exit."],
     ]
 
     def opt_version(self) -> None:
@@ -132,6 +135,10 @@ class Options(usage.Options):
             raise usage.UsageError("--timeout must be a positive number of seconds")
         if self["window"] < 1:
             raise usage.UsageError("--window must be at least 1")
+        if self["stats"]:
+            for name in ("tipo", "contenido", "tarea-id", "batch"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} cannot be used with --stats")
         if self["batch"]:
             for name in ("tipo", "contenido", "tarea-id"):
                 if self[name] is not None:
@@ -375,6 +382,8 @@ async def run(
     if client is None:
         return 1
     try:
+        if options["stats"]:
+            return await _run_stats(options, console, client)
         if options["batch"]:
             return await _run_batch(reactor, options, console, client)
         return await _run_one(options, console, client, open_connection)
@@ -437,6 +446,21 @@ async def _run_one(
         return 1
     if problem is not None:
         console.error(problem)
+        return 1
+    return 0
+
+
+async def _run_stats(options: Options, console: Console, client: TaskClient) -> int:
+    try:
+        summary = await client.stats(options["timeout"])
+    except (Pfo3Error, ClientError, TimeoutError) as e:
+        console.error(explain(e))
+        return 1
+    try:
+        console.stdout.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        console.stdout.flush()
+    except OSError:
+        _silence(console.stdout)
         return 1
     return 0
 

@@ -274,6 +274,13 @@ class TaskClient(LineOnlyReceiver):
         """
         return self._control("tipos", timeout).addCallback(_resultado)
 
+    def stats(self, timeout: Optional[float] = None) -> Deferred[Dict[str, Any]]:
+        """
+        @return: A Deferred firing with the server's summary (C{op: stats};
+            C{docs/operations.md} describes its fields).
+        """
+        return self._control("stats", timeout).addCallback(_resultado)
+
     def authenticate(self, token: str, timeout: Optional[float] = None) -> Deferred[Any]:
         """
         Prove who this connection's tasks come from (C{op: auth}).
@@ -651,6 +658,12 @@ class BlockingClient:
         @return: The server's task types; see L{TaskClient.tipos}.
         """
         return self._call(self.client.tipos, self.timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """
+        @return: The server's summary; see L{TaskClient.stats}.
+        """
+        return self._call(self.client.stats, self.timeout)
 
     def close(self) -> None:
         """

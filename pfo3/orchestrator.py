@@ -57,6 +57,7 @@ from pfo3.store import (
     IStore,
     Record,
 )
+from pfo3.tally import Tally, estado_of
 from pfo3.tasks import TaskRegistry
 
 #: What L{Session.handle} answers: a reply, or a Deferred of one.
@@ -129,6 +130,10 @@ class Orchestrator:
         self._deadlines: Deque[Tuple[float, _Task]] = deque()
         self._timer: Optional[IDelayedCall] = None
         self._expiring = False
+        # What op: stats and the metrics read (pfo3.tally, pfo3.stats).
+        self.tally = Tally()
+        self.started = clock.seconds()
+        self.summary: Callable[[], Any] = self.task_summary
 
     @property
     def authenticator(self) -> IAuthenticator:
@@ -238,6 +243,15 @@ class Orchestrator:
         """
         for s in list(self._sessions):
             s.cancel_all(ShuttingDown("El servidor se está apagando; la tarea fue cancelada."))
+
+    def task_summary(self) -> Dict[str, Any]:
+        """
+        @return: What C{op: stats} answers when nothing wider (the server's
+            connections, the broker: L{pfo3.stats}) replaced L{summary}.
+        """
+        from pfo3.stats import orchestrator_summary
+
+        return orchestrator_summary(self)
 
 
 class _Task:
@@ -456,6 +470,7 @@ class Session:
         except Exception:
             orch.completed += 1
             error = self._as_error(Failure(), request)
+            orch.tally.other[(tasktype.name, estado_of(error))] += 1
             if sampled:
                 self._log_task(request, None, error.codigo, started, owner)
             if store is not None:
@@ -468,6 +483,7 @@ class Session:
             raise error
         if type(outcome) is tuple:
             orch.completed += 1
+            orch.tally.ok[tasktype.name] += 1
             if sampled:
                 self._log_task(request, outcome[1], "ok", started, owner)
             if store is not None:
@@ -488,6 +504,8 @@ class Session:
                 self._recorded_peer(), now, now, None, None, None, None, None, huella,
             )
             store.record(record)
+        if not sampled:
+            started = orch.clock.seconds()
         task = _Task(request, self, work, sampled, started, record, owner)
         orch.active += 1
         self._pending[tarea_id] = task
@@ -508,6 +526,8 @@ class Session:
             owner = self._identify(request).name
         if op == "estado":
             return self._estado(request, owner)
+        if op == "stats":
+            return self._stats(request)
         return wire.ControlResult(request.tarea_id, self.orchestrator.registry.describe())
 
     def _auth(self, request: wire.ControlRequest) -> wire.ControlResult:
@@ -637,6 +657,8 @@ class Session:
             orch.store.record(record)
         # Last: once no task is in flight, a stopping server flushes the store.
         orch._finished()
+        now = orch.clock.seconds()
+        orch.tally.ended(request.tasktype.name, estado_of(reply), now - task.started, now)
         if task.sampled:
             if isinstance(reply, wire.TaskResult):
                 self._log_task(request, reply.worker, "ok", task.started, task.owner)
@@ -719,6 +741,21 @@ class Session:
         self._waiting.clear()
         self.cancel_all()
         self.orchestrator._sessions.discard(self)
+
+    def _stats(self, request: wire.ControlRequest) -> MaybeDeferredReply:
+        """
+        C{op: stats}: the server's summary (L{Orchestrator.summary}), which
+        may take a round trip to the broker.
+        """
+        summary = self.orchestrator.summary()
+        if type(summary) is not Deferred:
+            return wire.ControlResult(request.tarea_id, summary)
+        d: Deferred[Any] = summary
+        d.addCallback(lambda s: wire.ControlResult(request.tarea_id, s))
+        if not d.called:
+            self._lookups += 1
+            d.addBoth(self._looked_up)
+        return d
 
 
 def fingerprint(request: wire.TaskRequest) -> str:

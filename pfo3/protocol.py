@@ -107,6 +107,7 @@ class TaskProtocol(LineOnlyReceiver):
         if self.transport.disconnecting:
             return
         self._held.clear()
+        self.factory.orchestrator.tally.errors[error.codigo] += 1
         self.transport.write(wire.encode_error(error))
         self.close(REFUSE_GRACE)
 
@@ -222,7 +223,7 @@ class TaskProtocol(LineOnlyReceiver):
         budget = self.factory.budget
         log.info("Refused a line from {peer}: unfinished lines hold {used} bytes, "
                  "limit {limit}", peer=self.session.peer, used=budget.used, limit=budget.limit)
-        self.transport.write(wire.encode_error(BufferFull(
+        self.transport.write(self._error_line(BufferFull(
             "Línea rechazada: el servidor ya retiene el máximo de bytes de líneas "
             f"sin terminar ({budget.limit}). Reintente más tarde."
         )))
@@ -266,7 +267,7 @@ class TaskProtocol(LineOnlyReceiver):
                 if line is not None and line[-1:] == b"\r":
                     line = line[:-1]
                 if line is None or len(line) > max_length:
-                    out.append(wire.encode_error(LineTooLong(
+                    out.append(self._error_line(LineTooLong(
                         f"Línea demasiado larga: el máximo es {max_length} bytes."
                     )))
                     continue
@@ -308,6 +309,7 @@ class TaskProtocol(LineOnlyReceiver):
         The one place where errors become lines; an internal error's cause
         is logged here with its traceback.
         """
+        self.factory.orchestrator.tally.errors[error.codigo] += 1
         cause = error.__cause__
         if isinstance(error, InternalError) and cause is not None:
             log.failure(

@@ -9,15 +9,17 @@ import signal
 import threading
 from typing import Any, Dict, Optional
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3.executor import IExecutor
+from pfo3.logs import JSONLogsOnParent
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import TaskFactory
+from pfo3.stats import ServerStats
 
 log = Logger(namespace="pfo3")
 
@@ -36,7 +38,7 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-class TaskServerService(MultiService):
+class TaskServerService(JSONLogsOnParent, MultiService):
     """
     The listening endpoints (child services), the executor and the
     orchestrator of one pfo3 server.
@@ -60,6 +62,8 @@ class TaskServerService(MultiService):
         shutdown_timeout: float = 10.0,
         gc_threshold: int = 0,
         handle_signals: bool = False,
+        stats: Optional[ServerStats] = None,
+        metrics: Optional[IService] = None,
     ) -> None:
         """
         @param executor: Started with the service and stopped last.
@@ -75,6 +79,11 @@ class TaskServerService(MultiService):
         @param handle_signals: While stopping, take over SIGTERM and SIGINT
             (in the main thread only): a second one cancels the tasks still
             running at once instead of stopping the reactor a second time.
+        @param stats: What C{op: stats} answers (by default the
+            orchestrator's and the connections' counts).
+        @param metrics: The C{--metrics} HTTP listener: started first and
+            stopped last, so that C{/healthz} answers 503 while the server
+            drains.
         """
         super().__init__()
         self.factory = factory
@@ -87,8 +96,18 @@ class TaskServerService(MultiService):
         self._sweeper: Optional[LoopingCall] = None
         self._saved_handlers: Dict[int, Any] = {}
         self._hurried = False
+        self.stats = stats if stats is not None else ServerStats(factory)
+        self.orchestrator.summary = self.stats
+        self.metrics = metrics
+
+    def privilegedStartService(self) -> None:
+        if self.metrics is not None:
+            self.metrics.privilegedStartService()
+        super().privilegedStartService()
 
     def startService(self) -> None:
+        if self.metrics is not None and not self.metrics.running:
+            self.metrics.startService()
         if self.gc_threshold > 0:
             gc.collect()
             gc.freeze()
@@ -120,6 +139,7 @@ class TaskServerService(MultiService):
         d.addCallback(lambda _: self._drain())
         d.addBoth(self._stop_store)
         d.addBoth(self._stop_executor)
+        d.addBoth(self._stop_metrics)
         return d
 
     def _drain(self) -> Deferred[None]:
@@ -203,6 +223,13 @@ class TaskServerService(MultiService):
         log.info("pfo3 stopped after {tasks}", completed=completed,
                  tasks=count(completed, "task"))
         return result
+
+    def _stop_metrics(self, result: Any) -> Deferred[Any]:
+        metrics = self.metrics
+        if metrics is None or not metrics.running:
+            return succeed(result)
+        d: Deferred[Any] = maybeDeferred(metrics.stopService)
+        return d.addBoth(lambda _: result)
 
     # -- a second SIGTERM/SIGINT while stopping ----------------------------------
 

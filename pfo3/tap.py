@@ -25,9 +25,11 @@ from pfo3.gate import (
     Gate,
     parse_networks,
 )
+from pfo3.logs import check_operations, use_json_logs
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.service import TaskServerService
+from pfo3.stats import BrokerProbe, ServerStats
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
 from pfo3.tlsid import is_tls, peer_certificate_identity
@@ -192,6 +194,18 @@ class Options(usage.Options):
          "See docs/security.md."],
     ]
 
+    # Operations (docs/operations.md).
+    optParameters += [
+        ["metrics", None, None,
+         "Serve Prometheus metrics (/metrics) and a health check (/healthz: 503 while "
+         "draining or without a broker) over HTTP on this server endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1. See docs/operations.md."],
+        ["log-format", None, "text",
+         "text: twistd's log lines; json: one JSON object per log event instead, "
+         "with its fields (tarea_id, tipo, worker, duration, estado, peer, identity "
+         "for the --log-tasks events).", str],
+    ]
+
     optFlags: List[List[Optional[str]]] = [
         ["no-inline", None,
          "Run the cheap built-in text tasks on the thread pool too, instead "
@@ -268,6 +282,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
         from_url(self["store"], reactor)  # raises UsageError; touches no database
         self["client-authorities"] = client_authorities(self["tls-client-ca"], self["ports"])
+        check_operations(self)
 
 
 def makeService(options: Options, reactor: Any = None) -> TaskServerService:
@@ -317,10 +332,22 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         orchestrator, options["max-line"], options["max-inflight"], options["idle-timeout"],
         max_buffered=options["max-buffered"], gate=gate,
     )
+    probe = None
+    if options["broker"]:
+        amqp: Any = executor
+        probe = BrokerProbe(amqp.broker, broker_topology(options).tasks, reactor, amqp.oldest)
+    stats = ServerStats(factory, probe)
+    metrics = None
+    if options["metrics"]:
+        from pfo3.metrics import server_metrics
+
+        metrics = server_metrics(reactor, options["metrics"], stats)
     service = TaskServerService(
         factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],
-        handle_signals=True,
+        handle_signals=True, stats=stats, metrics=metrics,
     )
+    if options["log-format"] == "json":
+        use_json_logs(service)
     for description in options["ports"]:
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["backlog"]))

@@ -167,6 +167,13 @@ class MemoryChannel:
         self.broker.declare(queue)
         return succeed(_Frame(queue))
 
+    def queue_depth(self, queue: str) -> Deferred[Tuple[int, int]]:
+        """
+        @return: The messages waiting in C{queue} and its consumers, as
+            L{pfo3.amqp.connection.PikaChannel.queue_depth} does.
+        """
+        return succeed(self.broker.depth(queue))
+
     def queue_bind(self, queue: str, exchange: str, routing_key: str = "") -> Deferred[Any]:
         self.broker.bindings.setdefault(exchange, []).append(queue)
         return succeed(None)
@@ -242,6 +249,14 @@ class MemoryBroker:
 
     def declare(self, queue: str) -> None:
         self.queues.setdefault(queue, deque())
+
+    def depth(self, queue: str) -> Tuple[int, int]:
+        """
+        @return: The messages waiting in C{queue} and how many consumers
+            it has.
+        """
+        consumers = sum(1 for q, _, _ in self.consumers.values() if q == queue)
+        return len(self.queues[queue]), consumers
 
     def view(
         self, setup: Callable[[Any, IChannel], Deferred[Any]], prefetch: int = 0,

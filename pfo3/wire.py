@@ -43,7 +43,7 @@ from pfo3.tasks import MISSING, TaskRegistry, TaskType
 MAX_TASK_ID = 256
 
 #: Control operations a request may name in its C{op} field.
-OPERATIONS = ("ping", "tipos", "estado", "auth")
+OPERATIONS = ("ping", "tipos", "estado", "auth", "stats")
 
 def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"JSON inválido: {name} no es un valor de JSON estándar.")

@@ -12,7 +12,7 @@ the worker) when a channel is ready and when it is gone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import pika
@@ -168,6 +168,16 @@ class PikaChannel:
     def reject(self, tag: int, requeue: bool) -> None:
         if self._channel.is_open:
             self._channel.basic_reject(tag, requeue=requeue)
+
+    def queue_depth(self, queue: str) -> Deferred[Tuple[int, int]]:
+        """
+        @return: A Deferred of the messages ready in C{queue} and its
+            consumers (a passive C{queue_declare}: the queue must exist, as
+            the task queue does once the topology is declared).
+        """
+        d: Deferred[Any] = self._channel.queue_declare(queue, passive=True)
+        return d.addCallback(
+            lambda frame: (frame.method.message_count, frame.method.consumer_count))
 
 
 def _pump(

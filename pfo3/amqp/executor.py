@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Any, Dict, Set
+from typing import Any, Dict, Optional, Set
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,6 +30,7 @@ from pfo3.amqp.connection import Broker, Delivery, IChannel, Refused, Unroutable
 from pfo3.amqp.topology import Topology
 from pfo3.errors import BrokerUnavailable, Busy, InternalError, Pfo3Error
 from pfo3.executor import IExecutor, MaybeDeferredOutcome
+from pfo3.stats import OldestPublished
 from pfo3.tasks import TaskType
 
 log = Logger(namespace="pfo3.amqp")
@@ -56,6 +58,7 @@ class AMQPExecutor:
 
     def __init__(
         self, broker: Broker, topology: Topology, name: str, task_ttl: float,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         """
         @param broker: The connection to use; its setup must be
@@ -63,6 +66,8 @@ class AMQPExecutor:
         @param name: This orchestrator's name: its reply queue's.
         @param task_ttl: Seconds a task message may wait in the queue (the
             task timeout: after it, nobody waits for the reply).
+        @param clock: When given, the publish time of each task is kept so
+            that C{oldest} can tell the oldest one's age (for the metrics).
         """
         self.broker = broker
         self.topology = topology
@@ -71,6 +76,9 @@ class AMQPExecutor:
         self.task_ttl = task_ttl
         self._pending: Dict[str, Deferred[Any]] = {}
         self._unconfirmed: Set[str] = set()
+        self.oldest: Optional[OldestPublished] = None
+        if clock is not None:
+            self.oldest = OldestPublished(clock, self._pending)
         broker.on_lost(self._lost)
 
     @classmethod
@@ -82,7 +90,8 @@ class AMQPExecutor:
         """
         holder: Dict[str, AMQPExecutor] = {}
         broker = Broker(reactor, url, topology, lambda raw, ch: holder["e"].setup(raw, ch))
-        executor = holder["e"] = cls(broker, topology, name or default_name(), task_ttl)
+        executor = holder["e"] = cls(broker, topology, name or default_name(), task_ttl,
+                                     clock=reactor)
         return executor
 
     def start(self) -> None:
@@ -112,6 +121,8 @@ class AMQPExecutor:
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d
         self._unconfirmed.add(correlation_id)
+        if self.oldest is not None:
+            self.oldest.published(correlation_id)
         confirmed = channel.publish(
             self.topology.tasks, body, correlation_id, reply_to=self.reply_queue,
             expiration=self.task_ttl)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from pfo3.amqp.topology import Topology
 from pfo3.executor import DaemonThreadPool, LocalExecutor
+from pfo3.logs import JSONLogsOnParent
 from pfo3.tasks import default_registry
 
 #: The options both sides of a cluster must agree on (the broker refuses a
@@ -84,7 +87,14 @@ class Options(usage.Options):
          "On SIGTERM/SIGINT, seconds to finish the tasks held before leaving "
          "them to other workers.", float],
     ]
-    optParameters = _parameters + BROKER_PARAMETERS
+    optParameters = _parameters + BROKER_PARAMETERS + [
+        ["metrics", None, None,
+         "Serve this worker's Prometheus metrics (/metrics) and a health check "
+         "(/healthz: 503 while stopping or without a broker) over HTTP on this server "
+         "endpoint, e.g. tcp:9101:interface=127.0.0.1. See docs/operations.md."],
+        ["log-format", None, "text",
+         "text: twistd's log lines; json: one JSON object per log event instead.", str],
+    ]
 
     optFlags: List[List[Optional[str]]] = [
         ["no-plugins", None,
@@ -101,6 +111,9 @@ class Options(usage.Options):
         for name in ("timeout", "shutdown-timeout"):
             if not 0 < self[name] < float("inf"):
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        from pfo3.logs import check_operations
+
+        check_operations(self)
 
 
 def makeService(options: Options, reactor: Any = None) -> Any:
@@ -118,8 +131,51 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     threadpool = DaemonThreadPool(minthreads=0, maxthreads=options["workers"],
                                   name="pfo3-worker")
     executor = LocalExecutor(reactor, threadpool)
-    return WorkerService(
+    worker = WorkerService(
         reactor, options["broker"], topology(options), registry, executor,
         options["name"] or default_name(), capacity=options["capacity"],
         timeout=options["timeout"], shutdown_timeout=options["shutdown-timeout"],
     )
+    if not options["metrics"] and options["log-format"] == "text":
+        return worker
+    from pfo3.logs import use_json_logs
+    from pfo3.metrics import worker_metrics
+
+    metrics = worker_metrics(reactor, options["metrics"], worker) if options["metrics"] else None
+    service = MetricsLast(worker, metrics)
+    if options["log-format"] == "json":
+        use_json_logs(service)
+    return service
+
+
+class MetricsLast(JSONLogsOnParent, MultiService):
+    """
+    A worker and its C{--metrics} listener: the listener starts first and
+    stops once the worker has stopped, so that C{/healthz} answers 503
+    while the worker finishes what it holds.
+    """
+
+    def __init__(self, worker: Service, metrics: Optional[Service]) -> None:
+        super().__init__()
+        self.worker = worker
+        self.metrics = metrics
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.metrics is not None:
+            self.metrics.privilegedStartService()
+        self.worker.privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.metrics is not None:
+            self.metrics.startService()
+        self.worker.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d: Deferred[Any] = maybeDeferred(self.worker.stopService)
+        metrics = self.metrics
+        if metrics is not None:
+            d.addBoth(lambda _: metrics.stopService())
+        return d.addBoth(lambda _: None)

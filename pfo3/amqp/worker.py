@@ -32,6 +32,8 @@ from pfo3.amqp.connection import Broker, Delivery, IChannel, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
 from pfo3.executor import LocalExecutor
+from pfo3.store import ABANDONED, ERROR, OK
+from pfo3.tally import Tally, estado_of
 from pfo3.tasks import TaskRegistry
 
 log = Logger(namespace="pfo3.worker")
@@ -46,10 +48,13 @@ class _Held:
     A task this worker received and has not acknowledged.
     """
 
-    __slots__ = ("delivery", "channel", "work", "cancelled", "timer", "identity")
+    __slots__ = ("delivery", "channel", "work", "cancelled", "timer", "identity", "tipo",
+                 "started")
 
-    def __init__(self, delivery: Delivery, channel: IChannel) -> None:
+    def __init__(self, delivery: Delivery, channel: IChannel, started: float = 0.0) -> None:
         self.identity = ""
+        self.tipo = "-"
+        self.started = started
         self.delivery = delivery
         self.channel = channel
         self.work: Optional[Deferred[Any]] = None
@@ -89,6 +94,9 @@ class WorkerService(Service):
         self.broker.on_lost(self._lost)
         self.held: Dict[str, _Held] = {}
         self.completed = 0
+        # What the worker's metrics read (pfo3.tally, pfo3.metrics).
+        self.tally = Tally()
+        self.started = reactor.seconds()
         self._unacked = 0  # replies published and not yet confirmed
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._consumers: List[str] = []
@@ -143,24 +151,28 @@ class WorkerService(Service):
             else:
                 channel.ack(delivery.tag)
             return
-        held = _Held(delivery, channel)
+        held = _Held(delivery, channel, self.reactor.seconds())
         try:
             tipo, contenido, held.identity = messages.decode_task(delivery.body)
+            held.tipo = str(tipo)
             tasktype = self.registry.lookup(tipo)
             arg = tasktype.validate(contenido)
             outcome = self.executor.run(tasktype, arg, held.identity)
         except Pfo3Error as e:
+            self._count(held, ERROR)
             self._answer(held, messages.encode_failure(e))
             return
         except messages.BadMessage as e:
             log.error("Dropping an unreadable task message {id}: {why}", id=correlation_id,
                       why=e)
+            self._count(held, ERROR)
             self._answer(held, messages.encode_failure(
                 InternalError("Error interno: mensaje de tarea ilegible.")))
             return
         except Exception:
             log.failure("Task {id} raised an unexpected exception", id=correlation_id,
                         identity=held.identity or "-")
+            self._count(held, ERROR)
             self._answer(held, messages.encode_failure(
                 InternalError("Error interno al ejecutar la tarea.")))
             return
@@ -179,6 +191,7 @@ class WorkerService(Service):
         if held.cancelled:
             held.channel.ack(held.delivery.tag)
             return
+        self._count(held, OK)
         worker = f"{self.worker_name}/{outcome[1]}"
         try:
             body = messages.encode_result(outcome[0], worker)
@@ -193,6 +206,7 @@ class WorkerService(Service):
         if held.cancelled:
             held.channel.ack(held.delivery.tag)
             return
+        self._count(held, estado_of(failure.value))
         if failure.check(Pfo3Error):
             error = failure.value
         else:
@@ -218,9 +232,12 @@ class WorkerService(Service):
                 held.work.cancel()
             except Exception:
                 log.failure("Cancelling task {id} raised", id=held.delivery.correlation_id)
+        if reason is None:
+            self._count(held, ABANDONED)
         if reason is not None and held.delivery.correlation_id in self.held:
             self._settle(held)
             held.cancelled = True  # its late outcome is ignored
+            self._count(held, estado_of(reason))
             self._answer(held, messages.encode_failure(reason))
 
     def _answer(self, held: _Held, body: bytes) -> None:
@@ -254,6 +271,10 @@ class WorkerService(Service):
 
         d.addCallbacks(published, not_published)
         d.addBoth(settled)
+
+    def _count(self, held: _Held, estado: str) -> None:
+        now = self.reactor.seconds()
+        self.tally.ended(held.tipo, estado, now - held.started, now)
 
     # -- cancellations and dead letters -----------------------------------------
 
