@@ -753,7 +753,7 @@ class Session:
         d: Deferred[Any] = summary
         d.addCallback(lambda s: wire.ControlResult(request.tarea_id, s))
         if not d.called:
-            self._lookups += 1
+            self.inflight += 1
             d.addBoth(self._looked_up)
         return d
 
