@@ -28,6 +28,7 @@ from pfo3.gate import (
 from pfo3.logs import check_operations, use_json_logs
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
+from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
 from pfo3.stats import BrokerProbe, ServerStats
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
@@ -362,9 +363,8 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         elif options.get("client-authorities"):
             log.warn("--port {port} is not ssl:, so it asks no client certificate",
                      port=description)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+        StreamServerEndpointService(strict(endpoint), factory).setServiceParent(service)
     return service
-
 
 
 def authenticator(options: Options) -> IAuthenticator:

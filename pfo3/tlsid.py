@@ -32,10 +32,11 @@ from twisted.internet.interfaces import (
     ISSLTransport,
     IStreamServerEndpoint,
 )
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from pfo3.proxyheader import proxied
 
 
 class NotATLSEndpoint(ValueError):
@@ -152,7 +153,7 @@ class ProxyHeaderThenTLS:
         tcp = endpoints.TCP4ServerEndpoint(
             tls._reactor, tls._port, backlog=tls._backlog, interface=tls._interface)
         inner = TLSMemoryBIOFactory(tls._sslContextFactory, False, protocolFactory)
-        listening: Deferred[IListeningPort] = proxyEndpoint(tcp).listen(inner)
+        listening: Deferred[IListeningPort] = proxied(tcp).listen(inner)
         return listening
 
 

@@ -457,16 +457,11 @@ def test_soak_ledger_balances_only_when_nothing_is_lost_or_doubled(tmp_path: Pat
     assert disagree["balanced"] and not disagree["ok"] and disagree["mismatches"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "twisted/protocols/haproxy/_v1parser.py (Twisted 26.10) converts only some parse "
-    "errors to InvalidProxyHeader: a v1 header whose address is not UTF-8 "
-    "(UnicodeDecodeError) or whose port is not a number (ValueError from int()) escapes "
-    "HAProxyProtocolWrapper.dataReceived, so every such header logs an 'Unhandled Error' "
-    "traceback in pfo3's log; pfo3's haproxy: endpoint does not guard against it"))
 @pytest.mark.parametrize("header", [
     b"PROXY TCP6 fd00::\xff ::1 4000 9000\r\n",
     b"PROXY TCP4 10.0.0.1 127.0.0.1 40x0 9000\r\n",
-], ids=["address-not-utf8", "port-not-a-number"])
+    "PROXY TCP6 fd00::π ::1 4000 9000\r\n".encode(),
+], ids=["address-not-utf8", "port-not-a-number", "address-not-an-address"])
 def test_broken_proxy_v1_header_is_refused_quietly(tmp_path: Path, header: bytes) -> None:
     """
     A PROXY v1 header with an address that is not UTF-8 or a port that is
