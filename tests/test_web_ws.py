@@ -112,6 +112,16 @@ class WebSocketTests(SynchronousTestCase):
         ws.send(frame(b"x" * 600, fin=False) + frame(b"y" * 600, opcode=0))
         self.assertEqual(ws.close_code(), 1009)
 
+    def test_reply_longer_than_the_limit(self) -> None:
+        """
+        The message limit is for requests: a reply longer than it (a long
+        result, an error quoting its input) is sent whole.
+        """
+        ws = WebSocket(self.site)
+        ws.send_json({"tarea_id": "a", "tipo": "1", "contenido": "x" * 945})  # 992 bytes
+        [reply] = ws.replies()
+        self.assertEqual(reply["resultado"], "X" * 945)  # 1008 bytes
+
     def test_invalid_utf8_closes_with_1007(self) -> None:
         """
         A text message that is not UTF-8 closes the connection with 1007.

@@ -83,6 +83,7 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
     factory: TaskWebSocketFactory
     session: Session
     transport: Any  # the HTTP connection's: a push producer and consumer
+    maxMessagePayloadSize: int  # set by autobahn from the factory's options
     #: Set by the gate when it must see the connection before it goes on.
     on_first_data: Optional[Callable[[Any], bool]] = None
 
@@ -269,8 +270,15 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
             self._drive()
 
     def _send_line(self, line: bytes) -> None:
-        if self.state == WebSocketServerProtocol.STATE_OPEN:
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        # autobahn applies its message limit to what it sends too; the limit
+        # is for requests: a reply may be longer than the request it answers.
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
             self.sendMessage(line[:-1], isBinary=False)
+        finally:
+            self.maxMessagePayloadSize = limit
 
 
 class TaskWebSocketFactory(WebSocketServerFactory):
