@@ -372,13 +372,13 @@ def web_service(options: Options, factory: TaskFactory, reactor: Any) -> MultiSe
     The C{--web} endpoints, serving the same orchestrator and gate as the
     TCP ports (see L{pfo3.web}).
     """
-    from pfo3.web import Gateway, make_site
+    from pfo3.web import Gateway, WebService, make_site
 
     gateway = Gateway(factory.orchestrator, factory.gate, max_message=options["max-line"],
                       max_inflight=options["max-inflight"], cors=options["web-cors"])
     site = make_site(gateway, reactor, idle_timeout=options["idle-timeout"],
                      ping_interval=min(options["idle-timeout"], 60.0))
-    web = MultiService()
+    web = WebService(site)
     for description in options["web"]:
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["backlog"]))

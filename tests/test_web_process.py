@@ -7,6 +7,7 @@ client, and TCP clients of the same server alongside.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 import urllib.error
@@ -240,6 +241,24 @@ def test_tokens(secured: Web) -> None:
         assert recv_json(ws)["resultado"]["identidad"] == "alice"
         ws.send(json.dumps(dict(task, tarea_id="b")))
         assert recv_json(ws)["resultado"] == "X"
+
+
+def test_sigterm_answers_websocket_tasks_then_closes(web: Web) -> None:
+    """
+    On SIGTERM, a WebSocket's task in flight is answered, then the
+    connection is closed with 1001 (going away) and the server shuts down
+    cleanly (twistd then ends by the signal it got).
+    """
+    with web.ws() as ws:
+        ws.send(json.dumps({"tarea_id": "s", "tipo": "sleep", "contenido": 0.5}))
+        time.sleep(0.2)
+        web.server.proc.terminate()
+        assert recv_json(ws)["tarea_id"] == "s"
+        assert close_code(ws) == 1001
+    assert web.server.proc.wait(15) == -signal.SIGTERM
+    log = web.server.log.read_text()
+    assert "pfo3 stopped after" in log and "Server Shut Down." in log
+    assert "Traceback" not in log
 
 
 def test_dashboard_and_panel(web: Web) -> None:

@@ -202,6 +202,28 @@ class WebSocketTests(SynchronousTestCase):
         self.assertEqual(
             WebSocket(allowed, headers={"Origin": "https://app.example"}).handshake.status, 101)
 
+    def test_stopping_answers_then_closes_with_1001(self) -> None:
+        """
+        When the web service stops, a WebSocket reads no more, gets the
+        replies of its tasks in flight, then is closed with 1001 (going
+        away); an idle one is closed at once.
+        """
+        from pfo3.web import WebService
+
+        busy = WebSocket(self.site)
+        busy.send_json({"tarea_id": "s", "tipo": "sleep", "contenido": 1})
+        idle = WebSocket(self.site)
+        service = WebService(self.site)
+        service.startService()
+        service.stopService()
+        self.assertEqual(idle.close_code(), 1001)
+        self.assertEqual(busy.frames(), [])
+        self.assertEqual(busy.transport.producerState, "paused")
+        self.clock.advance(1)
+        frames = busy.frames()
+        self.assertEqual(json.loads(frames[0][1])["tarea_id"], "s")
+        self.assertEqual(int.from_bytes(frames[1][1][:2], "big"), 1001)
+
     def test_panel_feed(self) -> None:
         """
         /panel/ws sends the dashboard's figures at once and every second.

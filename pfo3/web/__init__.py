@@ -7,7 +7,7 @@ C{twistd pfo3 --web ENDPOINT}.  See C{docs/web.md}.
 
 from pfo3.web.gateway import Gateway
 from pfo3.web.panel import Panel
-from pfo3.web.site import WebSite, make_site
+from pfo3.web.site import WebService, WebSite, make_site
 from pfo3.web.status import HTTP_STATUS, http_status
 
-__all__ = ["Gateway", "HTTP_STATUS", "Panel", "WebSite", "http_status", "make_site"]
+__all__ = ["Gateway", "HTTP_STATUS", "Panel", "WebService", "WebSite", "http_status", "make_site"]

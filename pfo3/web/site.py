@@ -10,6 +10,8 @@ from importlib import resources
 from typing import Any, Dict, Optional, Tuple
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -161,3 +163,24 @@ def make_site(gateway: Gateway, reactor: Any = None, idle_timeout: float = 0.0,
     site = WebSite(root, gateway, idle_timeout, reactor)
     site.ws = ws
     return site
+
+
+class WebService(MultiService):
+    """
+    The C{--web} endpoints of a server (child services), serving one site.
+
+    Stopping it stops listening and asks every WebSocket connection to
+    finish: it reads no more and closes (1001) once its tasks in flight are
+    answered, while the server drains (L{pfo3.service.TaskServerService}).
+    """
+
+    def __init__(self, site: WebSite) -> None:
+        super().__init__()
+        self.site = site
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = super().stopService()
+        if self.site.ws is not None:
+            for protocol in list(self.site.ws.protocols):
+                protocol.finish()
+        return d

@@ -47,6 +47,7 @@ from pfo3.web.status import http_status
 log = Logger(namespace="pfo3")
 
 #: Close codes (RFC 6455, section 7.4.1).
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED = 1003
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
@@ -95,6 +96,7 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
         self._read_paused = False
         self._opened = False
         self._refused = False
+        self._finishing = False
         self._header_identity: Optional[Tuple[Identity, str]] = None
 
     # -- connection life ----------------------------------------------------
@@ -172,6 +174,15 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("ascii")[:123])
 
+    def finish(self) -> None:
+        """
+        The server is stopping: read no more, and close (1001, going away)
+        once every request already received is answered.
+        """
+        self._finishing = True
+        if self._opened:
+            self._drive()
+
     def _peer(self) -> str:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None) or "-"
@@ -208,6 +219,8 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
         finally:
             self._driving = False
         self._update_reading()
+        if self._finishing and not held and not self.session.inflight:
+            self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     def _handle(self, payload: bytes, started: float) -> None:
         if not payload or payload.isspace():
@@ -227,7 +240,7 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
     def _update_reading(self) -> None:
         if not self._opened or self.transport is None:
             return
-        want_pause = bool(self._held) or self._write_paused or (
+        want_pause = self._finishing or bool(self._held) or self._write_paused or (
             self.session.inflight >= self.factory.gateway.max_inflight)
         if want_pause != self._read_paused:
             self._read_paused = want_pause
@@ -266,7 +279,7 @@ class TaskWebSocketProtocol(WebSocketServerProtocol):
 
     def _sent(self, line: bytes) -> None:
         self._send_line(line)
-        if self._read_paused and not self._driving:
+        if (self._read_paused or self._finishing) and not self._driving:
             self._drive()
 
     def _send_line(self, line: bytes) -> None:
