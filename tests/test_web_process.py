@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +21,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from .conftest import LineSocket, RunningServer, free_port, start_server, wait_for_port
+from .conftest import (
+    LineSocket,
+    RunningServer,
+    TLSFiles,
+    free_port,
+    start_server,
+    wait_for_port,
+)
 from .webclient import frame
 
 pytestmark = pytest.mark.integration
@@ -259,6 +267,30 @@ def test_sigterm_answers_websocket_tasks_then_closes(web: Web) -> None:
     log = web.server.log.read_text()
     assert "pfo3 stopped after" in log and "Server Shut Down." in log
     assert "Traceback" not in log
+
+
+def test_https_and_wss(tmp_path: Path) -> None:
+    """
+    --web ssl:PORT:... serves the API over HTTPS and the WebSocket over
+    wss:, with the server's certificate.
+    """
+    (tmp_path / "ca").mkdir()
+    files = TLSFiles(tmp_path / "ca")
+    port = free_port()
+    server = start_server(tmp_path, "--web", files.endpoint(port))
+    try:
+        wait_for_port(port, proc=server.proc)
+        tls = ssl.create_default_context(cafile=str(files.ca))
+        req = urllib.request.Request(
+            f"https://localhost:{port}/tareas", method="POST",
+            data=json.dumps({"tipo": "upper", "contenido": "tls"}).encode())
+        with urllib.request.urlopen(req, timeout=10, context=tls) as response:
+            assert json.loads(response.read())["resultado"] == "TLS"
+        with connect(f"wss://localhost:{port}/ws", ssl=tls, open_timeout=10) as ws:
+            ws.send(json.dumps({"tarea_id": "w", "tipo": "upper", "contenido": "wss"}))
+            assert recv_json(ws)["resultado"] == "WSS"
+    finally:
+        server.stop()
 
 
 def test_dashboard_and_panel(web: Web) -> None:
