@@ -30,8 +30,7 @@ from pfo3.web import HTTP_STATUS, WebSite
 from pfo3.web.http import API
 from pfo3.web.panel import percentile
 from pfo3.web.site import STATIC
-
-from .webclient import Response, http, web_site
+from pfo3.web.testing import Response, http, web_site
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"s" * 32

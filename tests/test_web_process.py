@@ -21,6 +21,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from pfo3.web.testing import frame
+
 from .conftest import (
     LineSocket,
     RunningServer,
@@ -29,7 +31,6 @@ from .conftest import (
     start_server,
     wait_for_port,
 )
-from .webclient import frame
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,7 @@ from pfo3.auth import JWTAuthenticator
 from pfo3.gate import Gate
 from pfo3.testing import FakeReactor, make_server
 from pfo3.web import WebSite
-
-from .webclient import WebSocket, frame, web_site
+from pfo3.web.testing import WebSocket, frame, web_site
 
 SECRET = b"s" * 32
 

@@ -2,7 +2,8 @@
 Web and mobile clients: a WebSocket endpoint and an HTTP API that speak the
 TCP protocol's JSON with the same rules (authentication, limits, store,
 error codes), and a live dashboard, served with C{twisted.web} by
-C{twistd pfo3 --web ENDPOINT}.  See C{docs/web.md}.
+C{twistd pfo3 --web ENDPOINT}.  See C{docs/web.md}; L{pfo3.web.testing}
+is an in-memory client of it for tests.
 """
 
 from pfo3.web.gateway import Gateway

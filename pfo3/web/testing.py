@@ -1,7 +1,16 @@
 """
-An in-memory client of pfo3's web site (L{pfo3.web}): raw HTTP/1.1 and
-WebSocket frames over a L{StringTransport}, so that the tests drive the real
-C{twisted.web} site, autobahn and the orchestrator without sockets.
+An in-memory client of pfo3's web site (L{pfo3.web}), for tests: raw
+HTTP/1.1 and WebSocket frames over a L{StringTransport}, so that a test
+drives the real C{twisted.web} site, autobahn and the orchestrator without
+sockets.  With L{pfo3.testing.make_server}::
+
+    factory = make_server()
+    site = web_site(factory)
+    _, response = http(site, "POST", "/tareas", {"tipo": "upper", "contenido": "x"})
+    ws = WebSocket(site)
+    ws.send_json({"tarea_id": "a", "tipo": "sleep", "contenido": 1})
+    factory.orchestrator.clock.advance(1)
+    ws.replies()   # [{"estado": "ok", ...}]
 """
 
 from __future__ import annotations
@@ -43,15 +52,24 @@ class Connection:
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
+        """
+        Deliver C{data} from the client to the server.
+        """
         # The protocol may change once the connection is a WebSocket.
         self.transport.protocol.dataReceived(data)  # type: ignore[attr-defined]
 
     def take(self) -> bytes:
+        """
+        @return: What the server wrote since the last call.
+        """
         data = self.transport.value()
         self.transport.clear()
         return data
 
     def close(self) -> None:
+        """
+        The client goes away.
+        """
         from twisted.internet.error import ConnectionDone
         from twisted.python.failure import Failure
 
@@ -60,6 +78,10 @@ class Connection:
 
 def request_bytes(method: str, path: str, body: bytes = b"",
                   headers: Optional[Dict[str, str]] = None) -> bytes:
+    """
+    @return: An HTTP/1.1 request to C{pfo3.test}, with a C{Content-Length}
+        when it has a body.
+    """
     lines = [f"{method} {path} HTTP/1.1", "Host: pfo3.test"]
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
@@ -95,6 +117,9 @@ class Response:
             self.body = rest[: int(self.headers.get("content-length", len(rest)))]
 
     def json(self) -> Dict[str, Any]:
+        """
+        @return: The body, decoded as a JSON object.
+        """
         obj = json.loads(self.body)
         assert isinstance(obj, dict)
         return obj
@@ -175,12 +200,21 @@ class WebSocket(Connection):
         self._pending = rest
 
     def send_text(self, text: str) -> None:
+        """
+        Send a text message.
+        """
         self.send(frame(text.encode("utf-8")))
 
     def send_json(self, obj: Any) -> None:
+        """
+        Send C{obj} as a JSON text message.
+        """
         self.send_text(json.dumps(obj))
 
     def frames(self) -> List[Tuple[int, bytes]]:
+        """
+        @return: The frames received since the last call.
+        """
         data, self._pending = self._pending + self.take(), b""
         return parse_frames(data)
 
