@@ -12,7 +12,7 @@ origins given with C{--web-cors}.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Set, Union
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -68,6 +68,16 @@ class JSONResource(Resource):
     """
 
     route: ClassVar[str] = ""
+
+    @classmethod
+    def methods(cls) -> Set[str]:
+        """
+        @return: The HTTP methods it answers, lower case, as OpenAPI names
+            them (besides C{OPTIONS}, the CORS preflight, and C{HEAD},
+            which C{twisted.web} answers for every resource).
+        """
+        return {name[len("render_"):].lower() for name in dir(cls)
+                if name.startswith("render_") and name not in ("render_OPTIONS", "render_HEAD")}
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
@@ -236,7 +246,10 @@ class PanelResource(JSONResource):
         return wire.encode_control(None, self.gateway.panel.snapshot())
 
 
-#: The API's resources, by the first segment of their path.
+#: Every resource of the API (C{docs/openapi.json} describes each).
+RESOURCES = (TareasResource, TareaResource, TiposResource, PanelResource)
+
+#: The API's resources at the root, by the first segment of their path.
 API: Dict[bytes, Callable[[Gateway], JSONResource]] = {
     b"tareas": TareasResource,
     b"tipos": TiposResource,
