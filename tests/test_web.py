@@ -189,7 +189,7 @@ def test_timeout_is_504() -> None:
 def test_busy_is_429_and_shutting_down_is_503() -> None:
     """
     Past --max-tasks the API answers 429 ocupado; once the server drains,
-    503 apagando.
+    503 apagando; both say when to retry (Retry-After).
     """
     factory = make_server(max_tasks=1)
     site = web_site(factory)
@@ -199,6 +199,7 @@ def test_busy_is_429_and_shutting_down_is_503() -> None:
     factory.orchestrator.drain()
     down = post(site, {"tipo": "uppercase", "contenido": "x"})
     assert (down.status, down.json()["codigo"]) == (503, "apagando")
+    assert busy.headers["retry-after"] == down.headers["retry-after"] == "1"
 
 
 def test_client_gone_cancels_its_task() -> None:

@@ -159,6 +159,8 @@ class JSONResource(Resource):
         request.setResponseCode(status)
         if status == 401:
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="pfo3"')
+        elif status in (429, 503):
+            request.setHeader(b"Retry-After", b"1")
         self.gateway.panel.answered("http", started, codigo=error.codigo)
         return wire.encode_error(error)
 
