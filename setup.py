@@ -8,8 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["pfo3", "pfo3.amqp", "pfo3.chaos", "pfo3.store", "twisted.plugins"],
-    package_data={"pfo3": ["py.typed"], "twisted": ["plugins/pfo3_plugin.py"]},
+    packages=["pfo3", "pfo3.amqp", "pfo3.chaos", "pfo3.store", "pfo3.web", "twisted.plugins"],
+    package_data={
+        "pfo3": ["py.typed"],
+        # The dashboard (docs/web.md): plain files, no build step.
+        "pfo3.web": ["static/*.html", "static/*.css", "static/*.js"],
+        "twisted": ["plugins/pfo3_plugin.py"],
+    },
     install_requires=[
         "twisted[tls]>=22.10",
         # The AMQP client of the distributed mode (docs/distributed.md).
@@ -23,6 +28,9 @@ setup(
         # (prometheus_client.registry.Collector) is in every release since
         # 0.17; the tests ran against 0.26.
         "prometheus_client>=0.17,<0.27",
+        # --web (docs/web.md): WebSocket; 26.7.1 fixed a permessage-deflate
+        # decompression bomb.
+        "autobahn>=26.7.1,<27",
     ],
     extras_require={
         "test": [
@@ -34,6 +42,11 @@ setup(
             "mypy-zope>=1.0",
             # The store's tests run against a real PostgreSQL too.
             "psycopg[binary]>=3.2,<3.4",
+            # The web gateway's tests: a WebSocket client, the browser test
+            # (Debian's chromium and chromium-driver) and its screenshot.
+            "websockets>=13,<18",
+            "selenium>=4.20,<5",
+            "Pillow>=10,<14",
         ],
         # --store postgresql://...: the range the tests ran against.
         "postgresql": ["psycopg[binary]>=3.2,<3.4"],

@@ -8,6 +8,7 @@ import os
 from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
@@ -220,6 +221,26 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
         self["proxy-from"] = []
+        self["web"] = []
+        self["web-cors"] = []
+
+    def opt_web(self, endpoint: str) -> None:
+        """
+        Serve the HTTP API, the WebSocket endpoint (/ws) and the dashboard
+        (/) on this server endpoint: tcp:8080, ssl:8443:privateKey=...
+        (repeatable; none by default). See docs/web.md.
+        """
+        self["web"].append(endpoint)
+
+    def opt_web_cors(self, origin: str) -> None:
+        """
+        Let pages from this origin (https://app.example, or * for any) call
+        the HTTP API and open WebSockets (repeatable; none by default: only
+        the dashboard's own origin).
+        """
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise usage.UsageError(f"--web-cors: {origin!r} is not an origin (https://host)")
+        self["web-cors"].append(origin)
 
     def opt_proxy_from(self, network: str) -> None:
         """
@@ -281,6 +302,11 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, with_backlog(description, self["backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"invalid --port {description!r}: {e}")
+        for description in self["web"]:
+            try:
+                endpoints.serverFromString(reactor, with_backlog(description, self["backlog"]))
+            except Exception as e:
+                raise usage.UsageError(f"invalid --web {description!r}: {e}")
         from_url(self["store"], reactor)  # raises UsageError; touches no database
         self["client-authorities"] = client_authorities(self["tls-client-ca"], self["ports"])
         check_operations(self)
@@ -364,7 +390,29 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
             log.warn("--port {port} is not ssl:, so it asks no client certificate",
                      port=description)
         StreamServerEndpointService(strict(endpoint), factory).setServiceParent(service)
+    if options["web"]:
+        web_service(options, factory, reactor).setServiceParent(service)
     return service
+
+
+def web_service(options: Options, factory: TaskFactory, reactor: Any) -> MultiService:
+    """
+    The C{--web} endpoints, serving the same orchestrator and gate as the
+    TCP ports (see L{pfo3.web}).
+    """
+    from pfo3.web import Gateway, WebService, make_site
+
+    gateway = Gateway(factory.orchestrator, factory.gate, max_message=options["max-line"],
+                      max_inflight=options["max-inflight"], cors=options["web-cors"])
+    site = make_site(gateway, reactor, idle_timeout=options["idle-timeout"],
+                     ping_interval=min(options["idle-timeout"], 60.0))
+    web = WebService(site)
+    for description in options["web"]:
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(description, options["backlog"]))
+        StreamServerEndpointService(endpoint, site).setServiceParent(web)
+    return web
+
 
 
 def authenticator(options: Options) -> IAuthenticator:
