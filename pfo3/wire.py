@@ -279,13 +279,31 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
 
 def encode_reply(reply: Reply) -> bytes:
     """
-    @return: The line of a successful reply.
+    @return: The line of a successful reply; a task's is
+        C{{"estado": "ok", "resultado": ..., "tarea_id": ..., "worker": ...}},
+        as the seed wrote it.
     @raise InternalError: if the result cannot be written as JSON (the
         offending exception is its C{__cause__}).
     """
     try:
         if type(reply) is TaskResult:
-            return encode_ok(reply.tarea_id, reply.resultado, reply.worker)
+            # The task's line is written here rather than in a function of
+            # its own: this runs once per task.
+            resultado = reply.resultado
+            if type(resultado) is str:
+                res = _quote(resultado)
+            elif type(resultado) is int:
+                res = int.__repr__(resultado)
+            else:
+                res = _dumps(resultado)
+            tarea_id = reply.tarea_id
+            tid = "null" if tarea_id is None else _quote(tarea_id)
+            worker = reply.worker
+            w = int.__repr__(worker) if type(worker) is int else _dumps(worker)
+            return (
+                '{"estado": "ok", "resultado": %s, "tarea_id": %s, "worker": %s}\n'
+                % (res, tid, w)
+            ).encode("utf-8", "backslashreplace")
         if type(reply) is AcceptedResult:
             return encode_accepted(reply.tarea_id)
         return encode_control(reply.tarea_id, reply.resultado)  # type: ignore[union-attr]
@@ -297,26 +315,10 @@ def encode_reply(reply: Reply) -> bytes:
 
 def encode_ok(tarea_id: Optional[str], resultado: Any, worker: Any) -> bytes:
     """
-    @return: The success line C{{"estado": "ok", "resultado": ...,
-        "tarea_id": ..., "worker": ...}}, as the seed wrote it.
+    @return: The success line of a task (see L{encode_reply}).
+    @raise InternalError: as L{encode_reply}.
     """
-    if type(resultado) is str:
-        res = _quote(resultado)
-    elif type(resultado) is int:
-        res = int.__repr__(resultado)
-    else:
-        res = _dumps(resultado)
-    if tarea_id is None:
-        tid = "null"
-    else:
-        tid = _quote(tarea_id)
-    if type(worker) is int:
-        w = int.__repr__(worker)
-    else:
-        w = _dumps(worker)
-    return (
-        '{"estado": "ok", "resultado": %s, "tarea_id": %s, "worker": %s}\n' % (res, tid, w)
-    ).encode("utf-8", "backslashreplace")
+    return encode_reply(TaskResult(tarea_id, resultado, worker))  # type: ignore[arg-type]
 
 
 def encode_accepted(tarea_id: str) -> bytes:

@@ -221,13 +221,17 @@ def test_lone_surrogate_round_trips_as_valid_utf8() -> None:
 
 def test_result_that_is_not_json_fails_loudly() -> None:
     """
-    A result JSON cannot carry (NaN, a set) raises instead of writing
-    invalid JSON.
+    A result JSON cannot carry (NaN, a set) raises an internal error, whose
+    cause says why, instead of writing invalid JSON.
     """
-    with pytest.raises(ValueError):
+    from pfo3.errors import InternalError
+
+    with pytest.raises(InternalError) as nan:
         wire.encode_ok("t", float("nan"), 0)
-    with pytest.raises(TypeError):
+    assert isinstance(nan.value.__cause__, ValueError)
+    with pytest.raises(InternalError) as unknown:
         wire.encode_ok("t", {1, 2}, 0)
+    assert isinstance(unknown.value.__cause__, TypeError)
 
 
 def test_client_helpers_round_trip() -> None:
