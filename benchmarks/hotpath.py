@@ -243,7 +243,9 @@ def instructions(args: argparse.Namespace) -> None:
                "--gc-threshold", str(args.gc_threshold)]
         if args.tree:
             cmd += ["--tree", args.tree]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        # One hash seed: dict layouts, and so the counts, repeat run to run.
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = re.search(r"Collected : (\d+)", done.stderr)
         if done.returncode or not found:
             raise SystemExit(done.stderr[-2000:])
