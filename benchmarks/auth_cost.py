@@ -14,28 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from run_suite import Running, bench, measured  # noqa: E402
-from systems import REPO, System, _twistd  # noqa: E402
+from paired import Way, pfo3_system, print_ratios, run_rounds  # noqa: E402
+from run_suite import Running  # noqa: E402
 
 LEVELS = [(64, 8), (16, 1), (1, 1)]
-
-
-def server(name: str, extra: List[str]) -> System:
-    def commands(port: int) -> List[List[str]]:
-        return [_twistd() + ["-n", "--pidfile=", "pfo3", "--port",
-                             f"tcp:{port}:interface=127.0.0.1", *extra]]
-
-    return System(name, name, f"pfo3 {' '.join(extra)}", commands, env={"PYTHONPATH": REPO})
 
 
 def main() -> int:
@@ -54,48 +45,22 @@ def main() -> int:
         f.write(secret)
     token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, secret.encode(),
                        algorithm="HS256")
-    open_server = Running(server("open", []), tmp)
-    jwt_server = Running(server("jwt", ["--jwt-secret-file", secret_file]), tmp)
-    ways: List[Tuple[str, Running, List[str]]] = [
-        ("open", open_server, []),
-        ("op: auth per connection", jwt_server, ["--token", token, "--auth", "connection"]),
-        ("token in every request", jwt_server, ["--token", token, "--auth", "request"]),
+    open_server = Running(pfo3_system("open", []), tmp)
+    jwt_server = Running(pfo3_system("jwt", ["--jwt-secret-file", secret_file]), tmp)
+    ways: List[Way] = [
+        Way("open", open_server),
+        Way("op: auth per connection", jwt_server, ["--token", token, "--auth", "connection"]),
+        Way("token in every request", jwt_server, ["--token", token, "--auth", "request"]),
     ]
-    runs: List[Dict[str, Any]] = []
     try:
-        for _, running, extra in ways:  # warm-up
-            bench(running.port, ["-c", "64", "-i", "8", "-d", "1", *extra])
-        for r in range(args.rounds):
-            order = ways[r % len(ways):] + ways[:r % len(ways)]
-            for level in LEVELS:
-                for name, running, extra in order:
-                    s = measured(running, ["-c", str(level[0]), "-i", str(level[1]),
-                                           "-d", str(args.duration), *extra])
-                    run = {"round": r, "level": f"{level[0]}x{level[1]}", "way": name,
-                           "throughput": s["throughput"], "errors": s["error_count"],
-                           "cpu_us": s["server_cpu_us_per_task"],
-                           "p99_ms": s["latency_ms"]["p99"]}
-                    runs.append(run)
-                    print(f"  round {r + 1} {run['level']:>5} {name:<26} "
-                          f"{run['throughput']:9.0f}/s  {run['cpu_us'] or 0:6.1f} us/task  "
-                          f"errors {run['errors']}", flush=True)
+        runs = run_rounds(ways, LEVELS, args.rounds, args.duration)
     finally:
         open_server.stop()
         jwt_server.stop()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
-    print("\nmedian of paired ratios to the open server (same round, same level):")
-    print(f"{'level':>6} {'way':<26} {'tasks/s':>8} {'CPU/task':>9}")
-    for level in LEVELS:
-        key = f"{level[0]}x{level[1]}"
-        base = {r["round"]: r for r in runs if r["level"] == key and r["way"] == "open"}
-        for name, _, _ in ways[1:]:
-            mine = [r for r in runs if r["level"] == key and r["way"] == name]
-            tput = statistics.median(r["throughput"] / base[r["round"]]["throughput"]
-                                     for r in mine)
-            cpu = statistics.median(r["cpu_us"] / base[r["round"]]["cpu_us"] for r in mine)
-            print(f"{key:>6} {name:<26} {tput:8.2f} {cpu:9.2f}")
+    print_ratios(runs, ways, LEVELS)
     return 1 if any(r["errors"] for r in runs) else 0
 
 

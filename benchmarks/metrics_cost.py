@@ -15,29 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
 import urllib.request
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from run_suite import Running, bench, free_port, measured  # noqa: E402
-from systems import REPO, System, _twistd  # noqa: E402
+from paired import Way, pfo3_system, print_ratios, run_rounds  # noqa: E402
+from run_suite import Running, free_port  # noqa: E402
 
 LEVELS = [(64, 8), (16, 1)]
-
-
-def server(name: str, extra: List[str]) -> System:
-    def commands(port: int) -> List[List[str]]:
-        return [_twistd() + ["-n", "--pidfile=", "pfo3", "--port",
-                             f"tcp:{port}:interface=127.0.0.1", *extra]]
-
-    return System(name, name, f"pfo3 {' '.join(extra)}", commands, env={"PYTHONPATH": REPO})
 
 
 class Scraper:
@@ -84,35 +75,16 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="pfo3-metrics-cost-")
     mport = free_port()
-    plain = Running(server("plain", []), tmp)
-    metered = Running(server("metrics", ["--metrics", f"tcp:{mport}:interface=127.0.0.1"]), tmp)
+    plain = Running(pfo3_system("plain", []), tmp)
+    metered = Running(pfo3_system("metrics", ["--metrics", f"tcp:{mport}:interface=127.0.0.1"]),
+                      tmp)
     scraper = Scraper(mport)
-    ways: List[Tuple[str, Running, Optional[Scraper]]] = [
-        ("no --metrics", plain, None),
-        ("--metrics, scraped 1/s", metered, scraper),
+    ways: List[Way] = [
+        Way("no --metrics", plain),
+        Way("--metrics, scraped 1/s", metered, during=lambda: scraper),
     ]
-    runs: List[Dict[str, Any]] = []
     try:
-        for _, running, _ in ways:  # warm-up
-            bench(running.port, ["-c", "64", "-i", "8", "-d", "1"])
-        for r in range(args.rounds):
-            order = ways[r % len(ways):] + ways[:r % len(ways)]
-            for level in LEVELS:
-                for name, running, scrapes in order:
-                    load = ["-c", str(level[0]), "-i", str(level[1]), "-d", str(args.duration)]
-                    if scrapes is None:
-                        s = measured(running, load)
-                    else:
-                        with scrapes:
-                            s = measured(running, load)
-                    run = {"round": r, "level": f"{level[0]}x{level[1]}", "way": name,
-                           "throughput": s["throughput"], "errors": s["error_count"],
-                           "cpu_us": s["server_cpu_us_per_task"],
-                           "p99_ms": s["latency_ms"]["p99"]}
-                    runs.append(run)
-                    print(f"  round {r + 1} {run['level']:>5} {name:<24} "
-                          f"{run['throughput']:9.0f}/s  {run['cpu_us'] or 0:6.1f} us/task  "
-                          f"errors {run['errors']}", flush=True)
+        runs = run_rounds(ways, LEVELS, args.rounds, args.duration)
     finally:
         plain.stop()
         metered.stop()
@@ -120,18 +92,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
     print(f"\nscrapes: {scraper.scrapes} answered, {scraper.failures} failed")
-    print("median of paired ratios to the server without --metrics (same round, same level):")
-    print(f"{'level':>6} {'way':<24} {'tasks/s':>8} {'CPU/task':>9}")
-    for level in LEVELS:
-        key = f"{level[0]}x{level[1]}"
-        base = {r["round"]: r for r in runs if r["level"] == key and r["way"] == ways[0][0]}
-        for name, _, _ in ways[1:]:
-            mine = [r for r in runs if r["level"] == key and r["way"] == name]
-            tput = statistics.median(r["throughput"] / base[r["round"]]["throughput"]
-                                     for r in mine)
-            cpu = statistics.median(r["cpu_us"] / base[r["round"]]["cpu_us"] for r in mine)
-            print(f"{key:>6} {name:<24} {tput:8.2f} {cpu:9.2f}")
-    return 1 if any(r["errors"] for r in runs) or scraper.failures else 0
+    print_ratios(runs, ways, LEVELS)
+    return 1 if any(r["errors"] for r in runs) else 0
 
 
 if __name__ == "__main__":
