@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import pfo3
 
@@ -36,7 +36,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
+def wait_for_port(
+    port: int, proc: Optional[subprocess.Popen[Any]] = None, deadline: float = 20.0
+) -> None:
     """
     Wait until something accepts connections on 127.0.0.1:C{port}.
 
@@ -44,7 +46,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 20
     """
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the process exited early with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
