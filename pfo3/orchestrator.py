@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from pfo3 import wire
 from pfo3.auth import ANONYMOUS_IDENTITY, IAuthenticator, Identity, OpenAuthenticator, RateLimiter
+from pfo3.blobs.requests import BlobPolicy, blob_request
 from pfo3.errors import (
     Busy,
     DuplicateTaskId,
@@ -85,6 +86,7 @@ class Orchestrator:
         store: Optional[IStore] = None,
         authenticator: Optional[IAuthenticator] = None,
         rate: float = 0.0,
+        blobs: Optional[BlobPolicy] = None,
     ) -> None:
         """
         @param registry: The task types accepted.
@@ -104,6 +106,8 @@ class Orchestrator:
             L{pfo3.auth}).
         @param rate: Tasks per second each identity may start when its
             token sets no C{tasa} (C{0}: unlimited).
+        @param blobs: Object storage for large contents and results
+            (L{None}: off; C{docs/blobs.md}).
         """
         self.registry = registry
         self.executor = executor
@@ -117,6 +121,7 @@ class Orchestrator:
         self.store = store
         self.authenticator: IAuthenticator = authenticator or OpenAuthenticator()
         self.limiter = RateLimiter(clock.seconds, rate)
+        self.blobs = blobs
         # Whether a task must go through identity checks even without a
         # token of its own (see Session._authorize).
         self.guarded = bool(self.authenticator.required or rate)
@@ -313,7 +318,8 @@ class Session:
             once.
         """
         if type(request) is not wire.TaskRequest:
-            assert type(request) is wire.ControlRequest
+            if type(request) is not wire.ControlRequest:
+                return blob_request(self, request)  # op subir, contenido_ref, refs
             return self._control(request)
         owner = self.owner
         if self._guarded or request.token is not None:

@@ -1,0 +1,69 @@
+"""
+The object storage options shared by C{twistd pfo3} and C{twistd
+pfo3-worker}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from twisted.python import usage
+
+from pfo3.blobs import from_url
+from pfo3.blobs.requests import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_THRESHOLD,
+    DEFAULT_URL_TTL,
+    BlobPolicy,
+)
+
+#: Default line limit, as the protocol's (C{pfo3.protocol.DEFAULT_MAX_LINE}).
+_MAX_LINE = 1 << 20
+
+BLOB_PARAMETERS: List[List[Any]] = [
+    ["blobs", None, None,
+     "Object storage for large contents and results: s3://BUCKET?endpoint=http://HOST:PORT"
+     " (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws, never here), "
+     "file:DIR (one machine) or memory: (tests). Off when not given. See docs/blobs.md."],
+    ["blob-threshold", None, DEFAULT_THRESHOLD,
+     "Results longer than this many bytes are stored as objects for clients that send "
+     "\"refs\": true.", int],
+    ["blob-max-bytes", None, DEFAULT_MAX_BYTES,
+     "Largest upload 'op: subir' accepts and largest object a task may read, in bytes.",
+     int],
+    ["blob-url-ttl", None, DEFAULT_URL_TTL,
+     "Seconds a presigned upload or download URL works.", float],
+]
+
+
+def check_blobs(options: usage.Options) -> None:
+    """
+    Validate the object storage options (in C{postOptions}), without
+    touching any storage.
+    """
+    from twisted.internet import reactor
+
+    if options["blobs"] is not None:
+        from_url(options["blobs"], reactor)
+    if options["blob-threshold"] < 1:
+        raise usage.UsageError("--blob-threshold must be at least 1")
+    if options["blob-max-bytes"] < 1:
+        raise usage.UsageError("--blob-max-bytes must be at least 1")
+    if not 1 <= options["blob-url-ttl"] <= 7 * 86400:
+        raise usage.UsageError("--blob-url-ttl must be from 1 second to 7 days")
+
+
+def blob_policy(options: usage.Options, reactor: Any,
+                max_line: int = _MAX_LINE) -> Optional[BlobPolicy]:
+    """
+    @return: The object storage the options ask for, started once the
+        reactor runs and stopped when it stops; L{None} without C{--blobs}.
+    """
+    if options["blobs"] is None:
+        return None
+    store = from_url(options["blobs"], reactor)
+    reactor.callWhenRunning(store.start)
+    reactor.addSystemEventTrigger("after", "shutdown", store.stop)
+    return BlobPolicy(store, threshold=options["blob-threshold"],
+                      max_bytes=options["blob-max-bytes"], url_ttl=options["blob-url-ttl"],
+                      max_line=max_line)
