@@ -322,3 +322,46 @@ def test_storage_down(
     assert info.value.codigo == "almacen_objetos_no_disponible"
     assert time.monotonic() - started < 30
     yield s.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_purge(store: IBlobStore) -> Any:
+    """
+    C{purge(before)} deletes the objects written before C{before} and
+    keeps the newer ones, saying how many it deleted.
+    """
+    a, b = new_ref(), new_ref(blobs.RESULT)
+    yield store.put(a, b"a")
+    yield store.put(b, b"b")
+    assert (yield store.purge(time.time() - 3600)) == 0
+    assert (yield store.exists(a)) and (yield store.exists(b))
+    deleted = yield store.purge(time.time() + 5)
+    assert deleted >= 2
+    assert not (yield store.exists(a)) and not (yield store.exists(b))
+
+
+def test_retention_sweeps_old_objects() -> None:
+    """
+    L{Retention} deletes the objects older than the store's retention and
+    keeps the others; a storage that fails is logged, not fatal.
+    """
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+
+    from pfo3.blobs.options import Retention
+
+    ages = iter([time.time() - 7200, time.time()])
+    store = MemoryBlobs(now=lambda: next(ages))
+    old, new = new_ref(), new_ref()
+    store.put(old, b"viejo")
+    store.put(new, b"nuevo")
+    clock = Clock()
+    r = Retention(store, clock, 3600)
+    assert r.interval == 360
+    r.start()
+    clock.advance(360)
+    assert set(store.objects) == {new} and r.deleted == 1
+    store.purge = lambda before: fail(BlobStoreUnavailable("caído"))  # type: ignore[method-assign]
+    clock.advance(360)
+    assert r._loop.running
+    r.stop()

@@ -47,6 +47,8 @@ UPLOAD = "u"
 RESULT = "r"
 
 _REF = re.compile(r"[ur][0-9a-f]{32}\Z")
+#: What every reference matches (storages purge only keys that do).
+REF_PATTERN = _REF
 
 
 def new_ref(kind: str = UPLOAD) -> str:
@@ -174,6 +176,15 @@ class IBlobStore(Interface):
         Forget the object (nothing happens when there is none).
         """
 
+    def purge(before: float) -> Deferred[int]:  # noqa: N805
+        """
+        Forget every object pfo3 stored (or a client uploaded) before
+        C{before} (seconds since the epoch): retention, on the same
+        schedule as the results store's records.
+
+        @return: A Deferred of how many were deleted.
+        """
+
     def presign_get(ref: str, expires: float) -> Deferred[Presigned]:  # noqa: N805
         """
         @param expires: Seconds the URL works.
@@ -277,6 +288,6 @@ from pfo3.blobs._file import FileBlobs  # noqa: E402
 from pfo3.blobs._memory import MemoryBlobs  # noqa: E402
 
 __all__ = [
-    "CHUNK", "RESULT", "UPLOAD", "BlobInfo", "FileBlobs", "IBlobStore", "MemoryBlobs",
-    "Presigned", "Source", "check_ref", "from_url", "new_ref", "sha256_of",
+    "CHUNK", "REF_PATTERN", "RESULT", "UPLOAD", "BlobInfo", "FileBlobs", "IBlobStore",
+    "MemoryBlobs", "Presigned", "Source", "check_ref", "from_url", "new_ref", "sha256_of",
 ]

@@ -158,6 +158,32 @@ class FileBlobs:
 
         return self._defer(remove)
 
+    def purge(self, before: float) -> Deferred[int]:
+        def sweep() -> int:
+            count = 0
+            try:
+                names = os.listdir(self.path)
+            except FileNotFoundError:
+                return 0
+            for name in names:
+                if not blobs.REF_PATTERN.match(name):
+                    continue
+                target = os.path.join(self.path, name)
+                try:
+                    if os.stat(target).st_mtime >= before:
+                        continue
+                    os.unlink(target)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.unlink(target + ".sha256")
+                except FileNotFoundError:
+                    pass
+                count += 1
+            return count
+
+        return self._defer(sweep)
+
     def presign_get(self, ref: str, expires: float) -> Deferred[blobs.Presigned]:
         return fail(_no_urls("file:"))
 

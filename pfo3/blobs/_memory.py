@@ -6,7 +6,8 @@ enough for one process.
 from __future__ import annotations
 
 import hashlib
-from typing import IO, Dict, Optional, Tuple
+import time
+from typing import IO, Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -27,8 +28,13 @@ class MemoryBlobs:
     L{PresignUnsupported}.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        """
+        @param now: The clock that dates objects, for L{purge}.
+        """
         self.objects: Dict[str, Tuple[bytes, str]] = {}
+        self.times: Dict[str, float] = {}
+        self._now = now
 
     def start(self) -> None:
         pass
@@ -40,6 +46,7 @@ class MemoryBlobs:
         data = source if isinstance(source, bytes) else source.read()
         digest = hashlib.sha256(data).hexdigest()
         self.objects[ref] = (data, digest)
+        self.times[ref] = self._now()
         return succeed(blobs.BlobInfo(ref, len(data), digest))
 
     def get(self, ref: str) -> Deferred[bytes]:
@@ -66,7 +73,15 @@ class MemoryBlobs:
 
     def delete(self, ref: str) -> Deferred[None]:
         self.objects.pop(ref, None)
+        self.times.pop(ref, None)
         return succeed(None)
+
+    def purge(self, before: float) -> Deferred[int]:
+        old = [ref for ref in self.objects if self.times.get(ref, 0.0) < before]
+        for ref in old:
+            self.objects.pop(ref, None)
+            self.times.pop(ref, None)
+        return succeed(len(old))
 
     def presign_get(self, ref: str, expires: float) -> Deferred[blobs.Presigned]:
         return fail(_no_urls("memory:"))

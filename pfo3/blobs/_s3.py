@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import IO, Any, Callable, Dict, Optional, TypeVar
+from typing import IO, Any, Callable, Dict, List, Optional, TypeVar
 
 import boto3
 import botocore.exceptions as bex
@@ -224,6 +224,30 @@ class S3Blobs:
             self.client.delete_object(Bucket=self.bucket, Key=key)
 
         return self._defer(remove, ref)
+
+    def purge(self, before: float) -> Deferred[int]:
+        def sweep(_: str) -> int:
+            count = 0
+            batch: List[Dict[str, str]] = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket):
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"]
+                    if blobs.REF_PATTERN.match(key) and obj["LastModified"].timestamp() < before:
+                        batch.append({"Key": key})
+                        if len(batch) == 1000:
+                            count += self._delete_many(batch)
+                            batch = []
+            if batch:
+                count += self._delete_many(batch)
+            return count
+
+        # Any valid reference: _defer checks one, the sweep needs none.
+        return self._defer(sweep, blobs.new_ref())
+
+    def _delete_many(self, keys: List[Dict[str, str]]) -> int:
+        self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        return len(keys)
 
     # -- presigned URLs ------------------------------------------------------------
 
