@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
-from .conftest import free_port, server_env, wait_for_port
+from .conftest import LineSocket, free_port, server_env, wait_for_port
 from .s3server import S3Server, s3_server  # noqa: F401
 from .test_distributed import Cluster, _blocking_channel
 
@@ -38,10 +38,11 @@ class BlobCluster(Cluster):
     def __init__(self, tmp_path: Path, s3: S3Server) -> None:
         super().__init__(tmp_path)
         self.s3 = s3
+        self.credentials: Dict[str, str] = {}
 
     def _start(self, args: List[str], log: Path) -> subprocess.Popen:
         env = server_env()
-        env.update(self.s3.env())
+        env.update(self.s3.env(**self.credentials))
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", *args],
             cwd=self.tmp, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -178,3 +179,47 @@ def test_50_mb_end_to_end_distributed(blob_cluster: BlobCluster, tmp_path: Path)
     assert grown < size / 5, f"orchestrator RSS grew by {grown} bytes"
     doc = client(port, "--tipo", "word_count", "--contenido-archivo", str(src))
     assert doc["respuesta"]["resultado"] == words
+
+
+def test_storage_down_and_wrong_credentials(blob_cluster: BlobCluster, tmp_path: Path) -> None:
+    """
+    A real server whose storage is down still answers C{subir} (presigning
+    needs no request to the storage), answers a reference task with
+    C{almacen_objetos_no_disponible} and keeps serving; one
+    started with a wrong secret key hands out upload URLs (presigning is
+    local) that the storage refuses, and answers a reference task with
+    C{almacen_objetos_denegado}.
+    """
+    dead = f"s3://{blob_cluster.s3.bucket}?endpoint=http://127.0.0.1:{free_port()}"
+    port, _ = blob_cluster.local_server("--blobs", dead)
+    sock = LineSocket(port)
+    try:
+        sock.send_json({"op": "subir", "bytes": 10, "tarea_id": "s"})
+        sock.send_json({"tipo": "uppercase", "contenido_ref": "u" + "0" * 32,
+                        "tarea_id": "t"})
+        sock.send_json({"tipo": "uppercase", "contenido": "sigo", "tarea_id": "p"})
+        got = {r["tarea_id"]: r for r in sock.read_many(3)}
+    finally:
+        sock.close()
+    assert got["s"]["resultado"]["url"].startswith(f"http://127.0.0.1:{dead.rsplit(':', 1)[1]}/")
+    assert got["t"]["codigo"] == "almacen_objetos_no_disponible"
+    assert got["p"]["resultado"] == "SIGO"
+
+    blob_cluster.credentials = {"secret": "not-the-secret"}
+    port, _ = blob_cluster.local_server("--blobs", blob_cluster.s3.url)
+    sock = LineSocket(port)
+    try:
+        sock.send_json({"op": "subir", "bytes": 4, "tarea_id": "s"})
+        slot = sock.read_json()["resultado"]
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(slot["url"], data=b"hola",
+                                                          method="PUT"))
+        assert info.value.code == 403
+        sock.send_json({"tipo": "uppercase", "contenido_ref": slot["ref"], "tarea_id": "t"})
+        reply = sock.read_json()
+    finally:
+        sock.close()
+    assert reply["codigo"] == "almacen_objetos_denegado"
