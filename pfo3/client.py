@@ -31,6 +31,7 @@ L{pfo3.cli}, which depends on this module, never the reverse.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, TypeVar, Union
@@ -290,6 +291,45 @@ class TaskClient(LineOnlyReceiver):
             server's refusal (C{token_invalido}, C{token_expirado}, ...).
         """
         return self._control("auth", timeout, token).addCallback(_resultado)
+
+    def upload_slot(self, size: int, timeout: Optional[float] = None) -> Deferred[Any]:
+        """
+        Ask where to upload C{size} bytes (C{op: subir}; a server with
+        C{--blobs}, see C{docs/blobs.md}).
+
+        @return: A Deferred firing with C{{"ref", "url", "expira", "metodo"}}:
+            upload the bytes with an HTTP C{PUT} to C{url}, then send the
+            task with L{submit_ref}.
+        """
+        tarea_id = f"subir-{uuid.uuid4()}"
+        line = (json.dumps({"op": "subir", "bytes": size, "tarea_id": tarea_id})
+                + "\n").encode()
+        return self._send(tarea_id, line, timeout).addCallback(_resultado)
+
+    def submit_ref(
+        self, tipo: Union[str, int], ref: Optional[str], tarea_id: Optional[str] = None,
+        timeout: Optional[float] = None, refs: bool = False, contenido: Any = None,
+    ) -> Deferred[Reply]:
+        """
+        Send one task whose content is an uploaded object (C{contenido_ref}),
+        or inline C{contenido} when C{ref} is L{None}.
+
+        @param refs: Say that this client understands C{resultado_ref}: a
+            large result then comes as a reference to an object.
+        @return: As L{submit}; a reply with C{resultado_ref} instead of
+            C{resultado} when C{refs} is true and the result was large.
+        """
+        if tarea_id is None:
+            tarea_id = str(uuid.uuid4())
+        req: Dict[str, Any] = {"tarea_id": tarea_id, "tipo": tipo}
+        if ref is not None:
+            req["contenido_ref"] = ref
+        else:
+            req["contenido"] = contenido
+        if refs:
+            req["refs"] = True
+        line = (json.dumps(req, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+        return self._send(tarea_id, line, timeout)
 
     def _control(
         self, op: str, timeout: Optional[float], token: Optional[str] = None

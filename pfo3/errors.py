@@ -272,6 +272,75 @@ class InternalError(Pfo3Error):
     codigo = "error_interno"
 
 
+# --- object storage (large contents and results, pfo3/blobs) ---------------
+
+
+class BlobsDisabled(Pfo3Error):
+    """
+    The request needs object storage (C{op: subir}, C{contenido_ref}) and
+    this server runs without C{--blobs}.
+    """
+
+    codigo = "blobs_desactivado"
+
+
+class UnknownRef(Pfo3Error):
+    """
+    A reference names no object in the storage (never uploaded, deleted, or
+    not a reference this server hands out).
+    """
+
+    codigo = "ref_desconocida"
+
+
+class InvalidUpload(Pfo3Error):
+    """C{op: subir} came without a valid C{bytes} (a size within the limit)."""
+
+    codigo = "subida_invalida"
+
+
+class PresignUnsupported(Pfo3Error):
+    """
+    The object storage cannot hand out presigned URLs (C{memory:} and
+    C{file:} cannot); use an S3-compatible storage for uploads.
+    """
+
+    codigo = "urls_no_soportadas"
+
+
+class ResultTooLarge(Pfo3Error):
+    """
+    The result is longer than the line limit and the request did not say it
+    understands result references (C{"refs": true}).
+    """
+
+    codigo = "resultado_demasiado_grande"
+
+
+class BlobStoreUnavailable(Pfo3Error):
+    """
+    The object storage did not answer (down, unreachable, timed out) or
+    failed; the task did not run or its result was not stored.
+    """
+
+    codigo = "almacen_objetos_no_disponible"
+
+
+class BlobAccessDenied(BlobStoreUnavailable):
+    """
+    The object storage refused the server's credentials (wrong keys, a bad
+    signature, no permission): a configuration error of the server.
+    """
+
+    codigo = "almacen_objetos_denegado"
+
+
+class BlobBucketMissing(BlobStoreUnavailable):
+    """The object storage has no bucket of the configured name."""
+
+    codigo = "almacen_objetos_sin_cubo"
+
+
 def _all_codes() -> Dict[str, Type[Pfo3Error]]:
     found: Dict[str, Type[Pfo3Error]] = {}
     pending = list(Pfo3Error.__subclasses__())

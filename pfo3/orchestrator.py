@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from pfo3 import wire
 from pfo3.auth import ANONYMOUS_IDENTITY, IAuthenticator, Identity, OpenAuthenticator, RateLimiter
+from pfo3.blobs.requests import BlobPolicy, blob_request
 from pfo3.errors import (
     Busy,
     DuplicateTaskId,
@@ -86,6 +87,7 @@ class Orchestrator:
         store: Optional[IStore] = None,
         authenticator: Optional[IAuthenticator] = None,
         rate: float = 0.0,
+        blobs: Optional[BlobPolicy] = None,
     ) -> None:
         """
         @param registry: The task types accepted.
@@ -105,6 +107,8 @@ class Orchestrator:
             L{pfo3.auth}).
         @param rate: Tasks per second each identity may start when its
             token sets no C{tasa} (C{0}: unlimited).
+        @param blobs: Object storage for large contents and results
+            (L{None}: off; C{docs/blobs.md}).
         """
         self.registry = registry
         self.executor = executor
@@ -118,6 +122,7 @@ class Orchestrator:
         self.store = store
         self._authenticator: IAuthenticator = authenticator or OpenAuthenticator()
         self.limiter = RateLimiter(clock.seconds, rate)
+        self.blobs = blobs
         # Durable tasks (sent with "esperar") of this orchestrator not yet
         # answered, by (owner, tarea_id): a resubmission attaches to them.
         self._jobs: Dict[Tuple[str, str], _Durable] = {}
@@ -340,7 +345,8 @@ class Session:
             once.
         """
         if type(request) is not wire.TaskRequest:
-            assert type(request) is wire.ControlRequest
+            if type(request) is not wire.ControlRequest:
+                return blob_request(self, request)  # op subir, contenido_ref, refs
             return self._control(request)
         owner = self.owner
         if self._guarded or request.token is not None:

@@ -16,6 +16,8 @@ from twisted.python import usage
 from pfo3.amqp.tap import BROKER_PARAMETERS, check_broker
 from pfo3.amqp.tap import topology as broker_topology
 from pfo3.auth import DEFAULT_LEEWAY, IAuthenticator, authenticator_from_options
+from pfo3.blobs.executor import BlobExecutor
+from pfo3.blobs.options import BLOB_PARAMETERS, blob_policy, check_blobs
 from pfo3.executor import DaemonThreadPool, IExecutor, LocalExecutor
 from pfo3.framing import DEFAULT_MAX_BUFFERED
 from pfo3.gate import (
@@ -207,6 +209,7 @@ class Options(usage.Options):
          "with its fields (tarea_id, tipo, worker, duration, estado, peer, identity "
          "for the --log-tasks events).", str],
     ]
+    optParameters += BLOB_PARAMETERS
 
     optFlags: List[List[Optional[str]]] = [
         ["no-inline", None,
@@ -295,6 +298,7 @@ class Options(usage.Options):
         self["authenticator"] = authenticator(self)
         if self["broker"]:
             check_broker(self)
+        check_blobs(self)
         from twisted.internet import reactor
 
         for description in self["ports"]:
@@ -334,6 +338,9 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")
         executor = LocalExecutor(reactor, threadpool, inline=not options["no-inline"])
+    blobs = blob_policy(options, reactor, options["max-line"])
+    if blobs is not None and not options["broker"]:
+        executor = BlobExecutor(executor, blobs)  # distributed: the workers read objects
     orchestrator = Orchestrator(
         registry, executor, reactor,
         timeout=options["timeout"],
@@ -343,6 +350,7 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
                        max_records=options["store-max-records"], reactor=reactor),
         authenticator=options["authenticator"],
         rate=options["rate-limit"],
+        blobs=blobs,
     )
     gate = Gate(
         reactor,

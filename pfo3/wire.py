@@ -43,7 +43,7 @@ from pfo3.tasks import MISSING, TaskRegistry, TaskType
 MAX_TASK_ID = 256
 
 #: Control operations a request may name in its C{op} field.
-OPERATIONS = ("ping", "tipos", "estado", "auth", "stats")
+OPERATIONS = ("ping", "tipos", "estado", "auth", "stats", "subir")
 
 def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"JSON inválido: {name} no es un valor de JSON estándar.")
@@ -254,6 +254,8 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
             raise InvalidTaskId("La operación 'estado' necesita 'tarea_id'.")
         if op == "auth" and token is None:
             raise MissingToken("La operación 'auth' necesita 'token'.", tarea_id)
+        if op == "subir":
+            return _upload_request(obj, tarea_id, token)
         return ControlRequest(op, tarea_id, token)
 
     if tarea_id is None:
@@ -263,6 +265,8 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
         if tipo is MISSING or tipo is None:
             raise MissingType("Falta el campo 'tipo'.")
         tasktype = registry.lookup(tipo)
+        if "contenido_ref" in obj or "refs" in obj:
+            return _ref_task_request(obj, tarea_id, tasktype, token)
         arg = tasktype.validate(obj.get("contenido", MISSING))
         esperar = obj.get("esperar")
         if esperar is not None and type(esperar) is not bool:
@@ -294,6 +298,8 @@ def encode_reply(reply: Reply) -> bytes:
                 res = _quote(resultado)
             elif type(resultado) is int:
                 res = int.__repr__(resultado)
+            elif type(resultado) is ResultRef:
+                return encode_result_ref(reply.tarea_id, resultado, reply.worker)
             else:
                 res = _dumps(resultado)
             tarea_id = reply.tarea_id
@@ -406,3 +412,112 @@ def encode_operation(
     if token is not None:
         req["token"] = token
     return (_dumps(req) + "\n").encode("utf-8", "backslashreplace")
+
+
+# --- large contents and results through object storage (docs/blobs.md) -------
+
+
+class RefArg(Dict[str, Any]):
+    """
+    The C{arg} of a task that involves object storage: its content is an
+    object (C{contenido_ref}), or its client understands result references
+    (C{"refs": true}), or both.  The executor side resolves it
+    (L{pfo3.blobs.executor.BlobExecutor}); only the reference travels to a
+    worker.  A dict, so that it is recorded and fingerprinted as JSON:
+    C{{"contenido_ref": REF}} or C{{"contenido": VALUE}}, plus C{"refs"}.
+    """
+
+    @property
+    def ref(self) -> Optional[str]:
+        """The content's reference, or L{None} when the content is inline."""
+        return self.get("contenido_ref")
+
+    @property
+    def inline(self) -> Any:
+        """The validated inline content (when there is no reference)."""
+        return self.get("contenido", MISSING)
+
+    @property
+    def refs(self) -> bool:
+        """Whether the client understands C{resultado_ref}."""
+        return bool(self.get("refs", False))
+
+
+class ResultRef(Dict[str, Any]):
+    """
+    A result stored as an object: C{{"ref", "bytes", "sha256", "url",
+    "expira"}}.  A reply carries it as C{resultado_ref} instead of
+    C{resultado}.
+    """
+
+
+class RefTaskRequest(TaskRequest):
+    """
+    A task request with C{contenido_ref} or C{refs}: the orchestrator checks
+    that object storage is on, then runs it as a L{TaskRequest} whose
+    C{arg} is a L{RefArg}.
+    """
+
+    __slots__ = ()
+
+
+class UploadRequest(ControlRequest):
+    """
+    C{{"op": "subir", "bytes": N}}: a client asks where to upload N bytes.
+
+    @ivar size: N.
+    """
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int, tarea_id: Optional[str], token: Optional[str]) -> None:
+        super().__init__("subir", tarea_id, token)
+        self.size = size
+
+
+def _upload_request(obj: Dict[str, Any], tarea_id: Optional[str],
+                    token: Optional[str]) -> UploadRequest:
+    from pfo3.errors import InvalidUpload
+
+    size = obj.get("bytes")
+    if type(size) is not int or size < 1:
+        raise InvalidUpload("La operación 'subir' necesita 'bytes': el tamaño (un entero "
+                            "positivo) de lo que se subirá.", tarea_id)
+    return UploadRequest(size, tarea_id, token)
+
+
+def _ref_task_request(obj: Dict[str, Any], tarea_id: str, tasktype: TaskType,
+                      token: Optional[str]) -> RefTaskRequest:
+    from pfo3.errors import InvalidContent, UnknownRef
+
+    arg = RefArg()
+    refs = obj.get("refs")
+    if refs is not None:
+        if type(refs) is not bool:
+            raise InvalidContent("'refs' debe ser true o false.")
+        arg["refs"] = refs
+    if "contenido_ref" in obj:
+        ref = obj["contenido_ref"]
+        if "contenido" in obj:
+            raise InvalidContent("Envíe 'contenido' o 'contenido_ref', no los dos.")
+        if type(ref) is not str or not ref:
+            raise UnknownRef("'contenido_ref' debe ser una referencia que el servidor "
+                             "entregó (op 'subir').")
+        arg["contenido_ref"] = ref
+    else:
+        arg["contenido"] = tasktype.validate(obj.get("contenido", MISSING))
+    esperar = obj.get("esperar")
+    if esperar is not None and type(esperar) is not bool:
+        raise InvalidWait("'esperar' debe ser true o false.")
+    return RefTaskRequest(tarea_id, tasktype, arg, esperar, token)
+
+
+def encode_result_ref(tarea_id: Optional[str], ref: ResultRef, worker: Any) -> bytes:
+    """
+    @return: The success line of a task whose result was stored as an
+        object: C{{"estado": "ok", "resultado_ref": {...}, "tarea_id": ...,
+        "worker": ...}}.
+    """
+    reply: Dict[str, Any] = {"estado": "ok", "resultado_ref": dict(ref),
+                             "tarea_id": tarea_id, "worker": worker}
+    return (_dumps(reply) + "\n").encode("utf-8", "backslashreplace")

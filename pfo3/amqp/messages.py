@@ -15,6 +15,12 @@ waits for it any more).
 A reply's body is C{{"v": 1, "estado": "ok", "resultado": ..., "worker":
 ...}} or C{{"v": 1, "estado": "error", "codigo": ..., "mensaje": ...}}; its
 C{correlation_id} is the task's.
+
+With object storage (C{docs/blobs.md}) a task whose content is an object
+carries C{"contenido_ref": REF} instead of C{contenido}, and C{"refs": true}
+when its client understands result references; a result stored as an object
+comes back as C{"resultado_ref": {...}} instead of C{resultado}.  Large
+payloads never travel through the broker.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 from typing import Any, Dict, Tuple, Union
 
 from pfo3.errors import ERROR_CODES, Pfo3Error
+from pfo3.wire import RefArg, ResultRef
 
 VERSION = 1
 
@@ -56,7 +63,12 @@ def encode_task(tipo: str, contenido: Any, identidad: str = "") -> bytes:
     @param identidad: Who sent it (empty: anonymous).
     @raise ValueError: if C{contenido} is not JSON-serialisable.
     """
-    task: Dict[str, Any] = {"v": VERSION, "tipo": tipo, "contenido": contenido}
+    if type(contenido) is RefArg:
+        # Only the reference (or the inline content) and the client's
+        # "refs" travel; the worker reads the object.
+        task: Dict[str, Any] = {"v": VERSION, "tipo": tipo, **contenido}
+    else:
+        task = {"v": VERSION, "tipo": tipo, "contenido": contenido}
     if identidad:
         task["identidad"] = identidad
     return _dumps(task).encode("utf-8", "backslashreplace")
@@ -70,6 +82,13 @@ def decode_task(body: bytes) -> Tuple[str, Any, str]:
     obj = _load(body)
     tipo = obj.get("tipo")
     identidad = obj.get("identidad", "")
+    if type(tipo) is str and type(identidad) is str and (
+        "contenido_ref" in obj or "refs" in obj
+    ):
+        arg = RefArg((k, obj[k]) for k in ("contenido_ref", "contenido", "refs") if k in obj)
+        if ("contenido_ref" in arg) == ("contenido" in arg):
+            raise BadMessage("a task message needs one of 'contenido' and 'contenido_ref'")
+        return tipo, arg, identidad
     if type(tipo) is not str or "contenido" not in obj or type(identidad) is not str:
         raise BadMessage("a task message needs 'tipo' and 'contenido'")
     return tipo, obj["contenido"], identidad
@@ -80,6 +99,9 @@ def encode_result(resultado: Any, worker: Any) -> bytes:
     @return: The reply body of a task that succeeded.
     @raise ValueError: if C{resultado} is not JSON-serialisable.
     """
+    if type(resultado) is ResultRef:
+        return _dumps({"v": VERSION, "estado": "ok", "resultado_ref": resultado,
+                       "worker": worker}).encode("utf-8", "backslashreplace")
     return _dumps({"v": VERSION, "estado": "ok", "resultado": resultado,
                    "worker": worker}).encode("utf-8", "backslashreplace")
 
@@ -103,6 +125,8 @@ def decode_reply(body: bytes) -> Union[Outcome, Pfo3Error]:
     estado = obj.get("estado")
     if estado == "ok" and "resultado" in obj:
         return obj["resultado"], obj.get("worker")
+    if estado == "ok" and type(obj.get("resultado_ref")) is dict:
+        return ResultRef(obj["resultado_ref"]), obj.get("worker")
     if estado == "error":
         codigo = str(obj.get("codigo", "error_interno"))
         cls = ERROR_CODES.get(codigo, Pfo3Error)

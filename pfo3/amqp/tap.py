@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from pfo3.amqp.topology import Topology
+from pfo3.blobs.options import BLOB_PARAMETERS, blob_policy, check_blobs
 from pfo3.executor import DaemonThreadPool, LocalExecutor
 from pfo3.logs import JSONLogsOnParent
 from pfo3.tasks import default_registry
@@ -87,7 +88,7 @@ class Options(usage.Options):
          "On SIGTERM/SIGINT, seconds to finish the tasks held before leaving "
          "them to other workers.", float],
     ]
-    optParameters = _parameters + BROKER_PARAMETERS + [
+    optParameters = _parameters + BROKER_PARAMETERS + BLOB_PARAMETERS + [
         ["metrics", None, None,
          "Serve this worker's Prometheus metrics (/metrics) and a health check "
          "(/healthz: 503 while stopping or without a broker) over HTTP on this server "
@@ -105,6 +106,7 @@ class Options(usage.Options):
         if not self["broker"]:
             raise usage.UsageError("--broker is required (e.g. amqp://guest:guest@127.0.0.1:5672/%2F)")
         check_broker(self)
+        check_blobs(self)
         for name in ("workers", "capacity"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
@@ -122,6 +124,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """
     from pfo3.amqp.executor import default_name
     from pfo3.amqp.worker import WorkerService
+    from pfo3.blobs.executor import BlobExecutor
 
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -130,7 +133,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     registry = default_registry(entry_points=not options["no-plugins"])
     threadpool = DaemonThreadPool(minthreads=0, maxthreads=options["workers"],
                                   name="pfo3-worker")
-    executor = LocalExecutor(reactor, threadpool)
+    # Tasks whose content is an object are read (and large results stored)
+    # here; without --blobs they are answered 'blobs_desactivado'.
+    executor = BlobExecutor(LocalExecutor(reactor, threadpool), blob_policy(options, reactor))
     worker = WorkerService(
         reactor, options["broker"], topology(options), registry, executor,
         options["name"] or default_name(), capacity=options["capacity"],

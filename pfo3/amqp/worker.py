@@ -31,10 +31,11 @@ from pfo3.amqp import messages
 from pfo3.amqp.connection import Broker, Delivery, IChannel, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
-from pfo3.executor import LocalExecutor
+from pfo3.executor import IExecutor
 from pfo3.store import ABANDONED, ERROR, OK
 from pfo3.tally import Tally, estado_of
 from pfo3.tasks import TaskRegistry
+from pfo3.wire import RefArg
 
 log = Logger(namespace="pfo3.worker")
 
@@ -72,7 +73,7 @@ class WorkerService(Service):
 
     def __init__(
         self, reactor: Any, url: str, topology: Topology, registry: TaskRegistry,
-        executor: LocalExecutor, name: str, capacity: int = 64, timeout: float = 30.0,
+        executor: IExecutor, name: str, capacity: int = 64, timeout: float = 30.0,
         shutdown_timeout: float = 10.0, broker: Optional[Broker] = None,
     ) -> None:
         """
@@ -156,7 +157,9 @@ class WorkerService(Service):
             tipo, contenido, held.identity = messages.decode_task(delivery.body)
             held.tipo = str(tipo)
             tasktype = self.registry.lookup(tipo)
-            arg = tasktype.validate(contenido)
+            # Content in an object is read and validated by the executor
+            # (pfo3.blobs.executor.BlobExecutor), not here.
+            arg = contenido if type(contenido) is RefArg else tasktype.validate(contenido)
             outcome = self.executor.run(tasktype, arg, held.identity)
         except Pfo3Error as e:
             self._count(held, ERROR)

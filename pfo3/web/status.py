@@ -27,6 +27,10 @@ HTTP_STATUS: Dict[str, int] = {
     "excede_timeout": 400,
     "op_desconocida": 400,
     "esperar_invalido": 400,
+    "subida_invalida": 400,
+    # Object storage that this server does not have or cannot presign for.
+    "blobs_desactivado": 501,
+    "urls_no_soportadas": 501,
     # Who is asking.
     "token_faltante": 401,
     "token_invalido": 401,
@@ -34,10 +38,12 @@ HTTP_STATUS: Dict[str, int] = {
     "prohibido": 403,
     # The task's identifier.
     "tarea_desconocida": 404,
+    "ref_desconocida": 404,
     "tarea_id_duplicado": 409,
     "tarea_id_en_uso": 409,
     # Too much.
     "linea_demasiado_larga": 413,
+    "resultado_demasiado_grande": 413,
     "tasa_excedida": 429,
     "ocupado": 429,
     "buffer_lleno": 429,
@@ -50,6 +56,11 @@ HTTP_STATUS: Dict[str, int] = {
     "broker_no_disponible": 503,
     "almacen_no_disponible": 503,
     "reintentos_agotados": 503,
+    "almacen_objetos_no_disponible": 503,
+    # The object storage refused the server (its keys, its bucket): the
+    # server's configuration, upstream of it.
+    "almacen_objetos_denegado": 502,
+    "almacen_objetos_sin_cubo": 502,
     "timeout": 504,
     "error_interno": 500,
 }
