@@ -223,3 +223,52 @@ def test_storage_down_and_wrong_credentials(blob_cluster: BlobCluster, tmp_path:
     finally:
         sock.close()
     assert reply["codigo"] == "almacen_objetos_denegado"
+
+
+def test_readme_s3_recipe_runs_as_written(tmp_path: Path) -> None:
+    """
+    The README's "large word count in three commands" works as written (the
+    storage on its default ports, in a folder of the test's; pfo3 on a free
+    port): the word count of a 2.4 MB file comes back through S3.
+    """
+    import re
+    import shutil
+
+    from .conftest import ROOT, shell_env
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- s3-recipe -->\n```bash\n(.*?)\n```", readme, re.DOTALL)
+    assert block is not None
+    lines = block.group(1).splitlines()
+    assert len(lines) == 4 and lines[1].startswith("weed mini ")
+    for busy in (8333, 9333, 8888):
+        try:
+            wait_for_port(busy, deadline=0.2)
+        except RuntimeError:
+            continue
+        pytest.fail(f"port {busy}, which the recipe's storage takes, is in use")
+    port = str(free_port())
+    data = tmp_path / "data"
+    script = "\n".join([
+        lines[0],
+        lines[1].replace("/tmp/pfo3-s3", str(data)).replace(" &", " > weed.log 2>&1 &"),
+        "for i in $(seq 120); do (exec 3<>/dev/tcp/127.0.0.1/8333) 2>/dev/null && break; "
+        "sleep 0.25; done",
+        lines[2].replace("pfo3 --blobs", f"pfo3 --port tcp:{port} --blobs")
+        .replace(" &", " > pfo3.log 2>&1 &"),
+        f"for i in $(seq 120); do (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && break; "
+        "sleep 0.25; done",
+        "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT",
+        lines[3].replace("pfo3-client ", f"pfo3-client --port {port} "),
+    ])
+    (tmp_path / "libro.txt").write_text(" ".join(["palabra"] * 300_000))
+    env = shell_env()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)
+    try:
+        done = subprocess.run(["bash", "-ec", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    assert done.returncode == 0, (done.stderr, (tmp_path / "weed.log").read_text()[-2000:])
+    assert json.loads(done.stdout)["respuesta"]["resultado"] == 300_000
