@@ -22,6 +22,7 @@ used; the services are the machine's: haproxy, rabbitmq-server, PostgreSQL.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -424,7 +425,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
         spawn(state, name, cmd, pfo3_env())
     for name in ORCHESTRATORS + WORKERS:
         port = ports[f"{name}_metrics"]
-        wait_until(f"{name} /healthz", lambda port=port: healthz(port), 60, [name], state)
+        wait_until(f"{name} /healthz", functools.partial(healthz, port), 60, [name], state)
 
     # 6. HAProxy in front.
     servers = "".join(
@@ -447,7 +448,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
                lambda: haproxy_status(state) == want, 30, ["haproxy"], state)
     for name in ORCHESTRATORS + WORKERS:
         port = ports[f"{name}_metrics"]
-        wait_until(f"{name} /healthz", lambda port=port: healthz(port), 30, [name], state)
+        wait_until(f"{name} /healthz", functools.partial(healthz, port), 30, [name], state)
 
     state["urls"] = {
         "front": f"tls:localhost:{ports['front']}:trustRoots={tls / 'ca'}",

@@ -10,6 +10,7 @@ them (C{.ci/run} installs and starts them).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -82,11 +83,14 @@ class Cluster:
         return reply
 
     def rabbitmqctl(self, *args: str) -> None:
-        sys.path.insert(0, str(SCRIPT.parent))
-        try:
-            import cluster as script
-        finally:
-            sys.path.remove(str(SCRIPT.parent))
+        """
+        Run C{rabbitmqctl -n NODE ARGS} against the cluster's own RabbitMQ
+        node, as deploy/cluster.py does.
+        """
+        spec = importlib.util.spec_from_file_location("pfo3_deploy_cluster", SCRIPT)
+        assert spec is not None and spec.loader is not None
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
         assert script.rabbitmqctl(self.state, *args) == 0, args
 
 
