@@ -65,16 +65,19 @@ class Cluster:
         assert reply["resultado"]["identidad"] == "cluster-test"
         return c
 
-    def tasks_total(self, name: str) -> float:
+    def metric(self, name: str, metric: str) -> float:
         """
-        @return: The sum of C{pfo3_tasks_total} on orchestrator C{name}'s
-            /metrics.
+        @return: The sum of the samples of C{metric} on the /metrics of
+            C{name} (an orchestrator or a worker).
         """
         url = f"http://127.0.0.1:{self.ports[name + '_metrics']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
         return sum(float(m.group(1)) for m in
-                   re.finditer(r"^pfo3_tasks_total\{[^}]*\} (\S+)$", text, re.M))
+                   re.finditer(rf"^{metric}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
+
+    def tasks_total(self, name: str) -> float:
+        return self.metric(name, "pfo3_tasks_total")
 
     def estado(self, conn: LineSocket, tarea_id: str) -> Dict[str, Any]:
         conn.send_json({"op": "estado", "tarea_id": tarea_id})
@@ -117,6 +120,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         down = run_script("down", "--dir", str(directory))
         assert down.returncode == 0, down.stderr
+
+
+def script_alive(pid: int) -> bool:
+    """
+    @return: Whether process C{pid} (not a child of the tests) still runs.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
 
 
 def until(condition: Callable[[], bool], deadline: float, what: str) -> None:
@@ -214,9 +228,10 @@ def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
     With background and plain tasks in flight on both orchestrators: SIGTERM
     orchestrator 1 (it drains: its accepted tasks still finish), kill -9
     worker 1 (its tasks are delivered again to worker 2), then restart the
-    cluster's RabbitMQ node.  Afterwards every accepted task (answered
-    aceptada, or a plain task that got a reply) is recorded finished in
-    PostgreSQL, as op estado through orchestrator 2 reports; none is lost.
+    cluster's RabbitMQ node; the cluster then serves new tasks again.
+    Afterwards every accepted task (answered aceptada, or a plain task that
+    got a reply other than a refusal) is recorded ok in PostgreSQL, as op
+    estado through orchestrator 2 reports: none is lost.
     """
     pids = cluster.state["pids"]
     accepted: List[str] = []
@@ -243,7 +258,9 @@ def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
     os.kill(pids["o1"], signal.SIGTERM)
     # 2. Worker 1 dies in the middle of its tasks.
     time.sleep(0.5)
+    held = cluster.metric("w1", "pfo3_worker_held_tasks")
     os.kill(pids["w1"], signal.SIGKILL)
+    assert held > 0, "worker 1 held no task when it was killed"
 
     replies: Dict[str, Dict[str, Any]] = {}
     for c in (c1, c2):
@@ -259,12 +276,31 @@ def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
     # A refusal (apagando: it came after SIGTERM) is no accepted task.
     replied = {t for t, r in replies.items() if r.get("codigo") not in REFUSED}
 
+    until(lambda: not script_alive(pids["o1"]), 20, "orchestrator 1 to finish draining")
+
     # 3. The cluster's RabbitMQ node restarts with tasks in flight.
     background(c2, "bg-restart", 10, 1.0)
     cluster.rabbitmqctl("stop_app")
     time.sleep(1.0)
     cluster.rabbitmqctl("start_app")
     c2.close()
+
+    # Orchestrator 2 and worker 2 reconnect by themselves: HAProxy (now
+    # sending everything to o2) serves new tasks again.
+    def serves() -> bool:
+        try:
+            c = cluster.connect(timeout=10)
+        except (ConnectionError, OSError):
+            return False
+        try:
+            c.send_json({"tarea_id": "after", "tipo": "uppercase", "contenido": "otra vez"})
+            return c.read_json().get("resultado") == "OTRA VEZ"
+        except (ConnectionError, OSError):
+            return False
+        finally:
+            c.close()
+
+    until(serves, 30, "the cluster to serve tasks after the broker restart")
 
     want = accepted + sorted(replied)
     states: Dict[str, Any] = {}
@@ -292,4 +328,5 @@ def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
         time.sleep(0.5)
     not_ok = {t: s for t, s in states.items() if s.get("estado") != "ok"}
     assert not_ok == {}, not_ok
+    # Worker 1 is dead: what it held ran again on worker 2.
     assert any(states[t]["worker"].startswith("w2/") for t in accepted)
