@@ -318,6 +318,9 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
         old = load(directory)
         if any(alive(p) for p in old.get("pids", {}).values()):
             raise ClusterError(f"a cluster already runs from {directory}: run 'down' first")
+        if old.get("database_created"):
+            log(f"dropping {old['database']}, left by a cluster that was not stopped")
+            down_state(old)
     # Object storage (issue #11) is not part of pfo3 yet.  This is where it
     # joins the cluster once 'twistd pfo3' has --blobs: start the storage
     # service (or check the URL) here and pass --blobs to the orchestrators
