@@ -502,6 +502,19 @@ def stop_pid(state: Dict[str, Any], name: str, timeout: float) -> None:
                 pass
 
 
+def terminate(state: Dict[str, Any], names: Any) -> None:
+    """
+    SIGTERM the processes C{names} at once, so that they drain together.
+    """
+    for name in names:
+        pid = state.get("pids", {}).get(name)
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 def down_state(state: Dict[str, Any]) -> None:
     """
     Stop every part of the cluster, in order: HAProxy (no new connections),
@@ -510,16 +523,10 @@ def down_state(state: Dict[str, Any]) -> None:
     skipped.
     """
     stop_pid(state, "haproxy", 10)
-    for name in ORCHESTRATORS:
-        pid = state.get("pids", {}).get(name)
-        if alive(pid):
-            os.kill(pid, signal.SIGTERM)
+    terminate(state, ORCHESTRATORS)
     for name in ORCHESTRATORS:
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
-    for name in WORKERS:
-        pid = state.get("pids", {}).get(name)
-        if alive(pid):
-            os.kill(pid, signal.SIGTERM)
+    terminate(state, WORKERS)
     for name in WORKERS:
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
     if alive(state.get("pids", {}).get("rabbitmq")):
