@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""
+Start, inspect and stop a whole pfo3 cluster on this machine: its own
+RabbitMQ node, a database on the local PostgreSQL, a development CA and
+server certificate, a JWT secret, two orchestrators, two workers and HAProxy
+in front, with TLS and JWT on.
+
+    python deploy/cluster.py up --dir DIR [--base-port N]
+    python deploy/cluster.py status --dir DIR
+    python deploy/cluster.py down --dir DIR
+
+Everything the cluster writes lives in DIR: DIR/cluster.json (process ids,
+ports, URLs), DIR/logs/, DIR/run/ (pid files, HAProxy's stats socket),
+DIR/tls/, DIR/jwt.secret, DIR/rabbitmq/.  The RabbitMQ node is the
+cluster's own (its own node name, ports and data), never the machine's
+shared one.  docs/deploy.md describes the same cluster across machines.
+
+Only the standard library and pfo3 (with its PostgreSQL extra, psycopg) are
+used; the services are the machine's: haproxy, rabbitmq-server, PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+PG_SERVER = os.environ.get("PFO3_CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432")
+ORCHESTRATORS = ("o1", "o2")
+WORKERS = ("w1", "w2")
+SHUTDOWN_TIMEOUT = 10.0
+PING_HEX = b'{"op": "ping"}\n'.hex()
+
+
+class ClusterError(Exception):
+    """
+    A part of the cluster could not be started or checked; the message says
+    which and why.
+    """
+
+
+def log(message: str) -> None:
+    print(f"cluster: {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def tool(name: str) -> str:
+    """
+    @return: The path of a command of this venv (twistd, pfo3-certs...), or
+        of the system.
+    """
+    mine = BIN / name
+    if mine.exists():
+        return str(mine)
+    found = shutil.which(name)
+    if found is None:
+        raise ClusterError(f"{name} is not installed")
+    return found
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(found).exists():
+        raise ClusterError("haproxy is not installed (apt-get install -y haproxy)")
+    return found
+
+
+def rabbit_tool(name: str) -> str:
+    """
+    @return: RabbitMQ's own script, not the /usr/sbin wrapper: as root the
+        wrapper runs everything as the rabbitmq user with the shared node's
+        cookie and folders, while this cluster's node runs as whoever runs
+        this script, with its cookie and data under DIR.
+    """
+    path = RABBIT_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise ClusterError(f"{name} is not installed (apt-get install -y rabbitmq-server)")
+    return found
+
+
+def pfo3_env() -> Dict[str, str]:
+    """
+    @return: The environment the pfo3 processes run in: this checkout first
+        on PYTHONPATH, so that twistd finds its pfo3 plugin.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def rabbit_env(state: Dict[str, Any]) -> Dict[str, str]:
+    """
+    @return: The environment of this cluster's RabbitMQ node and of
+        rabbitmqctl talking to it: its name, ports and folders, no plugins,
+        no configuration file, and its own Erlang cookie (HOME under DIR).
+    """
+    d = Path(state["dir"]) / "rabbitmq"
+    env = dict(os.environ)
+    env.update({
+        "HOME": str(d),
+        "RABBITMQ_NODENAME": state["rabbitmq"]["node"],
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(state["ports"]["amqp"]),
+        "RABBITMQ_DIST_PORT": str(state["ports"]["amqp_dist"]),
+        "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(d / "log"),
+        "RABBITMQ_PID_FILE": str(d / "node.pid"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+        "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+    })
+    return env
+
+
+def rabbitmqctl(state: Dict[str, Any], *args: str, timeout: float = 60) -> int:
+    """
+    Run C{rabbitmqctl -n NODE ARGS} against this cluster's node.
+
+    @return: Its exit status.
+    """
+    cmd = [rabbit_tool("rabbitmqctl"), "-q", "-n", state["rabbitmq"]["node"], *args]
+    try:
+        return subprocess.run(cmd, env=rabbit_env(state), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return -1
+
+
+def pg_admin(sql: str) -> None:
+    """
+    Run one statement on the PostgreSQL server's postgres database, outside
+    a transaction.
+    """
+    try:
+        import psycopg
+    except ImportError as e:
+        raise ClusterError("psycopg is missing: pip install 'pfo3[postgresql]'") from e
+    try:
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5) as c:
+            c.execute(sql)
+    except psycopg.Error as e:
+        raise ClusterError(f"PostgreSQL at {PG_SERVER}: {e}") from e
+
+
+def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str]) -> int:
+    """
+    Start a process in its own session (it outlives this script), its output
+    in DIR/logs/NAME.log, and remember its pid in the state.
+
+    @return: Its pid.
+    """
+    logs = Path(state["dir"]) / "logs"
+    with (logs / f"{name}.log").open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=state["dir"],
+                                start_new_session=True)
+    state["pids"][name] = proc.pid
+    save(state)
+    return proc.pid
+
+
+def alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A child of ours that exited stays a zombie until reaped.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(what: str, check: Callable[[], bool], deadline: float,
+               pids: Optional[List[str]] = None, state: Optional[Dict[str, Any]] = None) -> None:
+    """
+    Wait until C{check()} is true, or raise L{ClusterError} after
+    C{deadline} seconds or as soon as one of the processes C{pids} (names
+    in the state) has exited.
+    """
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, ValueError):
+            pass
+        for name in pids or []:
+            assert state is not None
+            if not alive(state["pids"].get(name)):
+                raise ClusterError(f"{name} exited while waiting for {what}; "
+                                   f"see {state['dir']}/logs/{name}.log")
+        if time.monotonic() > end:
+            raise ClusterError(f"timed out after {deadline:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def healthz(port: int) -> bool:
+    """
+    @return: Whether the metrics listener on C{port} answers /healthz 200.
+    """
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def haproxy_status(state: Dict[str, Any]) -> Dict[str, str]:
+    """
+    @return: HAProxy's view of each orchestrator (UP, DOWN, ...), read from
+        its stats socket with C{show stat}.
+    """
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(state["haproxy"]["stats_socket"])
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    rows = [line.split(",") for line in data.decode().splitlines()[1:] if line]
+    return {r[1]: r[17].split()[0] for r in rows
+            if len(r) > 17 and r[0] == "orchestrators" and r[1] in ORCHESTRATORS}
+
+
+def save(state: Dict[str, Any]) -> None:
+    path = Path(state["dir"]) / "cluster.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load(directory: Path) -> Dict[str, Any]:
+    path = directory / "cluster.json"
+    if not path.exists():
+        raise ClusterError(f"no cluster in {directory} ({path} is missing)")
+    state: Dict[str, Any] = json.loads(path.read_text())
+    return state
+
+
+def pfo3_supports(option: str) -> bool:
+    """
+    @return: Whether C{twistd pfo3 --help} lists C{option}.
+    """
+    out = subprocess.run([tool("twistd"), "pfo3", "--help"], env=pfo3_env(),
+                         capture_output=True, text=True, timeout=60)
+    return option in out.stdout
+
+
+def choose_ports(base: Optional[int]) -> Dict[str, int]:
+    names = ["front", "amqp", "amqp_dist"]
+    for o in ORCHESTRATORS:
+        names += [o, f"{o}_direct", f"{o}_metrics"]
+    names += [f"{w}_metrics" for w in WORKERS]
+    if base is None:
+        ports: Dict[str, int] = {}
+        while len(set(ports.values())) < len(names):
+            ports = {n: free_port() for n in names}
+        return ports
+    ports = {n: base + i for i, n in enumerate(names)}
+    busy = [f"{n}={p}" for n, p in ports.items() if not port_free(p)]
+    if busy:
+        raise ClusterError(f"ports in use from --base-port {base}: {', '.join(busy)}")
+    return ports
+
+
+def up(args: argparse.Namespace) -> Dict[str, Any]:
+    """
+    Start the whole cluster in order, wait until every part is healthy,
+    write DIR/cluster.json and print how to connect.  If anything fails,
+    whatever was started is stopped again before the error is raised.
+    """
+    directory = Path(args.dir).resolve()
+    if (directory / "cluster.json").exists():
+        old = load(directory)
+        if any(alive(p) for p in old.get("pids", {}).values()):
+            raise ClusterError(f"a cluster already runs from {directory}: run 'down' first")
+        if old.get("database_created"):
+            log(f"dropping {old['database']}, left by a cluster that was not stopped")
+            down_state(old)
+    # Object storage (issue #11) is not part of pfo3 yet.  This is where it
+    # joins the cluster once 'twistd pfo3' has --blobs: start the storage
+    # service (or check the URL) here and pass --blobs to the orchestrators
+    # and workers below.  Until then it is refused rather than pretended.
+    if args.blobs is not None and not pfo3_supports("--blobs"):
+        raise ClusterError("--blobs: this pfo3 has no object storage yet ('twistd pfo3 "
+                           "--help' lists no --blobs); start the cluster without it")
+    haproxy = haproxy_binary()
+    for sub in ("logs", "run", "rabbitmq"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    suffix = secrets.token_hex(4)
+    ports = choose_ports(args.base_port)
+    state: Dict[str, Any] = {
+        "dir": str(directory),
+        "suffix": suffix,
+        "ports": ports,
+        "pids": {},
+        "rabbitmq": {"node": f"pfo3c-{suffix}@localhost"},
+        "broker": f"amqp://guest:guest@127.0.0.1:{ports['amqp']}/%2F",
+        "broker_prefix": "pfo3c",
+        "database": f"pfo3_cluster_{suffix}",
+        "store": f"{PG_SERVER}/pfo3_cluster_{suffix}",
+        "blobs": args.blobs,
+        "started": False,
+    }
+    save(state)
+    try:
+        _start(state, haproxy)
+    except BaseException:
+        log("start failed; stopping what was started")
+        down_state(state)
+        raise
+    state["started"] = True
+    save(state)
+    print_connect(state)
+    return state
+
+
+def _start(state: Dict[str, Any], haproxy: str) -> None:
+    directory = Path(state["dir"])
+    ports = state["ports"]
+
+    # 1. RabbitMQ: a node of the cluster's own.
+    rdir = directory / "rabbitmq"
+    (rdir / "enabled_plugins").write_text("")
+    node = state["rabbitmq"]["node"]
+    log(f"RabbitMQ node {node} on 127.0.0.1:{ports['amqp']}")
+    spawn(state, "rabbitmq", [rabbit_tool("rabbitmq-server")], rabbit_env(state))
+    wait_until(f"RabbitMQ node {node}",
+               lambda: rabbitmqctl(state, "await_startup", "--timeout", "30", timeout=35) == 0,
+               90, ["rabbitmq"], state)
+
+    # 2. PostgreSQL: a database of its own on the shared server.
+    log(f"PostgreSQL database {state['database']}")
+    pg_admin(f'CREATE DATABASE "{state["database"]}"')
+    state["database_created"] = True
+    save(state)
+
+    # 3. TLS: a development CA and a server certificate; 4. a JWT secret.
+    tls = directory / "tls"
+    certs = tool("pfo3-certs")
+    if not (tls / "ca" / "ca.pem").exists():
+        subprocess.run([certs, "ca", "--dir", str(tls)], check=True, env=pfo3_env(),
+                       stdout=subprocess.DEVNULL)
+    if not (tls / "server.pem").exists():
+        subprocess.run([certs, "server", "--dir", str(tls), "--san", "localhost",
+                        "--san", "127.0.0.1"], check=True, env=pfo3_env(),
+                       stdout=subprocess.DEVNULL)
+    secret = directory / "jwt.secret"
+    if not secret.exists():
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    state["tls"] = {"ca_dir": str(tls / "ca"), "key": str(tls / "server.key"),
+                    "cert": str(tls / "server.pem")}
+    state["jwt_secret_file"] = str(secret)
+    key, cert = state["tls"]["key"], state["tls"]["cert"]
+
+    # 5. The orchestrators: a haproxy:ssl: port for HAProxy (PROXY header in
+    # clear, then TLS) and a direct ssl: port on loopback for operators and
+    # benchmarks, both with the same certificate and JWT.
+    twistd = tool("twistd")
+    run = directory / "run"
+    for name in ORCHESTRATORS:
+        cmd = [twistd, "-n", f"--pidfile={run / name}.pid", "pfo3",
+               "--port", f"haproxy:ssl:{ports[name]}:interface=127.0.0.1:"
+                         f"privateKey={key}:certKey={cert}",
+               "--port", f"ssl:{ports[name + '_direct']}:interface=127.0.0.1:"
+                         f"privateKey={key}:certKey={cert}",
+               "--broker", state["broker"], "--broker-prefix", state["broker_prefix"],
+               "--name", name, "--store", state["store"],
+               "--jwt-secret-file", str(secret),
+               "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+               "--metrics", f"tcp:{ports[name + '_metrics']}:interface=127.0.0.1"]
+        if state["blobs"] is not None:
+            cmd += ["--blobs", state["blobs"]]
+        log(f"orchestrator {name} on {ports[name]} (metrics {ports[name + '_metrics']})")
+        spawn(state, name, cmd, pfo3_env())
+    for name in WORKERS:
+        cmd = [twistd, "-n", f"--pidfile={run / name}.pid", "pfo3-worker",
+               "--broker", state["broker"], "--broker-prefix", state["broker_prefix"],
+               "--name", name, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+               "--metrics", f"tcp:{ports[name + '_metrics']}:interface=127.0.0.1"]
+        log(f"worker {name} (metrics {ports[name + '_metrics']})")
+        spawn(state, name, cmd, pfo3_env())
+    for name in ORCHESTRATORS + WORKERS:
+        port = ports[f"{name}_metrics"]
+        wait_until(f"{name} /healthz", functools.partial(healthz, port), 60, [name], state)
+
+    # 6. HAProxy in front.
+    servers = "".join(
+        f"    server {name} 127.0.0.1:{ports[name]}\n" for name in ORCHESTRATORS)
+    stats_socket = str(run / "haproxy.sock")
+    cfg = (ROOT / "deploy" / "haproxy.cfg.in").read_text().format(
+        stats_socket=stats_socket, front_bind=f"127.0.0.1:{ports['front']}",
+        check_interval="500ms", servers=servers)
+    (directory / "haproxy.cfg").write_text(cfg)
+    check = subprocess.run([haproxy, "-c", "-q", "-f", str(directory / "haproxy.cfg")],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise ClusterError(f"haproxy refuses its configuration: {check.stdout}{check.stderr}")
+    state["haproxy"] = {"stats_socket": stats_socket, "config": str(directory / "haproxy.cfg")}
+    log(f"HAProxy on 127.0.0.1:{ports['front']}")
+    spawn(state, "haproxy", [haproxy, "-db", "-f", str(directory / "haproxy.cfg")],
+          dict(os.environ))
+    want = {name: "UP" for name in ORCHESTRATORS}
+    wait_until("HAProxy to see every orchestrator UP",
+               lambda: haproxy_status(state) == want, 30, ["haproxy"], state)
+    for name in ORCHESTRATORS + WORKERS:
+        port = ports[f"{name}_metrics"]
+        wait_until(f"{name} /healthz", functools.partial(healthz, port), 30, [name], state)
+
+    state["urls"] = {
+        "front": f"tls:localhost:{ports['front']}:trustRoots={tls / 'ca'}",
+        **{name: f"tls:localhost:{ports[name + '_direct']}:trustRoots={tls / 'ca'}"
+           for name in ORCHESTRATORS},
+        **{f"{name}_metrics": f"http://127.0.0.1:{ports[name + '_metrics']}/metrics"
+           for name in ORCHESTRATORS + WORKERS},
+    }
+
+
+def print_connect(state: Dict[str, Any]) -> None:
+    d = state["dir"]
+    print(f"""
+The cluster is up (everything in {d}/cluster.json). Connect through HAProxy:
+
+  export PFO3_TOKEN=$({BIN / 'pfo3-token'} --sub alice --secret-file {state['jwt_secret_file']})
+  {BIN / 'pfo3-client'} --endpoint {state['urls']['front']} --tipo uppercase --contenido hola
+
+Each orchestrator directly: {state['urls']['o1']}  /  {state['urls']['o2']}
+Metrics: {', '.join(state['urls'][f'{n}_metrics'] for n in ORCHESTRATORS + WORKERS)}
+Stop it:  {sys.executable} {Path(__file__).resolve()} down --dir {d}
+""", flush=True)
+
+
+def stop_pid(state: Dict[str, Any], name: str, timeout: float) -> None:
+    """
+    SIGTERM the process C{name} and wait up to C{timeout} seconds for it to
+    exit (an orchestrator drains its tasks in that time), then SIGKILL it.
+    """
+    pid = state.get("pids", {}).get(name)
+    if not alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < end:
+        time.sleep(0.1)
+    if alive(pid):
+        log(f"{name} (pid {pid}) did not stop in {timeout:.0f}s: SIGKILL")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def terminate(state: Dict[str, Any], names: Any) -> None:
+    """
+    SIGTERM the processes C{names} at once, so that they drain together.
+    """
+    for name in names:
+        pid = state.get("pids", {}).get(name)
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def down_state(state: Dict[str, Any]) -> None:
+    """
+    Stop every part of the cluster, in order: HAProxy (no new connections),
+    the orchestrators (SIGTERM: they drain), the workers, the RabbitMQ node;
+    then drop the database.  Parts never started or already gone are
+    skipped.
+    """
+    stop_pid(state, "haproxy", 10)
+    terminate(state, ORCHESTRATORS)
+    for name in ORCHESTRATORS:
+        stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
+    terminate(state, WORKERS)
+    for name in WORKERS:
+        stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
+    if alive(state.get("pids", {}).get("rabbitmq")):
+        rabbitmqctl(state, "stop", timeout=60)
+        stop_pid(state, "rabbitmq", 30)
+    if state.get("database_created"):
+        try:
+            pg_admin(f'DROP DATABASE IF EXISTS "{state["database"]}" WITH (FORCE)')
+            state["database_created"] = False
+        except ClusterError as e:
+            log(f"could not drop {state['database']}: {e}")
+    state["started"] = False
+    save(state)
+
+
+def down(args: argparse.Namespace) -> None:
+    state = load(Path(args.dir).resolve())
+    down_state(state)
+    log("stopped")
+
+
+def status(args: argparse.Namespace) -> int:
+    """
+    Print each part's process and health; exit 0 when all are healthy.
+    """
+    state = load(Path(args.dir).resolve())
+    ok = True
+    for name, pid in state.get("pids", {}).items():
+        up_ = alive(pid)
+        ok &= up_
+        extra = ""
+        port = state["ports"].get(f"{name}_metrics")
+        if up_ and port:
+            healthy = healthz(port)
+            ok &= healthy
+            extra = " healthz " + ("200" if healthy else "failing")
+        print(f"{name:9} pid {pid:<8} {'running' if up_ else 'stopped'}{extra}")
+    if alive(state.get("pids", {}).get("haproxy")):
+        try:
+            view = haproxy_status(state)
+        except OSError as e:
+            view = {"?": str(e)}
+        ok &= all(v == "UP" for v in view.values()) and len(view) == len(ORCHESTRATORS)
+        print("haproxy   " + ", ".join(f"{k} {v}" for k, v in sorted(view.items())))
+    print("healthy" if ok else "NOT healthy")
+    return 0 if ok else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the cluster and wait until it is healthy")
+    p_up.add_argument("--dir", required=True, help="the cluster's folder")
+    p_up.add_argument("--base-port", type=int, default=None,
+                      help="use 11 consecutive ports from this one (default: free ports)")
+    p_up.add_argument("--blobs", default=None,
+                      help="object storage URL for the orchestrators (refused until pfo3 "
+                           "has --blobs)")
+    for name, text in (("status", "show each part's health"), ("down", "stop everything")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dir", required=True, help="the cluster's folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up(args)
+            return 0
+        if args.command == "down":
+            down(args)
+            return 0
+        return status(args)
+    except ClusterError as e:
+        print(f"cluster: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
