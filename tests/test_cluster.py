@@ -332,20 +332,26 @@ def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
     assert any(states[t]["worker"].startswith("w2/") for t in accepted)
 
 
-def test_blobs_refused_without_object_storage(tmp_path: Path) -> None:
+def test_large_content_through_the_clusters_object_storage(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     """
-    While twistd pfo3 has no --blobs (object storage is not part of pfo3
-    yet), cluster.py up --blobs is refused with a message saying so, before
-    anything is started or written.
+    The cluster's own S3 (SeaweedFS) serves both orchestrators and both
+    workers: pfo3-client --contenido-archivo, through HAProxy with a token,
+    uploads a 5 MB file with a presigned URL and gets its word count, run
+    by a worker that read the object.
     """
-    help_text = subprocess.run(
-        [str(BIN / "twistd"), "pfo3", "--help"], capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60).stdout
-    assert "--max-tasks" in help_text
-    if "--blobs" in help_text:
-        return  # object storage has landed: cluster.py passes --blobs on
-    out = run_script("up", "--dir", str(tmp_path / "c"), "--blobs", "file:/tmp/blobs",
-                     timeout=60)
-    assert out.returncode == 1
-    assert "no object storage yet" in out.stderr
-    assert not (tmp_path / "c").exists()
+    assert cluster.state["blobs"].startswith("s3://pfo3?endpoint=http://127.0.0.1:")
+    path = tmp_path / "libro.txt"
+    path.write_text(" ".join(["palabra"] * 640_000))
+    env = dict(os.environ, PFO3_TOKEN=cluster.token, PYTHONPATH=str(ROOT))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)  # the client needs none: the URL is presigned
+    out = subprocess.run(
+        [str(BIN / "pfo3-client"), "--endpoint", cluster.state["urls"]["front"],
+         "--tipo", "word_count", "--contenido-archivo", str(path), "--timeout", "60"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)["respuesta"]
+    assert reply["resultado"] == 640_000
+    assert reply["worker"].split("/")[0] in ("w1", "w2")
