@@ -187,9 +187,14 @@ def baseline(checkout: str) -> System:
             return f"no pfo3 checkout at {checkout}"
         return None
 
+    import subprocess
+
+    commit = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    where = f"at commit `{commit}`" if commit else f"from the checkout at `{checkout}`"
     return System(
         "pfo3-base", "pfo3 (baseline)",
-        f"pfo3 in local mode on its defaults, from the checkout at `{checkout}`.",
+        f"pfo3 in local mode on its defaults, {where}.",
         _pfo3, env={"PYTHONPATH": checkout}, available=missing, idle_memory=False,
     )
 
