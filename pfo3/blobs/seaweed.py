@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
-#: The ports C{weed mini} opens, each given a free one.
-_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+#: The ports C{weed mini} opens (by its option names), each given one.
+PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
           "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port",
           "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")
 
@@ -87,11 +87,14 @@ def _free_ports(n: int) -> List[int]:
 
 
 def start(workdir: Path, access: str, secret: str, bucket: str,
-          deadline: float = 90.0) -> Weed:
+          deadline: float = 90.0, ports: Optional[Sequence[int]] = None) -> Weed:
     """
     Start C{weed mini} in C{workdir}, wait until its S3 endpoint answers a
     signed request, and create C{bucket}.
 
+    @param ports: One port per name of L{PORTS}, chosen by the caller
+        (which may be choosing other ports at the same time); free ones by
+        default.
     @raise RuntimeError: when it does not start in time.
     """
     import boto3
@@ -104,14 +107,16 @@ def start(workdir: Path, access: str, secret: str, bucket: str,
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     os.chmod(config, 0o600)
-    ports = _free_ports(len(_PORTS))
-    s3_port = ports[_PORTS.index("s3.port")]
+    if ports is None:
+        ports = _free_ports(len(PORTS))
+    assert len(ports) == len(PORTS)
+    s3_port = ports[PORTS.index("s3.port")]
     log = workdir / "weed.log"
     proc = subprocess.Popen(
         [weed_binary(), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1",
          "-ip.bind=127.0.0.1", "-s3.autoCreateBucket=false", "-admin.ui=false",
          "-webdav=false", "-metricsPort=0", f"-s3.config={config}",
-         *(f"-{name}={port}" for name, port in zip(_PORTS, ports))],
+         *(f"-{name}={port}" for name, port in zip(PORTS, ports))],
         cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True,
     )
