@@ -10,12 +10,13 @@ import os
 import tempfile
 from typing import IO, Any, Callable, Optional, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pfo3 import blobs
 from pfo3.blobs._memory import _missing, _no_urls
+from pfo3.blobs._pool import OwnPool
 from pfo3.errors import BlobStoreUnavailable, Pfo3Error
 from pfo3.executor import DaemonThreadPool
 
@@ -23,7 +24,7 @@ T = TypeVar("T")
 
 
 @implementer(blobs.IBlobStore)
-class FileBlobs:
+class FileBlobs(OwnPool):
     """
     One file per object, C{DIR/REF}, with its SHA-256 in C{DIR/REF.sha256};
     written to a temporary name and renamed, so a reader never sees half an
@@ -40,15 +41,6 @@ class FileBlobs:
         self.path = os.path.abspath(path)
         self.reactor = reactor
         self.threadpool = threadpool or DaemonThreadPool(0, io_threads, "pfo3-blobs-file")
-
-    def start(self) -> None:
-        if not self.threadpool.started:
-            self.threadpool.start()
-
-    def stop(self) -> Deferred[None]:
-        if self.threadpool.started:
-            self.threadpool.stop()
-        return succeed(None)
 
     def _file(self, ref: str) -> str:
         return os.path.join(self.path, blobs.check_ref(ref))

@@ -13,12 +13,13 @@ import boto3
 import botocore.exceptions as bex
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pfo3 import blobs
 from pfo3.blobs._memory import _missing
+from pfo3.blobs._pool import OwnPool
 from pfo3.errors import (
     BlobAccessDenied,
     BlobBucketMissing,
@@ -43,7 +44,7 @@ PART = 8 << 20
 
 
 @implementer(blobs.IBlobStore)
-class S3Blobs:
+class S3Blobs(OwnPool):
     """
     One bucket of an S3-compatible service.
 
@@ -87,15 +88,6 @@ class S3Blobs:
 
     def __repr__(self) -> str:
         return f"<S3Blobs s3://{self.bucket} at {self.endpoint or 'AWS'}>"
-
-    def start(self) -> None:
-        if not self.threadpool.started:
-            self.threadpool.start()
-
-    def stop(self) -> Deferred[None]:
-        if self.threadpool.started:
-            self.threadpool.stop()
-        return succeed(None)
 
     def _defer(self, f: Callable[..., T], ref: str, *args: Any) -> Deferred[T]:
         key = blobs.check_ref(ref)
