@@ -73,9 +73,6 @@ class Connection(Protocol):
 class Gate:
     """
     Connection limits shared by the connections of one server.
-
-    @ivar unauthenticated: Connections that must authenticate and have not
-        yet.
     """
 
     def __init__(
@@ -107,12 +104,25 @@ class Gate:
         self.auth_timeout = auth_timeout
         self.proxies = list(proxies) or parse_networks(DEFAULT_PROXIES)
         self.certificate_identity = certificate_identity
-        self.open = 0
-        self.unauthenticated = 0
         self._per_peer: Dict[str, int] = {}
         self._hosts: Dict[Connection, str] = {}
         self._waiting: Dict[Connection, IDelayedCall] = {}
         self._counted: Set[Connection] = set()
+
+    @property
+    def open(self) -> int:
+        """
+        Connections let in and not yet gone.
+        """
+        return len(self._counted)
+
+    @property
+    def unauthenticated(self) -> int:
+        """
+        Connections that must authenticate and have not yet (each has its
+        deadline).
+        """
+        return len(self._waiting)
 
     def trusts(self, address: Any) -> bool:
         """
@@ -141,7 +151,6 @@ class Gate:
                 f"El servidor ya tiene el máximo de {self.max_connections} conexiones "
                 "abiertas. Reintente más tarde."))
             return
-        self.open += 1
         self._counted.add(p)
         if self.auth_required:
             if self.unauthenticated >= self.max_unauthenticated:
@@ -149,8 +158,7 @@ class Gate:
                     f"Hay {self.unauthenticated} conexiones sin autenticar, el máximo. "
                     "Reintente más tarde."))
                 return
-            self.unauthenticated += 1
-            p.session.on_authenticated = lambda: self._authenticated(p)
+            p.session.on_authenticated = lambda: self._stop_waiting(p)
             self._waiting[p] = self.clock.callLater(self.auth_timeout, self._too_late, p)
         if proxy is None and not self._count_peer(p):
             return
@@ -194,17 +202,17 @@ class Gate:
         self._hosts[p] = host
         return True
 
-    def _authenticated(self, p: Connection) -> None:
+    def _stop_waiting(self, p: Connection) -> None:
+        """
+        C{p} authenticated, or is gone: it has no deadline any more.
+        """
         timer = self._waiting.pop(p, None)
-        if timer is not None:
-            self.unauthenticated -= 1
-            if timer.active():
-                timer.cancel()
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _too_late(self, p: Connection) -> None:
         if self._waiting.pop(p, None) is None:
             return
-        self.unauthenticated -= 1
         p.session.on_authenticated = None
         log.info("Closing connection from {peer}: not authenticated in {timeout}s",
                  peer=p.session.peer, timeout=self.auth_timeout)
@@ -215,14 +223,8 @@ class Gate:
         """
         A connection is gone: forget what it counted.
         """
-        if p in self._counted:
-            self._counted.discard(p)
-            self.open -= 1
-        timer = self._waiting.pop(p, None)
-        if timer is not None:
-            self.unauthenticated -= 1
-            if timer.active():
-                timer.cancel()
+        self._counted.discard(p)
+        self._stop_waiting(p)
         host = self._hosts.pop(p, None)
         if host is not None:
             left = self._per_peer[host] - 1

@@ -107,8 +107,7 @@ class TaskProtocol(LineOnlyReceiver):
         if self.transport.disconnecting:
             return
         self._held.clear()
-        self.factory.orchestrator.tally.errors[error.codigo] += 1
-        self.transport.write(wire.encode_error(error))
+        self.transport.write(self._error_line(error))
         self.close(REFUSE_GRACE)
 
     def readConnectionLost(self) -> None:
