@@ -541,12 +541,8 @@ class Session:
         C{op: auth}: the token's identity becomes the connection's.
         """
         token = request.token
-        assert token is not None
-        try:
-            identity = self.orchestrator.authenticator.authenticate(token)
-        except Pfo3Error as e:
-            e.tarea_id = request.tarea_id
-            raise
+        assert token is not None  # the wire refuses op: auth without one
+        identity = self._identify(request)
         self.set_identity(identity, token)
         return wire.ControlResult(request.tarea_id, {
             "identidad": identity.name or None, "expira": identity.expira,
