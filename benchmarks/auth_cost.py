@@ -11,8 +11,6 @@ the open server, per round and as medians of the paired ratios.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,18 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from paired import Way, pfo3_system, print_ratios, run_rounds  # noqa: E402
+from paired import Way, arguments, pfo3_system, report, run_rounds  # noqa: E402
 from run_suite import Running  # noqa: E402
 
 LEVELS = [(64, 8), (16, 1), (1, 1)]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--json", help="Write every run here.")
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     import jwt
 
@@ -57,11 +51,7 @@ def main() -> int:
     finally:
         open_server.stop()
         jwt_server.stop()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(runs, f, indent=1)
-    print_ratios(runs, ways, LEVELS)
-    return 1 if any(r["errors"] for r in runs) else 0
+    return report(runs, ways, LEVELS, args.json)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ ratios (issue 13 asks for at least 0.9x the throughput).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from paired import Way, pfo3_system, print_ratios, run_rounds  # noqa: E402
+from paired import Way, arguments, pfo3_system, report, run_rounds  # noqa: E402
 from run_suite import Running, free_port  # noqa: E402
 
 LEVELS = [(64, 8), (16, 1)]
@@ -67,11 +65,7 @@ class Scraper:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--json", help="Write every run here.")
-    args = parser.parse_args()
+    args = arguments(__doc__)
 
     tmp = tempfile.mkdtemp(prefix="pfo3-metrics-cost-")
     mport = free_port()
@@ -88,12 +82,8 @@ def main() -> int:
     finally:
         plain.stop()
         metered.stop()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(runs, f, indent=1)
     print(f"\nscrapes: {scraper.scrapes} answered, {scraper.failures} failed")
-    print_ratios(runs, ways, LEVELS)
-    return 1 if any(r["errors"] for r in runs) else 0
+    return report(runs, ways, LEVELS, args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ figure).  Used by C{auth_cost.py} and C{metrics_cost.py}.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
@@ -90,3 +92,29 @@ def print_ratios(runs: List[Dict[str, Any]], ways: Sequence[Way],
                                      for r in mine)
             cpu = statistics.median(r["cpu_us"] / first[r["round"]]["cpu_us"] for r in mine)
             print(f"{key:>6} {w.name:<26} {tput:8.2f} {cpu:9.2f}")
+
+
+def arguments(doc: str) -> argparse.Namespace:
+    """
+    @return: The options every paired benchmark takes: C{--rounds},
+        C{--duration}, C{--json}.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--json", help="Write every run here.")
+    return parser.parse_args()
+
+
+def report(runs: List[Dict[str, Any]], ways: Sequence[Way],
+           levels: Sequence[Tuple[int, int]], json_path: Optional[str]) -> int:
+    """
+    Write the runs to C{json_path} (if any), print the paired ratios.
+
+    @return: The exit status: 1 if any run saw an error reply.
+    """
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(runs, f, indent=1)
+    print_ratios(runs, ways, levels)
+    return 1 if any(r["errors"] for r in runs) else 0
