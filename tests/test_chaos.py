@@ -110,39 +110,42 @@ def ping_time(port: int) -> float:
     return time.monotonic() - started
 
 
-def test_sigterm_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
+def sigterm_with_tasks_in_flight(
+    port: int, proc: Any, seed: int, seconds: Tuple[float, float], settle: float,
+    read_deadline: float,
+) -> Tuple[Counter[str], float]:
     """
-    SIGTERM while four connections hold 1,000 tasks in flight (sleeps of
-    0.2 to 3 s, some durable in the background): every task is answered
-    exactly once, with its result or, past --shutdown-timeout, C{apagando};
-    tasks sent after the signal are refused with C{apagando}; the server
-    then closes every connection and exits within its bounds, without a
-    traceback.
+    Four connections each send 250 sleeps (of C{seconds}, one in ten
+    durable, half of those in the background); C{settle} seconds later
+    C{proc} gets SIGTERM, and each connection then sends one more line.
+    Checks that each connection gets exactly one reply per line, the late
+    line C{apagando} and the others a result, C{aceptada} or C{apagando}.
+
+    @return: The replies by code, and when the reading began.
     """
-    server = start_server(tmp_path, "--shutdown-timeout", "1.5")
-    rng = random.Random(5)
-    conns = [LineSocket(server.port, timeout=30) for _ in range(4)]
+    rng = random.Random(seed)
+    conns = [LineSocket(port, timeout=30) for _ in range(4)]
     sent: Dict[int, List[str]] = {i: [] for i in range(4)}
     for i, c in enumerate(conns):
         lines = []
         for j in range(250):
             tarea_id = f"c{i}-{j}"
             req: Dict[str, Any] = {"tarea_id": tarea_id, "tipo": "sleep",
-                                   "contenido": round(rng.uniform(0.2, 3.0), 2)}
+                                   "contenido": round(rng.uniform(*seconds), 2)}
             if j % 10 == 0:
                 req["esperar"] = j % 20 == 0
             lines.append(json.dumps(req).encode() + b"\n")
             sent[i].append(tarea_id)
         c.send(b"".join(lines))
-    time.sleep(0.3)
-    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     for i, c in enumerate(conns):
         c.send_json({"tarea_id": f"late{i}", "tipo": "upper", "contenido": "x"})
     started = time.monotonic()
     codes: Counter[str] = Counter()
     for i, c in enumerate(conns):
-        replies = [json.loads(x) for x in read_to_end(c.sock, 20).splitlines()]
+        replies = [json.loads(x) for x in read_to_end(c.sock, read_deadline).splitlines()]
         ids = [r["tarea_id"] for r in replies]
         assert sorted(ids) == sorted(sent[i] + [f"late{i}"]), f"connection {i}"
         for r in replies:
@@ -153,6 +156,21 @@ def test_sigterm_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
             else:
                 assert code in ("ok", "aceptada", "apagando"), r
         c.close()
+    return codes, started
+
+
+def test_sigterm_with_a_thousand_tasks_in_flight(tmp_path: Path) -> None:
+    """
+    SIGTERM while four connections hold 1,000 tasks in flight (sleeps of
+    0.2 to 3 s, some durable in the background): every task is answered
+    exactly once, with its result or, past --shutdown-timeout, C{apagando};
+    tasks sent after the signal are refused with C{apagando}; the server
+    then closes every connection and exits within its bounds, without a
+    traceback.
+    """
+    server = start_server(tmp_path, "--shutdown-timeout", "1.5")
+    codes, started = sigterm_with_tasks_in_flight(
+        server.port, server.proc, seed=5, seconds=(0.2, 3.0), settle=0.3, read_deadline=20)
     assert server.proc.wait(20) == -signal.SIGTERM
     assert time.monotonic() - started < 15
     assert codes["ok"] > 0 and codes["apagando"] > 4, codes
@@ -569,38 +587,8 @@ def test_sigterm_on_the_orchestrator_with_a_thousand_tasks_on_workers(
     cluster.worker("w2")
     port = cluster.orchestrator("--shutdown-timeout", "2")
     orchestrator = cluster.procs[-1]
-    rng = random.Random(9)
-    conns = [LineSocket(port, timeout=30) for _ in range(4)]
-    sent: Dict[int, List[str]] = {i: [] for i in range(4)}
-    for i, c in enumerate(conns):
-        lines = []
-        for j in range(250):
-            tarea_id = f"c{i}-{j}"
-            req: Dict[str, Any] = {"tarea_id": tarea_id, "tipo": "sleep",
-                                   "contenido": round(rng.uniform(0.05, 0.5), 2)}
-            if j % 10 == 0:
-                req["esperar"] = j % 20 == 0
-            lines.append(json.dumps(req).encode() + b"\n")
-            sent[i].append(tarea_id)
-        c.send(b"".join(lines))
-    time.sleep(0.5)
-    orchestrator.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    for i, c in enumerate(conns):
-        c.send_json({"tarea_id": f"late{i}", "tipo": "upper", "contenido": "x"})
-    started = time.monotonic()
-    codes: Counter[str] = Counter()
-    for i, c in enumerate(conns):
-        replies = [json.loads(x) for x in read_to_end(c.sock, 30).splitlines()]
-        assert sorted(r["tarea_id"] for r in replies) == sorted(sent[i] + [f"late{i}"])
-        for r in replies:
-            code = r.get("codigo") or r["estado"]
-            codes[code] += 1
-            if r["tarea_id"] == f"late{i}":
-                assert code == "apagando", r
-            else:
-                assert code in ("ok", "aceptada", "apagando"), r
-        c.close()
+    codes, started = sigterm_with_tasks_in_flight(
+        port, orchestrator, seed=9, seconds=(0.05, 0.5), settle=0.5, read_deadline=30)
     assert orchestrator.wait(20) is not None
     assert time.monotonic() - started < 15
     assert codes["ok"] > 0 and codes["apagando"] >= 4, codes
