@@ -406,8 +406,8 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     secret = directory / "jwt.secret"
     if not secret.exists():
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
     state["tls"] = {"ca_dir": str(tls / "ca"), "key": str(tls / "server.key"),
                     "cert": str(tls / "server.pem")}
     state["jwt_secret_file"] = str(secret)

@@ -353,6 +353,16 @@ class RateLimiter:
                 del self._buckets[name]
 
 
+def secret_from(data: bytes) -> bytes:
+    """
+    The HS256 secret a secret file or C{PFO3_JWT_SECRET} holds: everything
+    but the line end an editor or C{echo} adds.  The server and
+    C{pfo3-token} both read secrets through here, so a token minted from a
+    file verifies against the same file whatever bytes it holds.
+    """
+    return data.rstrip(b"\r\n")
+
+
 def authenticator_from_options(
     secret_file: Optional[str], public_key_file: Optional[str],
     issuer: Optional[str], audience: Optional[str], leeway: float = DEFAULT_LEEWAY,
@@ -370,7 +380,7 @@ def authenticator_from_options(
     kw: Dict[str, Any] = {"issuer": issuer, "audience": audience, "leeway": leeway}
     if not (secret_file or public_key_file):
         if env_secret:
-            return JWTAuthenticator.from_secret(env_secret.rstrip("\r\n").encode("utf-8"), **kw)
+            return JWTAuthenticator.from_secret(secret_from(env_secret.encode("utf-8")), **kw)
         if issuer or audience:
             raise usage.UsageError(
                 "--jwt-issuer and --jwt-audience need --jwt-secret-file or --jwt-public-key")
@@ -383,6 +393,5 @@ def authenticator_from_options(
     except OSError as e:
         raise usage.UsageError(f"cannot read {path}: {e.strerror}")
     if secret_file:
-        # Only the line end an editor or 'echo' adds: the rest is the secret.
-        return JWTAuthenticator.from_secret(data.rstrip(b"\r\n"), **kw)
+        return JWTAuthenticator.from_secret(secret_from(data), **kw)
     return JWTAuthenticator.from_public_key(data, **kw)

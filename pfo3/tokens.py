@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from twisted.python import usage
 
-from pfo3.auth import MIN_SECRET
+from pfo3.auth import MIN_SECRET, secret_from
 
 PROGRAM = "pfo3-token"
 
@@ -98,13 +98,12 @@ def sign(options: Options) -> str:
         raise usage.UsageError("the private key must be RSA or EC P-256")
     if options["secret-file"]:
         with open(options["secret-file"], "rb") as f:
-            secret = f.read().strip()
+            secret = secret_from(f.read())
     else:
-        env = os.environ.get("PFO3_JWT_SECRET", "").strip()
-        if not env:
+        secret = secret_from(os.environ.get("PFO3_JWT_SECRET", "").encode("utf-8"))
+        if not secret:
             raise usage.UsageError(
                 "give --secret-file or --private-key (or set PFO3_JWT_SECRET)")
-        secret = env.encode("utf-8")
     if len(secret) < MIN_SECRET:
         raise usage.UsageError(f"the secret must have at least {MIN_SECRET} bytes")
     return jwt.encode(claims(options), secret, algorithm="HS256")

@@ -8,6 +8,7 @@ connection gate (L{pfo3.gate.Gate}).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from pfo3 import tokens
 from pfo3.auth import (
     IAuthenticator,
     Identity,
@@ -237,6 +239,24 @@ class JWTAuthenticatorTests(SynchronousTestCase):
         env = authenticator_from_options(None, None, None, None, env_secret="e" * 40)
         self.assertTrue(IAuthenticator.providedBy(env))
         self.assertTrue(env.required)
+
+    def test_minted_token_verifies_whatever_the_secret_holds(self) -> None:
+        """
+        A token C{pfo3-token} mints from a secret file verifies against the
+        server's reading of the same file, even when the secret's bytes
+        begin or end with blanks (a random secret does, now and then); only
+        the line end is not part of it.
+        """
+        for body in (b" \t" + bytes(range(40, 70)) + b"\x0b ", b"\r" + b"s" * 31):
+            with self.subTest(body=body):
+                with tempfile.NamedTemporaryFile("wb", suffix=".secret") as f:
+                    f.write(body + b"\n")
+                    f.flush()
+                    path = f.name
+                    options = tokens.Options()
+                    options.parseOptions(["--sub", "alice", "--secret-file", path])
+                    server = authenticator_from_options(path, None, None, None)
+                    self.assertEqual(server.authenticate(tokens.sign(options)).name, "alice")
 
 
 class RateLimiterTests(SynchronousTestCase):
