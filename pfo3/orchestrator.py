@@ -493,12 +493,10 @@ class Session:
             if sampled:
                 self._log_task(request, outcome[1], "ok", started, owner)
             if store is not None:
-                now = orch.clock.seconds()
-                store.record(Record(
-                    owner, tarea_id, tasktype.name, request.arg, OK,
-                    self._peer_text or self._recorded_peer(), now, now, now, outcome[0],
-                    outcome[1], None, None, huella,
-                ))
+                store.record_done(
+                    owner, tarea_id, tasktype.name, request.arg, outcome[0], outcome[1],
+                    self._peer_text or self._recorded_peer(), orch.clock.seconds(), huella,
+                )
             return wire.TaskResult(tarea_id, outcome[0], outcome[1])
 
         work: Deferred[Any] = outcome  # type: ignore[assignment]

@@ -140,6 +140,36 @@ def test_newer_state_replaces(make: Make) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_record_done(make: Make) -> Any:
+    """
+    A task recorded with C{record_done} reads as the full record of a task
+    accepted, started and ended C{ok} at that moment, before and after it
+    is written; a later C{record} of the same task replaces it, and so
+    does a later C{record_done}.
+    """
+    store = make()
+    yield store.start()
+    store.record_done("ana", "d", "uppercase", "hola", "HOLA", 3, "10.0.0.1:7", 20.5, "h1")
+    found = yield store.get("ana", "d")
+    yield store.flush()
+    again = yield store.get("ana", "d")
+    for r in (found, again):
+        assert (r.owner, r.tarea_id, r.tipo, r.estado, r.resultado, r.worker,
+                r.peer, r.huella, r.codigo, r.mensaje) == (
+            "ana", "d", "uppercase", "ok", "HOLA", 3, "10.0.0.1:7", "h1", None, None)
+        assert (r.aceptada, r.iniciada, r.terminada) == (20.5, 20.5, 20.5)
+    assert (yield store.get(ANONYMOUS, "d")) is None
+    store.record(rec("d", "error", owner="ana", codigo="interno", mensaje="no"))
+    yield store.flush()
+    assert (yield store.get("ana", "d")).estado == "error"
+    store.record_done("ana", "d", "reverse", "x", "x", 1, "-", 30.0, None)
+    yield store.flush()
+    r = yield store.get("ana", "d")
+    assert (r.tipo, r.estado, r.terminada, r.huella) == ("reverse", "ok", 30.0, None)
+    yield store.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_owners_are_separate(make: Make) -> Any:
     """
     The same C{tarea_id} of two owners is two records; each owner reads
@@ -167,11 +197,14 @@ def test_purge(make: Make) -> Any:
     store.record(rec("old", terminada=50.0))
     store.record(rec("new", terminada=150.0))
     store.record(rec("stuck", "en_curso"))  # accepted at 10
+    store.record_done(ANONYMOUS, "done-old", "uppercase", "a", "A", 0, "-", 60.0, None)
+    store.record_done(ANONYMOUS, "done-new", "uppercase", "b", "B", 0, "-", 160.0, None)
     yield store.flush()
     yield store.purge(100.0)
-    assert (yield store.get(ANONYMOUS, "old")) is None
-    assert (yield store.get(ANONYMOUS, "stuck")) is None
-    assert (yield store.get(ANONYMOUS, "new")) is not None
+    for gone in ("old", "stuck", "done-old"):
+        assert (yield store.get(ANONYMOUS, gone)) is None
+    for kept in ("new", "done-new"):
+        assert (yield store.get(ANONYMOUS, kept)) is not None
     yield store.stop()
 
 
@@ -418,3 +451,25 @@ def test_orchestrator_on_every_store(clocked: Tuple[IStore, Clock]) -> Any:
         yield _sleep(0.05)
     assert (yield store.get(ANONYMOUS, "bg")) is None
     yield store.stop()
+
+
+def test_memory_bound_keeps_the_newest_half() -> None:
+    """
+    The memory store never holds more than C{max_records} tasks, always
+    holds at least the newest half of them, and counts what it forgot; a
+    task recorded again (running, then ended) is held once.
+    """
+    store = MemoryStore(reactor, max_records=10)  # type: ignore[arg-type]
+    for i in range(1, 101):
+        if i % 3:
+            store.record_done(ANONYMOUS, f"t{i}", "uppercase", "x", "X", 0, "-", float(i), None)
+        else:
+            store.record(rec(f"t{i}", "en_curso"))
+            store.record(rec(f"t{i}", "ok"))
+        assert len(store) <= 10
+        newest = range(max(1, i - 4), i + 1)
+        assert all(store.get(ANONYMOUS, f"t{n}").result is not None for n in newest), i
+    assert 5 <= len(store) <= 10
+    assert store.evicted >= 100 - 10
+    assert store.get(ANONYMOUS, "t1").result is None
+

@@ -619,6 +619,9 @@ class _Unavailable:
     def record(self, record: Record) -> None:
         pass
 
+    def record_done(self, *fields: Any) -> None:
+        pass
+
     def get(self, owner: str, tarea_id: str) -> Deferred[Optional[Record]]:
         d: Deferred[Optional[Record]] = Deferred()
         d.errback(StoreUnavailable("El almacén no responde.", tarea_id))

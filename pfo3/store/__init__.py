@@ -129,6 +129,18 @@ class Record:
         return f"<Record {self.owner!r}/{self.tarea_id!r} {self.tipo} {self.estado}>"
 
 
+def done_record(
+    owner: str, tarea_id: str, tipo: str, contenido: Any, resultado: Any, worker: Any,
+    peer: str, when: float, huella: Optional[str],
+) -> Record:
+    """
+    @return: The record of a task that ended C{ok} the moment it was
+        accepted (what L{IStore.record_done} records).
+    """
+    return Record(owner, tarea_id, tipo, contenido, OK, peer, when, when, when, resultado,
+                  worker, None, None, huella)
+
+
 class IStore(Interface):
     """
     Records each task's life, looks one up, purges old ones.
@@ -153,6 +165,18 @@ class IStore(Interface):
         """
         Record the current state of C{record} (a newer state of the same
         C{(owner, tarea_id)} replaces the older).  Returns at once.
+        """
+
+    def record_done(
+        owner: str,  # noqa: N805
+        tarea_id: str, tipo: str, contenido: Any, resultado: Any, worker: Any,
+        peer: str, when: float, huella: Optional[str],
+    ) -> None:
+        """
+        Record a task that ended C{ok} the moment it was accepted: the same
+        as L{record} of its L{Record} (accepted, started and ended at
+        C{when}), which a store may build only when asked for it.  Returns
+        at once.
         """
 
     def get(owner: str, tarea_id: str) -> Deferred[Optional[Record]]:  # noqa: N805
@@ -238,5 +262,5 @@ from pfo3.store._sql import SQLStore  # noqa: E402
 
 __all__ = [
     "ABANDONED", "ACCEPTED", "ANONYMOUS", "ERROR", "FINISHED", "OK", "REPLAYABLE", "RUNNING",
-    "TIMEOUT", "IStore", "MemoryStore", "Record", "SQLStore", "from_url",
+    "TIMEOUT", "IStore", "MemoryStore", "Record", "SQLStore", "done_record", "from_url",
 ]

@@ -4,15 +4,23 @@ The in-memory store: the default, and the test double of every other.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, IStore, Record
+from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, IStore, Record, done_record
+
+#: What the store holds for a task that ended C{ok} the moment it started
+#: (L{MemoryStore.record_done}): C{(tipo, contenido, resultado, worker,
+#: peer, when, huella)}.  A tuple is a tenth of the cost of a L{Record}; the
+#: record is built only if someone asks for it.
+_Done = Tuple[str, Any, Any, Any, str, float, Optional[str]]
+
+_Key = Tuple[str, str]
+_Held = Union[Record, _Done]
 
 
 def purge_interval(max_age: float) -> float:
@@ -23,13 +31,38 @@ def purge_interval(max_age: float) -> float:
     return min(max(max_age / 10, 1.0), 300.0)
 
 
+def _expanded(key: _Key, held: _Held) -> Record:
+    """
+    @return: The record C{held} stands for.
+    """
+    if type(held) is Record:
+        return held
+    return done_record(key[0], key[1], *held)  # type: ignore[misc]
+
+
+def _ended(held: _Held) -> float:
+    """
+    @return: When the task C{held} stands for ended (or, still running, was
+        accepted): what its age is measured from.
+    """
+    if type(held) is Record:
+        return held.terminada if held.terminada is not None else held.aceptada
+    return held[5]  # type: ignore[index]
+
+
 @implementer(IStore)
 class MemoryStore:
     """
-    Records in a dict, in the order their ids were first recorded, bounded
-    by count (the oldest id goes first) and by age (L{purge}, every
+    Records in two dicts, bounded by count and by age (L{purge}, every
     L{purge_interval} on the clock).  Nothing is written to disk: a restart
     forgets everything.
+
+    The bound is kept by generations, not one eviction per record: records
+    go into the I{young} dict; once it holds half of C{max_records} it
+    becomes the I{old} one and the previous old dict is dropped whole.  So a
+    record costs one dict insertion and nothing more, the store never holds
+    more than C{max_records}, and it always keeps at least the newest half
+    of them (every record newer than the last turn of generations).
     """
 
     dropped = 0
@@ -42,15 +75,20 @@ class MemoryStore:
         self.clock = clock
         self.max_age = max_age
         self.max_records = max_records
+        #: Records forgotten to keep the bound (a task recorded again in the
+        #: young generation leaves an older version that also counts).
         self.evicted = 0
-        # An OrderedDict, not a dict: evicting the oldest of a plain dict
-        # (del d[next(iter(d))]) scans the holes left by earlier evictions,
-        # about 120 µs per task once 100,000 records are held.
-        self._records: OrderedDict[Tuple[str, str], Record] = OrderedDict()
+        self._generation = (max_records + 1) // 2
+        self._young: Dict[_Key, _Held] = {}
+        self._old: Dict[_Key, _Held] = {}
         self._purger: Optional[LoopingCall] = None
 
     def __len__(self) -> int:
-        return len(self._records)
+        """
+        @return: How many tasks the store holds records of.
+        """
+        young = self._young
+        return len(young) + sum(1 for key in self._old if key not in young)
 
     def start(self) -> Deferred[None]:
         self._purger = LoopingCall(self._purge_old)
@@ -61,26 +99,48 @@ class MemoryStore:
     def _purge_old(self) -> None:
         self.purge(self.clock.seconds() - self.max_age)
 
+    def _turn(self) -> None:
+        """
+        The young generation is full: it becomes the old one, and the old
+        one is forgotten.
+        """
+        self.evicted += len(self._old)
+        self._old = self._young
+        self._young = {}
+
     def record(self, record: Record) -> None:
-        # A task under an id already recorded keeps that id's place in the
-        # order of eviction (cheaper than moving it to the end).
-        records = self._records
-        records[(record.owner, record.tarea_id)] = record
-        if len(records) > self.max_records:
-            records.popitem(False)  # the oldest; positional: no keyword parsing
-            self.evicted += 1
+        young = self._young
+        young[(record.owner, record.tarea_id)] = record
+        if len(young) >= self._generation:
+            self._turn()
+
+    def record_done(
+        self, owner: str, tarea_id: str, tipo: str, contenido: Any, resultado: Any,
+        worker: Any, peer: str, when: float, huella: Optional[str],
+    ) -> None:
+        young = self._young
+        young[(owner, tarea_id)] = (tipo, contenido, resultado, worker, peer, when, huella)
+        if len(young) >= self._generation:
+            self._turn()
 
     def get(self, owner: str, tarea_id: str) -> Deferred[Optional[Record]]:
-        return succeed(self._records.get((owner, tarea_id)))
+        key = (owner, tarea_id)
+        held = self._young.get(key)
+        if held is None:
+            held = self._old.get(key)
+            if held is None:
+                return succeed(None)
+        return succeed(_expanded(key, held))
 
     def purge(self, before: float) -> Deferred[int]:
-        old = [
-            key for key, r in self._records.items()
-            if (r.terminada if r.terminada is not None else r.aceptada) < before
-        ]
-        for key in old:
-            del self._records[key]
-        return succeed(len(old))
+        forgotten = set()
+        for records in (self._young, self._old):
+            old = [key for key, held in records.items() if _ended(held) < before]
+            for key in old:
+                del records[key]
+            forgotten.update(old)
+        # An old version goes while a newer one stays: that task is kept.
+        return succeed(len(forgotten.difference(self._young)))
 
     def flush(self) -> Deferred[None]:
         return succeed(None)

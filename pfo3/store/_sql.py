@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3.errors import StoreUnavailable
-from pfo3.store import DEFAULT_MAX_AGE, IStore, Record
+from pfo3.store import DEFAULT_MAX_AGE, IStore, Record, done_record
 from pfo3.store._memory import purge_interval
 
 log = Logger(namespace="pfo3.store")
@@ -388,6 +388,13 @@ class SQLStore:
         if self._timer is None and self._writing is None and not self._stopping:
             delay = 0.0 if len(pending) >= self.batch_size else self.batch_interval
             self._timer = self.clock.callLater(delay, self._attempt)
+
+    def record_done(
+        self, owner: str, tarea_id: str, tipo: str, contenido: Any, resultado: Any,
+        worker: Any, peer: str, when: float, huella: Optional[str],
+    ) -> None:
+        self.record(done_record(owner, tarea_id, tipo, contenido, resultado, worker, peer,
+                                when, huella))
 
     def _drop(self, n: int) -> None:
         before = self.dropped
