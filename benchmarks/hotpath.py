@@ -17,9 +17,9 @@ Workloads (C{--mix}):
     updates per task).
 
 Stores (C{--store}): C{memory} (the server's default C{memory:}, filled to its
-bound first so that every task also evicts one record, as in a server that has
-been up a while) or C{none}.  The collector is tuned as the server tunes it
-(C{--gc-threshold}, default as C{twistd pfo3}).
+bound first, as in a server that has been up a while, so that the tasks
+measured also pay for forgetting old records) or C{none}.  The collector is
+tuned as the server tunes it (C{--gc-threshold}, default as C{twistd pfo3}).
 
 Time, on a quiet machine:
 
@@ -164,7 +164,8 @@ class Bench:
             from pfo3.store import DEFAULT_MAX_RECORDS, MemoryStore, Record
 
             memory = MemoryStore(self.clock)
-            # Full, as in a server up for a while: every task evicts one.
+            # Full, as in a server up for a while: the tasks measured turn
+            # its generations over as they would there.
             for i in range(DEFAULT_MAX_RECORDS):
                 memory.record(Record("", f"old{i}", "uppercase", "x", "ok", "-", 0.0))
             kwargs["store"] = memory

@@ -17,6 +17,7 @@ L{pfo3.framing.BufferBudget}.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
@@ -25,6 +26,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -52,6 +54,23 @@ REFUSE_GRACE = 2.0
 _TOO_LONG = None
 
 
+def unbuffered_write(transport: Any) -> Callable[[bytes], None]:
+    """
+    How to write to C{transport} at once.
+
+    Twisted's TLS transport (L{BufferingTLSTransport}, what C{ssl:}
+    endpoints give) holds every write back until the next reactor
+    iteration, with a delayed call, so that many small writes make one TLS
+    record.  L{TaskProtocol} already writes the replies of a whole read at
+    once, so for it that only adds a delayed call (and a reactor iteration)
+    per read: its writes go straight to the TLS layer instead, one record
+    per read.  Every other transport's C{write} is used as it is.
+    """
+    if type(transport) is BufferingTLSTransport:
+        return partial(TLSMemoryBIOProtocol.write, transport)
+    return transport.write
+
+
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class TaskProtocol(LineOnlyReceiver):
     """
@@ -70,6 +89,9 @@ class TaskProtocol(LineOnlyReceiver):
     #: Called with the first bytes received, before they are read; the
     #: connection goes on only if it returns true (see L{pfo3.gate.Gate}).
     on_first_data: Optional[Callable[[TaskProtocol], bool]] = None
+    #: Writes to the transport: every line this protocol writes goes
+    #: through it (L{unbuffered_write}).
+    _send: Callable[[bytes], None]
 
     def __init__(self) -> None:
         self._held: List[Optional[bytes]] = []
@@ -89,6 +111,7 @@ class TaskProtocol(LineOnlyReceiver):
         self.last_active = self.factory.clock.seconds()
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
+        self._send = unbuffered_write(self.transport)
         self.factory.gate.connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -107,7 +130,7 @@ class TaskProtocol(LineOnlyReceiver):
         if self.transport.disconnecting:
             return
         self._held.clear()
-        self.transport.write(self._error_line(error))
+        self._send(self._error_line(error))
         self.close(REFUSE_GRACE)
 
     def readConnectionLost(self) -> None:
@@ -222,7 +245,7 @@ class TaskProtocol(LineOnlyReceiver):
         budget = self.factory.budget
         log.info("Refused a line from {peer}: unfinished lines hold {used} bytes, "
                  "limit {limit}", peer=self.session.peer, used=budget.used, limit=budget.limit)
-        self.transport.write(self._error_line(BufferFull(
+        self._send(self._error_line(BufferFull(
             "Línea rechazada: el servidor ya retiene el máximo de bytes de líneas "
             f"sin terminar ({budget.limit}). Reintente más tarde."
         )))
@@ -285,7 +308,7 @@ class TaskProtocol(LineOnlyReceiver):
             self._driving = False
             if out:
                 self._out = []
-                self.transport.write(b"".join(out))
+                self._send(b"".join(out))
         self._update_reading()
         if self._finishing:
             self._finish_if_done()
@@ -341,7 +364,7 @@ class TaskProtocol(LineOnlyReceiver):
         if self._driving:
             self._out.append(line)
             return
-        self.transport.write(line)
+        self._send(line)
         if self._read_paused or self._finishing:
             self._drive()
 

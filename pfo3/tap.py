@@ -141,7 +141,8 @@ class Options(usage.Options):
          "Seconds a finished task stays recorded before the periodic purge "
          "forgets it.", float],
         ["store-max-records", None, DEFAULT_MAX_RECORDS,
-         "Records the memory: store keeps at most (the oldest go first).", int],
+         "Records the memory: store keeps at most (the oldest half goes when it is "
+         "full).", int],
         ["log-tasks", None, 0,
          "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
          "every N-th task; 0 logs none, 1 logs all.", int],

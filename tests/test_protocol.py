@@ -725,3 +725,74 @@ class CloseTests(SynchronousTestCase):
         proto.resumeProducing()
         factory.orchestrator.clock.advance(1)
         self.assertEqual(factory.close_idle(), 1)
+
+
+class TLSWriteTests(SynchronousTestCase):
+    """
+    Behind Twisted's TLS layer (what C{ssl:} ports give), the replies of a
+    read leave with that read, not on a later reactor iteration.
+    """
+
+    def test_replies_leave_with_the_read(self) -> None:
+        """
+        The replies to the lines of one TLS record are encrypted and handed
+        to the socket's transport before C{dataReceived} returns, with no
+        delayed call left for them; a reply that comes later (a timer
+        task) leaves as soon as it is ready, after the earlier ones.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from OpenSSL import SSL
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from .conftest import TLSFiles
+
+        with tempfile.TemporaryDirectory() as folder:
+            files = TLSFiles(Path(folder))
+            pem = Path(files.key).read_text() + Path(files.cert).read_text()
+        clock = FakeReactor()
+        tls = TLSMemoryBIOFactory(ssl.PrivateCertificate.loadPEM(pem).options(), False,
+                                  make_server(reactor=clock), clock=clock)
+        server = tls.buildProtocol(PEER)
+        wire = StringTransport(peerAddress=PEER)
+        server.makeConnection(wire)
+        client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        client.set_connect_state()
+
+        def to_server() -> None:
+            try:
+                server.dataReceived(client.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+
+        def from_server() -> bytes:
+            client.bio_write(wire.value())
+            wire.clear()
+            got = b""
+            while True:
+                try:
+                    got += client.recv(65536)
+                except SSL.WantReadError:
+                    return got
+
+        for _ in range(5):  # the handshake's round trips
+            try:
+                client.do_handshake()
+                break
+            except SSL.WantReadError:
+                to_server()
+                from_server()
+        client.send(b'{"tarea_id": "a", "tipo": "1", "contenido": "hola"}\n'
+                    b'{"tarea_id": "s", "tipo": "sleep", "contenido": 1}\n'
+                    b'{"tarea_id": "b", "tipo": "2", "contenido": "hola"}\n')
+        to_server()
+        # Only the sleep's timer and the orchestrator's deadline are due.
+        self.assertEqual(sorted(c.getTime() for c in clock.getDelayedCalls()), [1.0, 30.0])
+        first = [json.loads(line) for line in from_server().splitlines()]
+        self.assertEqual([(r["tarea_id"], r["resultado"]) for r in first],
+                         [("a", "HOLA"), ("b", "aloh")])
+        clock.advance(1.0)
+        later = [json.loads(line) for line in from_server().splitlines()]
+        self.assertEqual([(r["tarea_id"], r["estado"]) for r in later], [("s", "ok")])
