@@ -17,7 +17,6 @@ L{pfo3.framing.BufferBudget}.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set
 
 from twisted.internet.defer import Deferred, succeed
@@ -26,7 +25,6 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -36,6 +34,7 @@ from pfo3.errors import BufferFull, InternalError, LineTooLong, Pfo3Error
 from pfo3.framing import DEFAULT_MAX_BUFFERED, OVER_BUDGET, TOO_LONG, BufferBudget, LineSplitter
 from pfo3.gate import Gate
 from pfo3.orchestrator import Orchestrator, Session
+from pfo3.sending import writer_for
 
 log = Logger(namespace="pfo3")
 
@@ -52,23 +51,6 @@ REFUSE_GRACE = 2.0
 
 #: Stands in the queue of held lines for a line that was too long.
 _TOO_LONG = None
-
-
-def unbuffered_write(transport: Any) -> Callable[[bytes], None]:
-    """
-    How to write to C{transport} at once.
-
-    Twisted's TLS transport (L{BufferingTLSTransport}, what C{ssl:}
-    endpoints give) holds every write back until the next reactor
-    iteration, with a delayed call, so that many small writes make one TLS
-    record.  L{TaskProtocol} already writes the replies of a whole read at
-    once, so for it that only adds a delayed call (and a reactor iteration)
-    per read: its writes go straight to the TLS layer instead, one record
-    per read.  Every other transport's C{write} is used as it is.
-    """
-    if type(transport) is BufferingTLSTransport:
-        return partial(TLSMemoryBIOProtocol.write, transport)
-    return transport.write
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
@@ -90,7 +72,7 @@ class TaskProtocol(LineOnlyReceiver):
     #: connection goes on only if it returns true (see L{pfo3.gate.Gate}).
     on_first_data: Optional[Callable[[TaskProtocol], bool]] = None
     #: Writes to the transport: every line this protocol writes goes
-    #: through it (L{unbuffered_write}).
+    #: through it (L{pfo3.sending.writer_for}).
     _send: Callable[[bytes], None]
 
     def __init__(self) -> None:
@@ -111,7 +93,7 @@ class TaskProtocol(LineOnlyReceiver):
         self.last_active = self.factory.clock.seconds()
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
-        self._send = unbuffered_write(self.transport)
+        self._send = writer_for(self.transport)
         self.factory.gate.connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -1,0 +1,76 @@
+"""
+How L{pfo3.protocol.TaskProtocol} writes to its transport.
+
+The protocol writes the replies of a whole read at once, with one
+C{write}.  Twisted's transports are built for protocols that write many
+small pieces, and make each write wait for the reactor:
+
+  - a TCP transport (L{twisted.internet.tcp.Server}) only buffers it,
+    registers for writability (an C{epoll_ctl}), sends it when the next
+    poll says it may, and unregisters (another C{epoll_ctl});
+  - Twisted's TLS transport (L{BufferingTLSTransport}) holds it until the
+    next reactor iteration with a delayed call, to make one TLS record of
+    many small writes.
+
+For a protocol that already writes once per read both are pure cost: two
+system calls and a poll event, or a delayed call, per read.  L{writer_for}
+gives the protocol a write function without them.  Every other transport
+(UNIX sockets, the PROXY protocol's wrapper...) is written to as it is.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+from twisted.internet import tcp
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+
+
+def writer_for(transport: Any) -> Callable[[bytes], None]:
+    """
+    @return: A function that writes bytes to C{transport} in order, as its
+        C{write} would, but without waiting for the reactor when it need
+        not.
+    """
+    kind = type(transport)
+    if kind is tcp.Server:
+        return SendNow(transport).write
+    if kind is BufferingTLSTransport:
+        # Past the aggregator, to the TLS layer: one record per write.
+        return partial(TLSMemoryBIOProtocol.write, transport)
+    return transport.write
+
+
+class SendNow:
+    """
+    Writes to a TCP transport by sending at once, as much as the socket
+    takes, while the transport holds nothing; what the socket does not take
+    (the client reads slowly), and everything after it, goes through the
+    transport's own buffered C{write}, which keeps the order, the
+    flow control (pausing the producer) and the reporting of errors.
+    """
+
+    __slots__ = ("transport", "buffered")
+
+    def __init__(self, transport: tcp.Server) -> None:
+        self.transport = transport
+        #: Whether the transport may hold unsent bytes of ours: from then on
+        #: every write is the transport's (it never tells when it drained).
+        self.buffered = False
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if not self.buffered:
+            if transport.disconnecting or not transport.connected:
+                transport.write(data)  # the transport's rules for a closing connection
+                return
+            sent = transport.writeSomeData(data)
+            if type(sent) is int:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            # else: the connection is lost; the transport finds that out
+            # itself when it tries to send what follows.
+            self.buffered = True
+        transport.write(data)

@@ -1,0 +1,95 @@
+"""
+Tests for L{pfo3.sending}: how the line protocol writes to its transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Union
+
+from twisted.internet import main
+from twisted.internet.error import ConnectionLost
+from twisted.trial.unittest import SynchronousTestCase
+
+from pfo3.sending import SendNow
+
+
+class FakeTCP:
+    """
+    The parts of a TCP transport that L{SendNow} uses: a socket that takes
+    C{room} bytes, then nothing (or reports the connection lost), and the
+    transport's buffered C{write}.
+    """
+
+    connected = True
+    disconnecting = False
+
+    def __init__(self, room: int = 1 << 20, lost: bool = False) -> None:
+        self.room = room
+        self.lost = lost
+        self.sent: List[bytes] = []
+        self.buffered: List[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> Union[int, ConnectionLost]:  # noqa: N802
+        if self.lost:
+            return main.CONNECTION_LOST
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        self.sent.append(taken)
+        return len(taken)
+
+    def write(self, data: bytes) -> None:
+        self.buffered.append(data)
+
+
+class SendNowTests(SynchronousTestCase):
+    """
+    L{SendNow} sends at once while the transport holds nothing of ours, and
+    leaves everything to the transport from the first byte the socket does
+    not take.
+    """
+
+    def test_sent_at_once(self) -> None:
+        """
+        Writes the socket takes whole never reach the transport's buffer.
+        """
+        t = FakeTCP()
+        w = SendNow(t)  # type: ignore[arg-type]
+        w.write(b"uno\n")
+        w.write(b"dos\n")
+        self.assertEqual((t.sent, t.buffered), ([b"uno\n", b"dos\n"], []))
+
+    def test_rest_and_what_follows_go_through_the_transport(self) -> None:
+        """
+        What the socket did not take is given to the transport, and so is
+        every later write, even once the socket would take it: the order
+        of the bytes is kept.
+        """
+        t = FakeTCP(room=3)
+        w = SendNow(t)  # type: ignore[arg-type]
+        w.write(b"abcdef")
+        t.room = 100
+        w.write(b"gh")
+        self.assertEqual(t.sent, [b"abc"])
+        self.assertEqual(t.buffered, [b"def", b"gh"])
+
+    def test_lost_connection(self) -> None:
+        """
+        A connection the socket reports lost gets the data through the
+        transport, which reports the loss its own way.
+        """
+        t = FakeTCP(lost=True)
+        w = SendNow(t)  # type: ignore[arg-type]
+        w.write(b"x\n")
+        w.write(b"y\n")
+        self.assertEqual((t.sent, t.buffered), ([], [b"x\n", b"y\n"]))
+
+    def test_closing_connection(self) -> None:
+        """
+        Once the transport is closing (or closed), writes are the
+        transport's, under its rules.
+        """
+        for attribute, value in (("disconnecting", True), ("connected", False)):
+            t: Any = FakeTCP()
+            setattr(t, attribute, value)
+            SendNow(t).write(b"z\n")
+            self.assertEqual((t.sent, t.buffered), ([], [b"z\n"]))
