@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -31,16 +31,46 @@ def frame_name(frame: str) -> str:
     return frame
 
 
+#: Which code a frame's file belongs to, tried in order: the servers' own
+#: code, then their event loops and transports.
+PACKAGES = (
+    ("pfo3", ("/pfo3/",)),
+    ("floor", ("/asyncio_floor",)),
+    ("twisted", ("/twisted/",)),
+    ("asyncio", ("/asyncio/", "/selectors.py", "/socket.py", "/ssl.py")),
+    ("json", ("/json/",)),
+)
+
+#: The layers a profile is split into: what the server itself does per
+#: task, and the event loop, transports and system calls under it.
+LAYERS = {"pfo3": "server", "floor": "server", "twisted": "loop", "asyncio": "loop"}
+
+
 def package(frame: str) -> str:
     """
-    @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{twisted},
-        C{json} or C{other}.
+    @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{floor}
+        (C{benchmarks/asyncio_floor*.py}), C{twisted}, C{asyncio} (with
+        C{selectors}, C{socket} and C{ssl}), C{json} or C{other}.
     """
-    where = frame.rpartition(" (")[2]
-    for name in ("pfo3", "twisted", "json"):
-        if f"/{name}/" in where or where.startswith(f"{name}/"):
+    where = "/" + frame.rpartition(" (")[2]
+    for name, marks in PACKAGES:
+        if any(mark in where for mark in marks):
             return name
     return "other"
+
+
+def layers(shares: List[Tuple[str, float]]) -> Dict[str, float]:
+    """
+    @param shares: L{by_package}'s result.
+    @return: The self shares of the C{server} layer (its own code: pfo3 or
+        the floor; a C function's time counts to its Python caller, so the
+        JSON scanner's does too), the C{loop} layer (Twisted or asyncio:
+        the event loop, transports and their system calls) and C{other}.
+    """
+    out = {"server": 0.0, "loop": 0.0, "other": 0.0}
+    for name, share in shares:
+        out[LAYERS.get(name, "other")] += share
+    return out
 
 
 def by_package(path: str) -> List[Tuple[str, float]]:
