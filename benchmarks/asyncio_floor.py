@@ -28,6 +28,10 @@ line with a correct JSON reply:
     C{excede_timeout}, C{op_desconocida}), so the fast path's shortcuts never
     change an answer.
 
+It runs on asyncio's own event loop, as pfo3 runs on Twisted's own reactor:
+both are Python over C{epoll}.  A loop written in C (uvloop) would be the
+floor of another comparison, one in which pfo3 would run on it too.
+
 What it leaves out is what pfo3 adds: limits (line length, tasks in flight,
 buffers, connections), backpressure, timeouts, statistics, the results
 store, authentication and the other control operations (only C{ping} is

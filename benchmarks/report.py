@@ -432,7 +432,8 @@ def chart(results: Dict[str, Any], path: str) -> None:
                 hi.append((row[fig_key + "_max"] - row[fig_key]) * scale)
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=s["label"])
         ax.set_xticks(range(len(levels)))
-        ax.set_xticklabels([f"{lv}\n(conns x in flight)" for lv in levels])
+        ax.set_xticklabels(levels)
+        ax.set_xlabel("connections x requests in flight")
         ax.set_title(title, fontsize=10)
         if k == 1:
             ax.set_yscale("log")

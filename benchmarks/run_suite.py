@@ -1,7 +1,7 @@
 """
 The comparison suite: pfo3 against the seed architecture and the asyncio floor.
 
-    python benchmarks/run_suite.py            # full run, about 15 minutes
+    python benchmarks/run_suite.py            # full run, about 13 minutes
     python benchmarks/run_suite.py --quick    # about 4 minutes, fewer rounds
 
 Every system runs as its own subprocess on a free loopback port for the whole
