@@ -59,18 +59,37 @@ def package(frame: str) -> str:
     return "other"
 
 
-def layers(shares: List[Tuple[str, float]]) -> Dict[str, float]:
+#: The functions in which an event loop waits for its sockets (C{epoll_wait}).
+POLLS = ("EPollReactor.doPoll", "EpollSelector.select")
+
+
+def layers(path: str) -> Dict[str, float]:
     """
-    @param shares: L{by_package}'s result.
-    @return: The self shares of the C{server} layer (its own code: pfo3 or
-        the floor; a C function's time counts to its Python caller, so the
-        JSON scanner's does too), the C{loop} layer (Twisted or asyncio:
-        the event loop, transports and their system calls) and C{other}.
+    Split a profile's samples by what their innermost frame is doing.
+
+    @return: The shares of the samples in the C{server} layer (the server's
+        own code, pfo3 or the floor; a C function's time counts to its Python
+        caller, so the JSON scanner's does too), the C{poll} (the event
+        loop's C{epoll_wait}: py-spy counts a thread there as busy from the
+        moment it is runnable, so on a loaded machine this includes time
+        spent waiting for a CPU), the rest of the C{loop} layer (Twisted or
+        asyncio: the event loop, transports and their system calls), and
+        C{other}.
     """
-    out = {"server": 0.0, "loop": 0.0, "other": 0.0}
-    for name, share in shares:
-        out[LAYERS.get(name, "other")] += share
-    return out
+    counts: Counter[str] = Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            leaf = stack.split(";")[-1]
+            if leaf.partition(" (")[0] in POLLS:
+                counts["poll"] += int(count)
+            else:
+                counts[LAYERS.get(package(leaf), "other")] += int(count)
+    total = sum(counts.values())
+    return {k: (counts[k] / total if total else 0.0)
+            for k in ("server", "loop", "poll", "other")}
 
 
 def by_package(path: str) -> List[Tuple[str, float]]:

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import profile_summary  # noqa: E402
 
 #: The targets: (what, load level, system, compared with, figure,
 #: comparison, limit); the measured value is the median over rounds of the
@@ -203,34 +199,41 @@ def _pair_section(results: Dict[str, Any], title: str, intro: str, system: str, 
 
 def _profile_layers(results: Dict[str, Any]) -> List[str]:
     """
-    pfo3 and the floor at the target level, split into their own code and
-    the event loop under it, in shares of the profile and in µs per task.
+    pfo3 and the floor at the target level, split into their own code, the
+    event loop under it and the loop's wait for sockets, in shares of the
+    profile and in µs per task.
     """
     target = results["target_level"]
     med = medians(results)
     profiles = {p["system"]: p for p in results.get("profiles") or []
-                if p["name"] == target and p.get("packages")}
+                if p["name"] == target and p.get("layers")}
     if "pfo3" not in profiles or "floor" not in profiles:
         return []
     labels = _labels(results)
     out = [f"### pfo3 and the floor at {target}, layer by layer", "",
            "*Own code* is the server's Python (pfo3's modules, or the floor's one file) and "
            "the C functions it calls (the JSON scanner, string methods); *event loop* is "
-           "Twisted or asyncio with the system calls they make (`recv`, `send`, `epoll`). "
-           "Shares are of each py-spy profile's busy samples; µs per task is that share of "
-           "the server CPU per task measured in the load runs at this level (median), so "
-           "the two columns of µs add up to it.", "",
-           "| system | own code | event loop | other | own code µs/task | "
+           "Twisted or asyncio with the system calls they make (`recv`, `send`, "
+           "`epoll_ctl`), except the wait for sockets, *epoll wait* (`EPollReactor.doPoll`, "
+           "`EpollSelector.select`): py-spy counts a thread as busy from the moment it is "
+           "runnable, so on a loaded machine that column also holds time spent waiting for "
+           "a CPU. Shares are of each py-spy profile's busy samples. The µs per task split "
+           "the server CPU per task measured in the load runs at this level (median) "
+           "between the first two layers in proportion to their samples, as if the "
+           "epoll wait cost no CPU: each is an upper bound.", "",
+           "| system | own code | event loop | epoll wait | own code µs/task | "
            "event loop µs/task | CPU µs/task |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("pfo3", "floor"):
-        lay = profile_summary.layers([tuple(x) for x in profiles[name]["packages"]])
+        lay = profiles[name]["layers"]
         row = med.get((target, name))
         cpu = row["server_cpu_us_per_task"] if row else None
-        mine = ["–", "–"] if cpu is None else [
-            f"{lay['server'] * cpu:.1f}", f"{(lay['loop'] + lay['other']) * cpu:.1f}"]
+        busy = lay["server"] + lay["loop"] + lay["other"]
+        mine = ["–", "–"] if cpu is None or not busy else [
+            f"{lay['server'] / busy * cpu:.1f}",
+            f"{(lay['loop'] + lay['other']) / busy * cpu:.1f}"]
         out.append(f"| {labels.get(name, name)} | {lay['server'] * 100:.0f} % | "
-                   f"{lay['loop'] * 100:.0f} % | {lay['other'] * 100:.0f} % | {mine[0]} | "
-                   f"{mine[1]} | {_f(cpu, '{:.1f}')} |")
+                   f"{(lay['loop'] + lay['other']) * 100:.0f} % | {lay['poll'] * 100:.0f} % | "
+                   f"{mine[0]} | {mine[1]} | {_f(cpu, '{:.1f}')} |")
     out.append("")
     return out
 

@@ -1,7 +1,7 @@
 """
 The comparison suite: pfo3 against the seed architecture and the asyncio floor.
 
-    python benchmarks/run_suite.py            # full run, about 13 minutes
+    python benchmarks/run_suite.py            # full run, about 14 minutes
     python benchmarks/run_suite.py --quick    # about 4 minutes, fewer rounds
 
 Every system runs as its own subprocess on a free loopback port for the whole
@@ -51,7 +51,7 @@ from systems import DEFAULT_SYSTEMS, REPO, SYSTEMS, System, baseline, by_name  #
 LEVELS: List[Tuple[int, int]] = [(1, 1), (64, 1), (16, 8), (64, 8), (256, 8)]
 TARGET_LEVEL = (64, 8)
 #: Seconds a load run costs beyond its duration (starting pfo3-bench, connecting).
-RUN_OVERHEAD_S = 0.8
+RUN_OVERHEAD_S = 1.0
 BURST = 10_000
 BURST_SLEEP = 1.0
 BURST_CONNECTIONS = 100
@@ -381,7 +381,7 @@ def profile_phase(system: System, name: str, load_args: Sequence[str], logdir: s
           f"{summary['elapsed_s']:.3f} s", flush=True)
     return {"system": system.name, "name": name, "load": " ".join(load_args),
             "markdown": profile_summary.as_markdown(raw, 15),
-            "packages": profile_summary.by_package(raw),
+            "layers": profile_summary.layers(raw),
             "raw": os.path.basename(raw), "throughput": summary["throughput"],
             "elapsed_s": summary["elapsed_s"]}
 

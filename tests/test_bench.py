@@ -680,3 +680,24 @@ def test_report_sections_for_tls_and_processes() -> None:
     assert "| over TLS: server CPU per task ÷ over TCP | 64x1 | <= 1.5 | 4.00 | missed |" in text
     assert "| 64x1 | 1,000 | 1,000 | 1.00 | 10.0 | 40.0 | 4.00 | 3.00 | 3.00 |" in text
     assert "Not measured in this run: no --processes here." in text
+
+
+def test_profile_layers(tmp_path: Path) -> None:
+    """
+    A profile's samples are split by their innermost frame: the server's
+    own code (pfo3 or the floor), the event loop's wait in C{epoll}, the
+    rest of the event loop (Twisted or asyncio), and anything else.
+    """
+    summary = _benchmark_module("profile_summary")
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        "run (twisted/internet/base.py:1);doPoll (twisted/internet/epollreactor.py:2);"
+        "_drive (pfo3/protocol.py:3) 5\n"
+        "run (twisted/internet/base.py:1);EPollReactor.doPoll "
+        "(twisted/internet/epollreactor.py:4) 2\n"
+        "run (asyncio/base_events.py:1);EpollSelector.select (selectors.py:5) 1\n"
+        "run (asyncio/base_events.py:1);data_received (asyncio_floor.py:6) 1\n"
+        "run (asyncio/base_events.py:1);write (asyncio/selector_events.py:7) 1\n",
+        encoding="utf-8")
+    assert summary.layers(str(raw)) == pytest.approx(
+        {"server": 0.6, "loop": 0.1, "poll": 0.3, "other": 0.0})
