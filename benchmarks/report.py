@@ -304,8 +304,8 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
             "pfo3-tls", "pfo3", ("TCP", "TLS"))
         out += _pair_section(
             results, "Every core: one process or two",
-            "`twistd pfo3 --processes 2` against one process, both loaded by two "
-            "`pfo3-bench` processes (`--procs 2`, their figures merged), so that the load "
+            "`twistd pfo3 --processes 2` against one process, both loaded by two load "
+            "processes (`pfo3-bench --procs 2`, their figures merged), so that the load "
             "generator is not one process's worth of CPU; the ratios are 2 ÷ 1. On a "
             "machine with as many cores as server and load processes together, "
             "throughput is what a second process buys; with fewer, they share the cores "

@@ -206,15 +206,15 @@ PFO3_TLS = System(
 )
 PFO3_P1 = System(
     "pfo3-p1", "pfo3, 1 process",
-    "pfo3 on its defaults (one process), loaded by 2 `pfo3-bench` processes "
-    "(`--procs 2`): the reference for `--processes 2`.",
+    "pfo3 on its defaults (one process), loaded by 2 load processes "
+    "(`pfo3-bench --procs 2`): the reference for `--processes 2`.",
     _pfo3, env={"PYTHONPATH": REPO}, available=_processes_available, idle_memory=False,
     burst=False, levels=VARIANT_LEVELS, bench_args=("--procs", "2"),
 )
 PFO3_P2 = System(
     "pfo3-p2", "pfo3 --processes 2",
     "pfo3 serving from 2 processes (`twistd -n pfo3 --processes 2`), loaded by 2 "
-    "`pfo3-bench` processes (`--procs 2`); its CPU time is that of all its processes.",
+    "load processes (`pfo3-bench --procs 2`); its CPU time is that of all its processes.",
     _pfo3_processes, env={"PYTHONPATH": REPO}, available=_processes_available,
     idle_memory=False, burst=False, levels=VARIANT_LEVELS, bench_args=("--procs", "2"),
 )

@@ -701,3 +701,19 @@ def test_profile_layers(tmp_path: Path) -> None:
         encoding="utf-8")
     assert summary.layers(str(raw)) == pytest.approx(
         {"server": 0.6, "loop": 0.1, "poll": 0.3, "other": 0.0})
+
+
+def test_default_suite_stays_bounded() -> None:
+    """
+    The default run's load phase (every default system at its levels, five
+    rounds of four seconds and the per-run overhead) fits in twelve minutes,
+    which leaves the bursts, the idle connections and the profiles room
+    within the suite's quarter of an hour; the variants of pfo3 run at two
+    levels only.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    runs = run_suite.load_runs(systems.DEFAULT_SYSTEMS, run_suite.LEVELS)
+    assert runs * 5 * (4 + run_suite.RUN_OVERHEAD_S) <= 12 * 60
+    everywhere = [s.name for s in systems.DEFAULT_SYSTEMS if s.levels is None]
+    assert everywhere == ["pfo3", "seed", "floor"]
