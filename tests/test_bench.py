@@ -717,3 +717,21 @@ def test_default_suite_stays_bounded() -> None:
     assert runs * 5 * (4 + run_suite.RUN_OVERHEAD_S) <= 12 * 60
     everywhere = [s.name for s in systems.DEFAULT_SYSTEMS if s.levels is None]
     assert everywhere == ["pfo3", "seed", "floor"]
+
+
+@pytest.mark.integration
+def test_system_load_options_reach_the_load_generator(tmp_path: Path) -> None:
+    """
+    A system's own load options reach every run against it: the
+    one-process reference of the two-process comparison is loaded by two
+    load processes whose figures are merged.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    running = run_suite.Running(systems.PFO3_P1, str(tmp_path))
+    try:
+        summary = run_suite.measured(running, ["-n", "400", "-c", "4", "-i", "2"])
+    finally:
+        running.stop()
+    assert_consistent(summary, 400)
+    assert summary["procs"] == 2
