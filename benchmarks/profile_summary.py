@@ -39,6 +39,7 @@ PACKAGES = (
     ("twisted", ("/twisted/",)),
     ("asyncio", ("/asyncio/", "/selectors.py", "/socket.py", "/ssl.py")),
     ("json", ("/json/",)),
+    ("pyopenssl", ("/OpenSSL/",)),
 )
 
 #: The layers a profile is split into: what the server itself does per
@@ -50,7 +51,8 @@ def package(frame: str) -> str:
     """
     @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{floor}
         (C{benchmarks/asyncio_floor*.py}), C{twisted}, C{asyncio} (with
-        C{selectors}, C{socket} and C{ssl}), C{json} or C{other}.
+        C{selectors}, C{socket} and C{ssl}), C{json}, C{pyopenssl} or
+        C{other}.
     """
     where = "/" + frame.rpartition(" (")[2]
     for name, marks in PACKAGES:

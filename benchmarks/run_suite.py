@@ -13,7 +13,8 @@ is one C{pfo3-bench --json} subprocess; the server's CPU time (user +
 system, over all its processes) is read with psutil before and after.  Then
 come the sleep bursts and the idle-connection memory test, each on fresh
 server processes, and, when py-spy is installed, profiles of pfo3 and of the
-floor under the target load and of pfo3 under a sleep burst.  The results go
+floor under the target load, of pfo3 under a sleep burst and of pfo3 over
+TLS without pipelining.  The results go
 to C{benchmarks/results/latest.json} and are rendered into
 C{docs/benchmarks.md} and C{docs/benchmarks.png}, which the suite alone
 writes.
@@ -360,8 +361,8 @@ def profile_phase(system: System, name: str, load_args: Sequence[str], logdir: s
                                    stdout=spylog, stderr=subprocess.STDOUT)
             time.sleep(-lead)
         load = subprocess.Popen(
-            [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{running.port}", "-q",
-             "--json", *load_args], stdout=subprocess.PIPE, env=env)
+            [sys.executable, "-m", "pfo3.bench", "-e", running.endpoint, "-q",
+             "--json", *load_args, *system.bench_args], stdout=subprocess.PIPE, env=env)
         if lead >= 0:
             time.sleep(lead)
             spy = subprocess.Popen([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
@@ -516,8 +517,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             outdir = os.path.dirname(os.path.abspath(args.results))
             target = level_name(TARGET_LEVEL)
             load = ["-c", str(TARGET_LEVEL[0]), "-i", str(TARGET_LEVEL[1]), "-d", "11"]
-            print(f"profile: pfo3 and the floor at {target}, pfo3 under a sleep burst",
-                  flush=True)
+            print(f"profile: pfo3 and the floor at {target}, pfo3 under a sleep burst, "
+                  "pfo3 over TLS at 64x1", flush=True)
             profiles = [
                 profile_phase(known["pfo3"], target, load, logdir, outdir,
                               seconds=8.0, lead=1.5),
@@ -529,6 +530,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "floor" in known:
                 profiles.append(profile_phase(known["floor"], target, load, logdir, outdir,
                                               seconds=8.0, lead=1.5))
+            if "pfo3-tls" in known:
+                profiles.append(profile_phase(known["pfo3-tls"], "64x1",
+                                              ["-c", "64", "-i", "1", "-d", "11"], logdir,
+                                              outdir, seconds=8.0, lead=1.5))
             results["profiles"] = [p for p in profiles if p is not None]
     results["suite_seconds"] = round(time.monotonic() - started, 1)
     with open(args.results, "w", encoding="utf-8") as f:
