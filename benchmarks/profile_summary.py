@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -31,16 +31,67 @@ def frame_name(frame: str) -> str:
     return frame
 
 
+#: Which code a frame's file belongs to, tried in order: the servers' own
+#: code, then their event loops and transports.
+PACKAGES = (
+    ("pfo3", ("/pfo3/",)),
+    ("floor", ("/asyncio_floor",)),
+    ("twisted", ("/twisted/",)),
+    ("asyncio", ("/asyncio/", "/selectors.py", "/socket.py", "/ssl.py")),
+    ("json", ("/json/",)),
+    ("pyopenssl", ("/OpenSSL/",)),
+)
+
+#: The layers a profile is split into: what the server itself does per
+#: task, and the event loop, transports and system calls under it.
+LAYERS = {"pfo3": "server", "floor": "server", "twisted": "loop", "asyncio": "loop"}
+
+
 def package(frame: str) -> str:
     """
-    @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{twisted},
-        C{json} or C{other}.
+    @return: Which code a raw py-spy frame belongs to: C{pfo3}, C{floor}
+        (C{benchmarks/asyncio_floor*.py}), C{twisted}, C{asyncio} (with
+        C{selectors}, C{socket} and C{ssl}), C{json}, C{pyopenssl} or
+        C{other}.
     """
-    where = frame.rpartition(" (")[2]
-    for name in ("pfo3", "twisted", "json"):
-        if f"/{name}/" in where or where.startswith(f"{name}/"):
+    where = "/" + frame.rpartition(" (")[2]
+    for name, marks in PACKAGES:
+        if any(mark in where for mark in marks):
             return name
     return "other"
+
+
+#: The functions in which an event loop waits for its sockets (C{epoll_wait}).
+POLLS = ("EPollReactor.doPoll", "EpollSelector.select")
+
+
+def layers(path: str) -> Dict[str, float]:
+    """
+    Split a profile's samples by what their innermost frame is doing.
+
+    @return: The shares of the samples in the C{server} layer (the server's
+        own code, pfo3 or the floor; a C function's time counts to its Python
+        caller, so the JSON scanner's does too), the C{poll} (the event
+        loop's C{epoll_wait}: py-spy counts a thread there as busy from the
+        moment it is runnable, so on a loaded machine this includes time
+        spent waiting for a CPU), the rest of the C{loop} layer (Twisted or
+        asyncio: the event loop, transports and their system calls), and
+        C{other}.
+    """
+    counts: Counter[str] = Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            leaf = stack.split(";")[-1]
+            if leaf.partition(" (")[0] in POLLS:
+                counts["poll"] += int(count)
+            else:
+                counts[LAYERS.get(package(leaf), "other")] += int(count)
+    total = sum(counts.values())
+    return {k: (counts[k] / total if total else 0.0)
+            for k in ("server", "loop", "poll", "other")}
 
 
 def by_package(path: str) -> List[Tuple[str, float]]:

@@ -1,18 +1,23 @@
 """
 The comparison suite: pfo3 against the seed architecture and the asyncio floor.
 
-    python benchmarks/run_suite.py            # full run, about 6 minutes
-    python benchmarks/run_suite.py --quick    # about 2 minutes, fewer rounds
+    python benchmarks/run_suite.py            # full run, about 14 minutes
+    python benchmarks/run_suite.py --quick    # about 4 minutes, fewer rounds
 
 Every system runs as its own subprocess on a free loopback port for the whole
 load phase; the load runs are interleaved (round 1: A B C at each load level,
 round 2: B C A, ...), so slow drift of a noisy machine hits every system
-alike.  Each run is one C{pfo3-bench --json} subprocess; the server's CPU
-time (user + system, over all its processes) is read with psutil before and
-after.  Then come the sleep bursts and the idle-connection memory test, each
-on fresh server processes, and, when py-spy is installed, a profile of pfo3
-under the target load.  The results go to C{benchmarks/results/latest.json}
-and are rendered into C{docs/benchmarks.md} and C{docs/benchmarks.png}.
+alike.  A system runs at every load level unless it names the levels where
+it adds something (the variants of pfo3: at 64x8 and 64x1 only).  Each run
+is one C{pfo3-bench --json} subprocess; the server's CPU time (user +
+system, over all its processes) is read with psutil before and after.  Then
+come the sleep bursts and the idle-connection memory test, each on fresh
+server processes, and, when py-spy is installed, profiles of pfo3 and of the
+floor under the target load, of pfo3 under a sleep burst and of pfo3 over
+TLS without pipelining.  The results go
+to C{benchmarks/results/latest.json} and are rendered into
+C{docs/benchmarks.md} and C{docs/benchmarks.png}, which the suite alone
+writes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,11 +45,14 @@ sys.path.insert(0, HERE)
 
 import profile_summary  # noqa: E402
 import report  # noqa: E402
-from systems import REPO, SYSTEMS, System, baseline, by_name  # noqa: E402
+from systems import DEFAULT_SYSTEMS, REPO, SYSTEMS, System, baseline, by_name  # noqa: E402
 
-#: (connections, requests in flight per connection) per load level.
-LEVELS: List[Tuple[int, int]] = [(1, 1), (16, 8), (64, 8), (256, 8)]
+#: (connections, requests in flight per connection) per load level: 64x1 is
+#: where the seed's clients live (they never pipeline).
+LEVELS: List[Tuple[int, int]] = [(1, 1), (64, 1), (16, 8), (64, 8), (256, 8)]
 TARGET_LEVEL = (64, 8)
+#: Seconds a load run costs beyond its duration (starting pfo3-bench, connecting).
+RUN_OVERHEAD_S = 1.0
 BURST = 10_000
 BURST_SLEEP = 1.0
 BURST_CONNECTIONS = 100
@@ -87,6 +96,7 @@ class Running:
     def __init__(self, system: System, logdir: str) -> None:
         self.system = system
         self.port = free_port()
+        self.endpoint = system.endpoint(self.port)
         env = dict(os.environ)
         env.update(system.env)
         self.procs: List[subprocess.Popen[bytes]] = []
@@ -103,11 +113,15 @@ class Running:
             if any(p.poll() is not None for p in self.procs):
                 raise RuntimeError(f"{self.system.name} exited before listening")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                    s = raw
+                    if self.system.tls_ca is not None:
+                        context = ssl.create_default_context(cafile=self.system.tls_ca())
+                        s = context.wrap_socket(raw, server_hostname="localhost")
                     s.sendall(b'{"op": "ping"}\n')
                     if s.recv(4096):
                         return
-            except OSError:
+            except OSError:  # ssl.SSLError included
                 time.sleep(0.1)
         raise RuntimeError(f"{self.system.name} did not listen on {self.port}")
 
@@ -156,11 +170,13 @@ class Running:
                 p.wait()
 
 
-def bench(port: int, args: Sequence[str], timeout: float = 120.0) -> Dict[str, Any]:
+def bench(port: int, args: Sequence[str], timeout: float = 120.0,
+          endpoint: Optional[str] = None) -> Dict[str, Any]:
     """
-    Run one C{pfo3-bench --json} against a port.
+    Run one C{pfo3-bench --json} against a loopback port, or the client
+    C{endpoint} given.
     """
-    argv = [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{port}",
+    argv = [sys.executable, "-m", "pfo3.bench", "-e", endpoint or f"tcp:127.0.0.1:{port}",
             "--json", "-q", *args]
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -175,10 +191,12 @@ def bench(port: int, args: Sequence[str], timeout: float = 120.0) -> Dict[str, A
 
 def measured(running: Running, args: Sequence[str], timeout: float = 120.0) -> Dict[str, Any]:
     """
-    Run C{pfo3-bench} and read the server's CPU time around it.
+    Run C{pfo3-bench} (with the system's own extra options) and read the
+    server's CPU time around it.
     """
     before = running.cpu()
-    summary = bench(running.port, args, timeout)
+    summary = bench(running.port, [*args, *running.system.bench_args], timeout,
+                    running.endpoint)
     cpu = running.cpu() - before
     summary["server_cpu_s"] = cpu
     replies = summary["replies"]
@@ -197,11 +215,13 @@ def load_phase(
     running = {s.name: Running(s, logdir) for s in systems}
     try:
         for s in systems:  # warm-up, not recorded
-            bench(running[s.name].port, ["-c", "64", "-i", "8", "-d", "1"])
+            measured(running[s.name], ["-c", "64", "-i", "8", "-d", "1"])
         for r in range(rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             for level in levels:
                 for s in order:
+                    if not s.runs_at(level_name(level)):
+                        continue
                     summary = measured(running[s.name], [
                         "-c", str(level[0]), "-i", str(level[1]), "-d", str(duration)])
                     lat = summary["latency_ms"]
@@ -216,7 +236,7 @@ def load_phase(
                         "elapsed_s": summary["elapsed_s"],
                     }
                     runs.append(run)
-                    print(f"  round {r + 1}/{rounds} {run['level']:>6} {s.name:<9} "
+                    print(f"  round {r + 1}/{rounds} {run['level']:>6} {s.name:<11} "
                           f"{run['throughput']:9.0f}/s  p99 {run['p99_ms']:8.2f} ms  "
                           f"cpu {run['server_cpu_us_per_task'] or 0:6.1f} us/task  "
                           f"errors {run['errors']}", flush=True)
@@ -294,7 +314,7 @@ def memory_phase(systems: List[System], n: int, logdir: str) -> List[Dict[str, A
             continue
         running = Running(s, logdir)
         try:
-            bench(running.port, ["-c", "16", "-i", "8", "-d", "1"])  # warm, as in use
+            measured(running, ["-c", "16", "-i", "8", "-d", "1"])  # warm, as in use
             time.sleep(0.5)
             before = running.rss()
             socks = hold_connections(running.port, n)
@@ -341,8 +361,8 @@ def profile_phase(system: System, name: str, load_args: Sequence[str], logdir: s
                                    stdout=spylog, stderr=subprocess.STDOUT)
             time.sleep(-lead)
         load = subprocess.Popen(
-            [sys.executable, "-m", "pfo3.bench", "-e", f"tcp:127.0.0.1:{running.port}", "-q",
-             "--json", *load_args], stdout=subprocess.PIPE, env=env)
+            [sys.executable, "-m", "pfo3.bench", "-e", running.endpoint, "-q",
+             "--json", *load_args, *system.bench_args], stdout=subprocess.PIPE, env=env)
         if lead >= 0:
             time.sleep(lead)
             spy = subprocess.Popen([pyspy, "record", "--pid", str(running.procs[0].pid), "-d",
@@ -362,6 +382,7 @@ def profile_phase(system: System, name: str, load_args: Sequence[str], logdir: s
           f"{summary['elapsed_s']:.3f} s", flush=True)
     return {"system": system.name, "name": name, "load": " ".join(load_args),
             "markdown": profile_summary.as_markdown(raw, 15),
+            "layers": profile_summary.layers(raw),
             "raw": os.path.basename(raw), "throughput": summary["throughput"],
             "elapsed_s": summary["elapsed_s"]}
 
@@ -376,7 +397,8 @@ def machine() -> Dict[str, Any]:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "pfo3",
-                                "twisted"], capture_output=True, text=True).stdout.strip()
+                                "twisted", "benchmarks/*.py"],
+                               capture_output=True, text=True).stdout.strip()
         if dirty:
             commit += " + uncommitted changes"
     except OSError:
@@ -389,6 +411,27 @@ def machine() -> Dict[str, Any]:
     }
 
 
+def parse_levels(text: str) -> List[Tuple[int, int]]:
+    """
+    @param text: Comma-separated levels, C{"64x8,64x1"}.
+    @return: The levels as C{(connections, in flight)}, in the suite's order.
+    @raise SystemExit: for a level the suite does not know.
+    """
+    known = {level_name(lv): lv for lv in LEVELS}
+    wanted = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in known]
+    if unknown or not wanted:
+        raise SystemExit(f"unknown load levels {unknown}; known: {', '.join(known)}")
+    return [lv for lv in LEVELS if level_name(lv) in wanted]
+
+
+def load_runs(systems: Sequence[System], levels: Sequence[Tuple[int, int]]) -> int:
+    """
+    @return: How many load runs one round makes.
+    """
+    return sum(1 for lv in levels for s in systems if s.runs_at(level_name(lv)))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     Run the suite and write the report.
@@ -398,8 +441,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="2 rounds of 2 s, smaller bursts: a smoke run")
     parser.add_argument("--rounds", type=int, help="load rounds (default 5, quick 2)")
     parser.add_argument("--duration", type=float, help="seconds per run (default 4, quick 2)")
-    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
-                        help="comma-separated systems (default: all)")
+    parser.add_argument("--systems", default=",".join(s.name for s in DEFAULT_SYSTEMS),
+                        help="comma-separated systems (default: %(default)s; also known: "
+                             + ",".join(s.name for s in SYSTEMS if s not in DEFAULT_SYSTEMS)
+                             + ")")
+    parser.add_argument("--levels", default=",".join(level_name(lv) for lv in LEVELS),
+                        help="comma-separated load levels, CONNECTIONSxINFLIGHT "
+                             "(default: %(default)s)")
     parser.add_argument("--skip", default="",
                         help="phases to skip: comma-separated of load,burst,memory,profile")
     parser.add_argument("--results", default=os.path.join(HERE, "results", "latest.json"))
@@ -420,6 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     duration = args.duration or (2.0 if args.quick else 4.0)
     skip = {x for x in args.skip.split(",") if x}
+    levels = parse_levels(args.levels)
     systems = by_name([x for x in args.systems.split(",") if x])
     if args.baseline:
         systems.insert(1, baseline(args.baseline))
@@ -430,12 +479,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unavailable[s.name] = why
             systems.remove(s)
             print(f"skipping {s.name}: {why}", flush=True)
+    names = [level_name(lv) for lv in levels]
+    for s in list(systems):
+        if not any(s.runs_at(n) for n in names):
+            systems.remove(s)
+            print(f"skipping {s.name}: it runs only at {', '.join(s.levels or ())}", flush=True)
     nofile = raise_nofile(IDLE_CONNECTIONS + 1000)
     idle = min(IDLE_CONNECTIONS, nofile - 500) if not args.quick else 2000
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     results: Dict[str, Any] = {
         "meta": machine(), "quick": args.quick, "rounds": rounds, "duration_s": duration,
-        "nofile": nofile, "levels": [level_name(lv) for lv in LEVELS],
+        "nofile": nofile, "levels": names,
         "target_level": level_name(TARGET_LEVEL),
         "systems": [{"name": s.name, "label": s.label, "description": s.description}
                     for s in systems],
@@ -445,9 +499,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pfo3-suite-") as logdir:
         if "load" not in skip:
-            print(f"load: {rounds} rounds x {len(LEVELS)} levels x {len(systems)} systems, "
-                  f"{duration:g} s each", flush=True)
-            results["runs"] = load_phase(systems, LEVELS, rounds, duration, logdir)
+            n = load_runs(systems, levels)
+            print(f"load: {rounds} rounds of {n} runs ({len(levels)} levels, {len(systems)} "
+                  f"systems), {duration:g} s each: about "
+                  f"{rounds * n * (duration + RUN_OVERHEAD_S) / 60:.0f} min", flush=True)
+            results["runs"] = load_phase(systems, levels, rounds, duration, logdir)
         if "burst" not in skip:
             size, secs = (2000, 1.0) if args.quick else (BURST, BURST_SLEEP)
             print(f"sleep burst: {size} x {secs:g} s", flush=True)
@@ -456,20 +512,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "memory" not in skip:
             print(f"memory: {idle} idle connections", flush=True)
             results["memory"] = memory_phase(systems, idle, logdir)
-        pfo3 = [s for s in systems if s.name == "pfo3"]
-        if "profile" not in skip and pfo3:
+        known = {s.name: s for s in systems}
+        if "profile" not in skip and "pfo3" in known:
             outdir = os.path.dirname(os.path.abspath(args.results))
             target = level_name(TARGET_LEVEL)
-            print(f"profile: pfo3 at {target} and under a sleep burst", flush=True)
+            load = ["-c", str(TARGET_LEVEL[0]), "-i", str(TARGET_LEVEL[1]), "-d", "11"]
+            print(f"profile: pfo3 and the floor at {target}, pfo3 under a sleep burst, "
+                  "pfo3 over TLS at 64x1", flush=True)
             profiles = [
-                profile_phase(pfo3[0], target, [
-                    "-c", str(TARGET_LEVEL[0]), "-i", str(TARGET_LEVEL[1]), "-d", "11"],
-                    logdir, outdir, seconds=8.0, lead=1.5),
-                profile_phase(pfo3[0], "burst", [
+                profile_phase(known["pfo3"], target, load, logdir, outdir,
+                              seconds=8.0, lead=1.5),
+                profile_phase(known["pfo3"], "burst", [
                     "--burst", str(BURST), "--burst-sleep", str(BURST_SLEEP),
                     "-c", str(BURST_CONNECTIONS)],
                     logdir, outdir, seconds=4.0, lead=-1.0),
             ]
+            if "floor" in known:
+                profiles.append(profile_phase(known["floor"], target, load, logdir, outdir,
+                                              seconds=8.0, lead=1.5))
+            if "pfo3-tls" in known:
+                profiles.append(profile_phase(known["pfo3-tls"], "64x1",
+                                              ["-c", "64", "-i", "1", "-d", "11"], logdir,
+                                              outdir, seconds=8.0, lead=1.5))
             results["profiles"] = [p for p in profiles if p is not None]
     results["suite_seconds"] = round(time.monotonic() - started, 1)
     with open(args.results, "w", encoding="utf-8") as f:

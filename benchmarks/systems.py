@@ -14,17 +14,28 @@ to L{SYSTEMS}:
     package missing), or L{None}; the suite then skips it and says so;
   - C{burst_limit} is the largest sleep burst worth running (a system whose
     sleeps hold a worker each); beyond it the suite runs that many and
-    extrapolates linearly, and says so.
+    extrapolates linearly, and says so;
+  - C{levels} names the load levels it runs at, when not all of them (a
+    variant compared with pfo3 at a level or two only);
+  - C{endpoint(port)} is the client endpoint C{pfo3-bench} connects to
+    (C{tls:...} for a server on an C{ssl:} port), C{bench_args} its extra
+    options (C{--procs 2} to spread the load over two processes).
+
+L{DEFAULT_SYSTEMS} is what the suite runs unless told otherwise; the
+results-store systems run when named (C{docs/store.md}).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -44,6 +55,10 @@ def _always() -> Optional[str]:
     return None
 
 
+def _tcp(port: int) -> str:
+    return f"tcp:127.0.0.1:{port}"
+
+
 @dataclass(frozen=True)
 class System:
     """
@@ -59,6 +74,12 @@ class System:
     @ivar idle_memory: Whether the idle-connection memory test runs on it.
     @ivar burst: Whether the sleep burst runs on it (off for a variant whose
         sleeps run exactly as another system's do).
+    @ivar levels: The load levels (C{"64x8"}) it runs at; L{None}: all.
+    @ivar endpoint: C{endpoint(port)}: the client endpoint C{pfo3-bench}
+        and the suite's readiness check connect to.
+    @ivar bench_args: Extra options of every C{pfo3-bench} run against it.
+    @ivar tls_ca: For a system on TLS: C{tls_ca()} is the CA certificate
+        file its server certificate is signed by.
     """
 
     name: str
@@ -70,6 +91,16 @@ class System:
     burst_limit: Optional[int] = None
     idle_memory: bool = True
     burst: bool = True
+    levels: Optional[Tuple[str, ...]] = None
+    endpoint: Callable[[int], str] = _tcp
+    bench_args: Tuple[str, ...] = ()
+    tls_ca: Optional[Callable[[], str]] = None
+
+    def runs_at(self, level: str) -> bool:
+        """
+        @return: Whether it runs at this load level (C{"64x8"}).
+        """
+        return self.levels is None or level in self.levels
 
 
 def _pfo3(port: int) -> List[List[str]]:
@@ -89,6 +120,70 @@ def _floor(port: int) -> List[List[str]]:
     return [[sys.executable, os.path.join(HERE, "asyncio_floor.py"), "--port", str(port)]]
 
 
+def _floor_plain(port: int) -> List[List[str]]:
+    return [[sys.executable, os.path.join(HERE, "asyncio_floor_plain.py"), "--port", str(port)]]
+
+
+#: The levels at which a variant of pfo3 is compared with pfo3 itself: the
+#: target level and the same connections without pipelining.
+VARIANT_LEVELS = ("64x8", "64x1")
+
+
+@functools.cache
+def _tls_files() -> Tuple[str, str, str]:
+    """
+    A throwaway CA and a server certificate for C{localhost} and
+    C{127.0.0.1}, made once per suite with pfo3's own C{pfo3.certs}.
+
+    @return: C{(CA folder for trustRoots=, server key, server certificate)}.
+    """
+    from pfo3 import certs
+
+    folder = tempfile.mkdtemp(prefix="pfo3-bench-tls-")
+    ca = certs.make_ca(folder)
+    server = certs.make_server(folder, ["localhost", "127.0.0.1"])
+    return str(ca.directory), str(server.key), str(server.cert)
+
+
+def _pfo3_tls(port: int) -> List[List[str]]:
+    _, key, cert = _tls_files()
+    return [_twistd() + ["-n", "--pidfile=", "pfo3", "--port",
+                         f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]]
+
+
+def _tls_endpoint(port: int) -> str:
+    return f"tls:localhost:{port}:trustRoots={_tls_files()[0]}"
+
+
+def _tls_ca() -> str:
+    return os.path.join(_tls_files()[0], "ca.pem")
+
+
+def _pfo3_processes(port: int) -> List[List[str]]:
+    return [_pfo3(port)[0] + ["--processes", "2"]]
+
+
+def has_processes_option(help_text: str) -> bool:
+    """
+    @return: Whether C{twistd pfo3 --help} lists C{--processes}.
+    """
+    return re.search(r"--processes[=\s]", help_text) is not None
+
+
+@functools.cache
+def _processes_available() -> Optional[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        done = subprocess.run(_twistd() + ["pfo3", "--help"], capture_output=True, text=True,
+                              env=env, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`twistd pfo3 --help` failed: {e}"
+    if not has_processes_option(done.stdout):
+        return "this pfo3 has no `--processes` option (`twistd pfo3 --help` does not list it)"
+    return None
+
+
 PFO3 = System(
     "pfo3", "pfo3 (local)",
     "pfo3 in local mode on its defaults (`twistd -n pfo3`).",
@@ -100,18 +195,51 @@ PFO3_POOL = System(
     "(`deferToThreadPool`) instead of run inline: the measure behind running "
     "them inline (`docs/execution.md`).",
     _pfo3_pool, env={"PYTHONPATH": REPO}, idle_memory=False, burst=False,
+    levels=VARIANT_LEVELS,
+)
+PFO3_TLS = System(
+    "pfo3-tls", "pfo3 over TLS",
+    "pfo3 on its defaults on an `ssl:` port (a throwaway P-256 certificate made with "
+    "`pfo3.certs`), `pfo3-bench` on a `tls:` endpoint that verifies it: what TLS costs.",
+    _pfo3_tls, env={"PYTHONPATH": REPO}, idle_memory=False, burst=False,
+    levels=VARIANT_LEVELS, endpoint=_tls_endpoint, tls_ca=_tls_ca,
+)
+PFO3_P1 = System(
+    "pfo3-p1", "pfo3, 1 process",
+    "pfo3 on its defaults (one process), loaded by 2 load processes "
+    "(`pfo3-bench --procs 2`): the reference for `--processes 2`.",
+    _pfo3, env={"PYTHONPATH": REPO}, available=_processes_available, idle_memory=False,
+    burst=False, levels=VARIANT_LEVELS, bench_args=("--procs", "2"),
+)
+PFO3_P2 = System(
+    "pfo3-p2", "pfo3 --processes 2",
+    "pfo3 serving from 2 processes (`twistd -n pfo3 --processes 2`), loaded by 2 "
+    "load processes (`pfo3-bench --procs 2`); its CPU time is that of all its processes.",
+    _pfo3_processes, env={"PYTHONPATH": REPO}, available=_processes_available,
+    idle_memory=False, burst=False, levels=VARIANT_LEVELS, bench_args=("--procs", "2"),
 )
 SEED = System(
     "seed", "seed architecture",
     "The seed prototype's architecture (`benchmarks/seed_server.py`): a thread per "
     "connection, one shared `queue.Queue`, 4 worker threads.",
-    _seed, burst_limit=20, idle_memory=False,
+    _seed, burst_limit=20,
 )
 FLOOR = System(
     "floor", "asyncio floor",
-    "A bare asyncio JSON-lines server (`benchmarks/asyncio_floor.py`): tasks inline, "
-    "no validation, limits or storage.",
+    "The cheapest Python server known for the protocol (`benchmarks/asyncio_floor.py`), "
+    "on asyncio: pfo3's tricks (one write and one UTF-8 decode per read, the JSON "
+    "scanner alone, template replies, the collector frozen and tuned as pfo3 tunes it) "
+    "and a fast path for the expected request; it validates what it must to answer every "
+    "line correctly, with pfo3's error codes, but has no limits, backpressure, "
+    "timeouts, statistics, store or authentication.",
     _floor,
+)
+FLOOR_PLAIN = System(
+    "floor-plain", "asyncio, plain",
+    "The obvious asyncio server (`benchmarks/asyncio_floor_plain.py`, the floor of "
+    "earlier reports): `json.loads` and a dict through `json.dumps` per task, one write "
+    "per read, the collector on Python's defaults; no validation. For context.",
+    _floor_plain, idle_memory=False, burst=False, levels=VARIANT_LEVELS,
 )
 
 #: The PostgreSQL server the C{pfo3-store-pg} system records into (a
@@ -169,8 +297,13 @@ PFO3_STORE_PG = _store_system(
 
 #: Every system the suite knows, in report order.
 SYSTEMS: List[System] = [
-    PFO3, PFO3_POOL, SEED, FLOOR,
+    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, SEED, FLOOR, FLOOR_PLAIN,
     PFO3_STORE_NONE, PFO3_STORE_MEMORY, PFO3_STORE_SQLITE, PFO3_STORE_PG,
+]
+
+#: What the suite runs unless told otherwise.
+DEFAULT_SYSTEMS: List[System] = [
+    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, SEED, FLOOR, FLOOR_PLAIN,
 ]
 
 
@@ -186,8 +319,6 @@ def baseline(checkout: str) -> System:
         if not os.path.exists(os.path.join(checkout, "pfo3", "tap.py")):
             return f"no pfo3 checkout at {checkout}"
         return None
-
-    import subprocess
 
     commit = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()

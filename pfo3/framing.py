@@ -3,7 +3,7 @@ Splitting a byte stream into lines in linear time, with bounded memory.
 
 L{LineSplitter} is the one line splitter of pfo3: the server
 (L{pfo3.protocol.TaskProtocol}), the load engine (L{pfo3.load}) and the
-asyncio baseline (C{benchmarks/asyncio_floor.py}) all use it.  It knows
+plain asyncio baseline (C{benchmarks/asyncio_floor_plain.py}) all use it.  It knows
 nothing of Twisted or sockets: bytes go in, complete lines come out.
 
   - Lines end with C{\\n}.  A line is returned without its C{\\n} and with

@@ -226,6 +226,26 @@ def test_tls_endpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_tls_endpoint_with_several_load_processes(tmp_path: Path) -> None:
+    """
+    Over TLS, C{--procs 2} runs two load processes that each verify the
+    server's certificate, and their figures merge as over TCP.
+    """
+    tls = TLSFiles(tmp_path)
+    port = free_port()
+    running = start_server(tmp_path, port=port, endpoint=tls.endpoint(port))
+    try:
+        done = run_bench("-e", f"tls:localhost:{port}:trustRoots={tls.ca_dir}",
+                         "-n", "400", "-c", "4", "-i", "1", "--procs", "2", "--json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert_consistent(summary, 400)
+        assert summary["procs"] == 2
+    finally:
+        running.stop()
+
+
+@pytest.mark.integration
 def test_nothing_listening_exits_nonzero() -> None:
     """
     When nothing listens, pfo3-bench says it could not connect and exits
@@ -270,11 +290,13 @@ def test_silent_server_exits_nonzero() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("baseline", ["seed_server.py", "asyncio_floor.py"], indirect=True)
+@pytest.mark.parametrize(
+    "baseline", ["seed_server.py", "asyncio_floor.py", "asyncio_floor_plain.py"], indirect=True)
 def test_baselines_speak_the_protocol(baseline: int) -> None:
     """
-    The suite's seed-architecture and asyncio-floor servers answer the same
-    load (text tasks and sleeps) with ok replies matched by tarea_id.
+    The suite's seed-architecture, asyncio-floor and plain asyncio servers
+    answer the same load (text tasks and sleeps) with ok replies matched by
+    tarea_id.
     """
     summary = bench_json(baseline, "--mix", "uppercase:4,word_count:1,sleep=0.001:1",
                          "-n", "300", "-c", "3", "-i", "4")
@@ -450,5 +472,266 @@ def test_report_ratios_are_paired_within_rounds() -> None:
     assert r["cpu_vs_floor"] == pytest.approx(0.9)
     assert r["p99_vs_seed"] == pytest.approx(0.1)
     text = report.markdown(results)
-    assert "| throughput ÷ floor | >= 0.85 | 0.90 | met |" in text
-    assert "| p99 latency ÷ seed architecture | <= 0.2 | 0.10 | met |" in text
+    assert "| throughput ÷ floor | 64x8 | >= 0.85 | 0.90 | met |" in text
+    assert "| throughput ÷ floor, round two | 64x8 | >= 1 | 0.90 | missed |" in text
+    assert "| p99 latency ÷ seed architecture | 64x8 | <= 0.2 | 0.10 | met |" in text
+    assert "| p99 latency ÷ seed architecture | 64x1 | <= 0.2 | – | – |" in text
+
+
+# --- the suite's floor, systems and report -------------------------------------
+
+
+def _benchmark_module(name: str) -> Any:
+    """
+    Import a module of C{benchmarks/} (which is not a package).
+    """
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _exchange(port: int, lines: List[bytes], replies: int) -> List[Dict[str, Any]]:
+    """
+    Send C{lines} on one connection and read C{replies} reply lines.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(line + b"\n" for line in lines))
+        got = b""
+        while got.count(b"\n") < replies:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed after {got!r}"
+            got += chunk
+    return [json.loads(line) for line in got.splitlines()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("baseline", ["asyncio_floor.py"], indirect=True)
+def test_floor_answers_every_line_as_pfo3_does(baseline: int) -> None:
+    """
+    The floor's fast path answers the expected requests, and everything
+    else gets the reply pfo3 gives it: a result for names, codes and
+    aliases as pfo3 reads them, pfo3's error code for each bad line (bad
+    JSON, bad UTF-8, not an object, a bad tarea_id, a tipo missing,
+    unknown or of the wrong type, contenido missing or of the wrong type,
+    too long a sleep, an unknown op), an escaped lone surrogate, nothing
+    for blank lines; every reply is one JSON line.
+    """
+    lines = [
+        b'{"tarea_id": "a", "tipo": "uppercase", "contenido": "hola \xc3\xb1"}',
+        b'{"tarea_id": "b", "tipo": 1, "contenido": "x"}',
+        b'{"tarea_id": "c", "tipo": " Invertir ", "contenido": "abc"}',
+        b'{"tarea_id": "d", "tipo": "contar", "contenido": "a b  c"}\r',
+        b'{"tarea_id": "e", "tipo": true, "contenido": "x"}',
+        b'{"tarea_id": "f", "tipo": [1], "contenido": "x"}',
+        b'{"tarea_id": "g", "tipo": "uppercase", "contenido": 5}',
+        b'{"tarea_id": "h", "tipo": "uppercase"}',
+        b'{"tarea_id": "i", "contenido": "x"}',
+        b'{"tarea_id": "j", "tipo": "sleep", "contenido": 30}',
+        b'{"tarea_id": "k", "tipo": "1", "contenido": "\\ud800"}',
+        b'{"tarea_id": "l", "tipo": "1", "contenido": NaN}',
+        b'{"tarea_id": "", "tipo": "1", "contenido": "x"}',
+        b'[1]', b'{"x": ', b'\xff', b'', b'  ', b'{"op": "ping"}', b'{"op": "nada"}',
+        b'{"tipo": "1", "contenido": "sin id"}',
+        b'{"tarea_id": "m", "tipo": "espera", "contenido": "0.01"}',
+    ]
+    replies = _exchange(baseline, lines, 20)
+    by_id = {r.get("tarea_id"): r for r in replies}
+    assert by_id["a"]["resultado"] == "HOLA Ñ"
+    assert by_id["b"]["resultado"] == "X"
+    assert by_id["c"]["resultado"] == "cba"
+    assert by_id["d"]["resultado"] == 3
+    assert by_id["k"]["resultado"] == "\ud800"
+    assert by_id["m"]["resultado"] == "Esperé 0.01 segundos"
+    assert all(by_id[t]["estado"] == "ok" and by_id[t]["worker"] == 0 for t in "abcdkm")
+    codes = {t: by_id[t]["codigo"] for t in "efghij"}
+    assert codes == {"e": "tipo_desconocido", "f": "tipo_desconocido",
+                     "g": "contenido_invalido", "h": "contenido_faltante",
+                     "i": "tipo_faltante", "j": "excede_timeout"}
+    anonymous = [r.get("codigo") or r["resultado"] for r in replies if r.get("tarea_id") is None]
+    assert anonymous == ["json_invalido", "tarea_id_invalido", "no_es_objeto", "json_invalido",
+                         "utf8_invalido", "pong", "op_desconocida"]
+    [generated] = [r for r in replies if r.get("resultado") == "SIN ID"]
+    assert generated["tarea_id"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("baseline", ["asyncio_floor.py"], indirect=True)
+def test_floor_keeps_unfinished_lines(baseline: int) -> None:
+    """
+    A request cut anywhere, even inside a UTF-8 character, is answered once
+    its end arrives, and requests in one chunk are answered in order.
+    """
+    line = '{"tarea_id": "x", "tipo": "uppercase", "contenido": "ñandú"}\n'.encode()
+    with socket.create_connection(("127.0.0.1", baseline), timeout=10) as s:
+        for i in range(len(line)):
+            s.sendall(line[i:i + 1])
+            time.sleep(0.001)
+        s.sendall(line.replace(b'"x"', b'"y"') * 2)
+        got = b""
+        while got.count(b"\n") < 3:
+            chunk = s.recv(65536)
+            assert chunk
+            got += chunk
+    replies = [json.loads(r) for r in got.splitlines()]
+    assert [(r["tarea_id"], r["resultado"]) for r in replies] == [
+        ("x", "ÑANDÚ"), ("y", "ÑANDÚ"), ("y", "ÑANDÚ")]
+
+
+def test_floor_tunes_the_collector_as_pfo3_does() -> None:
+    """
+    The floor's collector threshold is the default of C{twistd pfo3
+    --gc-threshold}, so a change to one shows up here.
+    """
+    from pfo3.tap import Options
+
+    floor = _benchmark_module("asyncio_floor")
+    assert floor.DEFAULT_GC_THRESHOLD == Options()["gc-threshold"]
+
+
+def test_processes_system_follows_twistd_help() -> None:
+    """
+    The C{--processes 2} system is available exactly when C{twistd pfo3
+    --help} lists C{--processes}, not when the word appears elsewhere.
+    """
+    systems = _benchmark_module("systems")
+    assert systems.has_processes_option("      --processes=   Serve from N processes.")
+    assert not systems.has_processes_option("for 'twistd pfo3-worker' processes to run,")
+    assert systems.PFO3_P2.commands(9000)[0][-2:] == ["--processes", "2"]
+    assert systems.PFO3_P2.bench_args == systems.PFO3_P1.bench_args == ("--procs", "2")
+
+
+def test_systems_run_at_their_levels() -> None:
+    """
+    The variants of pfo3 run only at 64x8 and 64x1, the others everywhere;
+    the suite counts the runs of a round accordingly and refuses unknown
+    levels.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    assert systems.PFO3.runs_at("1x1") and systems.SEED.runs_at("64x1")
+    for variant in (systems.PFO3_POOL, systems.PFO3_TLS, systems.PFO3_P2,
+                    systems.FLOOR_PLAIN):
+        assert variant.runs_at("64x8") and variant.runs_at("64x1")
+        assert not variant.runs_at("256x8")
+    levels = run_suite.parse_levels("64x8,1x1")
+    assert levels == [(1, 1), (64, 8)]
+    assert run_suite.load_runs([systems.PFO3, systems.PFO3_TLS], levels) == 3
+    with pytest.raises(SystemExit):
+        run_suite.parse_levels("64x9")
+
+
+@pytest.mark.integration
+def test_tls_system_runs_under_the_suite(tmp_path: Path) -> None:
+    """
+    The suite starts pfo3 on an C{ssl:} port with a throwaway certificate,
+    sees it ready over TLS and loads it through a verifying C{tls:}
+    endpoint: every request answered, the server's CPU time read.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    running = run_suite.Running(systems.PFO3_TLS, str(tmp_path))
+    try:
+        assert running.endpoint.startswith(f"tls:localhost:{running.port}:trustRoots=")
+        summary = run_suite.measured(running, ["-n", "300", "-c", "3", "-i", "2"])
+    finally:
+        running.stop()
+    assert_consistent(summary, 300)
+    assert summary["server_cpu_us_per_task"] > 0
+
+
+def test_profile_notes_quote_no_figures() -> None:
+    """
+    The hand-written notes on the profiles hold no numbers: every figure on
+    the benchmarks page is the suite's, from the run it reports.
+    """
+    text = (BENCHMARKS / "profile-notes.md").read_text(encoding="utf-8")
+    assert not any(ch.isdigit() for ch in text.replace("pfo3", ""))
+
+
+def test_report_sections_for_tls_and_processes() -> None:
+    """
+    The report compares pfo3 over TLS with pfo3 over TCP (paired ratios),
+    checks the TLS targets, and says why the two-process comparison is
+    missing when the system could not run.
+    """
+    report = _benchmark_module("report")
+    runs = []
+    for rnd in range(3):
+        for level, tls_cpu in (("64x8", 11.0), ("64x1", 40.0)):
+            for system, cpu in (("pfo3", 10.0), ("pfo3-tls", tls_cpu)):
+                runs.append({"round": rnd, "level": level, "system": system,
+                             "throughput": 1000.0, "p50_ms": 1.0, "p90_ms": 2.0,
+                             "p99_ms": 3.0, "max_ms": 4.0, "replies": 100, "errors": 0,
+                             "unanswered": 0, "server_cpu_us_per_task": cpu,
+                             "client_cpu_s": 1.0, "elapsed_s": 1.0})
+    results = {"runs": runs, "levels": ["64x1", "64x8"], "target_level": "64x8",
+               "rounds": 3, "duration_s": 1.0, "quick": True,
+               "meta": {"date": "d", "cpus": 2, "python": "3", "twisted": "t",
+                        "commit": "abc1234"},
+               "systems": [{"name": n, "label": n, "description": n}
+                           for n in ("pfo3", "pfo3-tls")],
+               "unavailable": {"pfo3-p2": "no --processes here"},
+               "burst": [], "memory": [], "profiles": []}
+    text = report.markdown(results)
+    assert "pfo3 at commit `abc1234`" in text
+    assert "| over TLS: server CPU per task ÷ over TCP | 64x8 | <= 1.2 | 1.10 | met |" in text
+    assert "| over TLS: server CPU per task ÷ over TCP | 64x1 | <= 1.5 | 4.00 | missed |" in text
+    assert "| 64x1 | 1,000 | 1,000 | 1.00 | 10.0 | 40.0 | 4.00 | 3.00 | 3.00 |" in text
+    assert "Not measured in this run: no --processes here." in text
+
+
+def test_profile_layers(tmp_path: Path) -> None:
+    """
+    A profile's samples are split by their innermost frame: the server's
+    own code (pfo3 or the floor), the event loop's wait in C{epoll}, the
+    rest of the event loop (Twisted or asyncio), and anything else.
+    """
+    summary = _benchmark_module("profile_summary")
+    raw = tmp_path / "p.raw"
+    raw.write_text(
+        "run (twisted/internet/base.py:1);doPoll (twisted/internet/epollreactor.py:2);"
+        "_drive (pfo3/protocol.py:3) 5\n"
+        "run (twisted/internet/base.py:1);EPollReactor.doPoll "
+        "(twisted/internet/epollreactor.py:4) 2\n"
+        "run (asyncio/base_events.py:1);EpollSelector.select (selectors.py:5) 1\n"
+        "run (asyncio/base_events.py:1);data_received (asyncio_floor.py:6) 1\n"
+        "run (asyncio/base_events.py:1);write (asyncio/selector_events.py:7) 1\n",
+        encoding="utf-8")
+    assert summary.layers(str(raw)) == pytest.approx(
+        {"server": 0.6, "loop": 0.1, "poll": 0.3, "other": 0.0})
+
+
+def test_default_suite_stays_bounded() -> None:
+    """
+    The default run's load phase (every default system at its levels, five
+    rounds of four seconds and the per-run overhead) fits in twelve minutes,
+    which leaves the bursts, the idle connections and the profiles room
+    within the suite's quarter of an hour; the variants of pfo3 run at two
+    levels only.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    runs = run_suite.load_runs(systems.DEFAULT_SYSTEMS, run_suite.LEVELS)
+    assert runs * 5 * (4 + run_suite.RUN_OVERHEAD_S) <= 12 * 60
+    everywhere = [s.name for s in systems.DEFAULT_SYSTEMS if s.levels is None]
+    assert everywhere == ["pfo3", "seed", "floor"]
+
+
+@pytest.mark.integration
+def test_system_load_options_reach_the_load_generator(tmp_path: Path) -> None:
+    """
+    A system's own load options reach every run against it: the
+    one-process reference of the two-process comparison is loaded by two
+    load processes whose figures are merged.
+    """
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    running = run_suite.Running(systems.PFO3_P1, str(tmp_path))
+    try:
+        summary = run_suite.measured(running, ["-n", "400", "-c", "4", "-i", "2"])
+    finally:
+        running.stop()
+    assert_consistent(summary, 400)
+    assert summary["procs"] == 2
