@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -79,16 +79,11 @@ def layers(path: str) -> Dict[str, float]:
         C{other}.
     """
     counts: Counter[str] = Counter()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack or not count.isdigit():
-                continue
-            leaf = stack.split(";")[-1]
-            if leaf.partition(" (")[0] in POLLS:
-                counts["poll"] += int(count)
-            else:
-                counts[LAYERS.get(package(leaf), "other")] += int(count)
+    for leaf, n in _leaves(path):
+        if leaf.partition(" (")[0] in POLLS:
+            counts["poll"] += n
+        else:
+            counts[LAYERS.get(package(leaf), "other")] += n
     total = sum(counts.values())
     return {k: (counts[k] / total if total else 0.0)
             for k in ("server", "loop", "poll", "other")}
@@ -99,14 +94,22 @@ def by_package(path: str) -> List[Tuple[str, float]]:
     @return: Shares of the samples whose innermost frame is in each package.
     """
     counts: Counter[str] = Counter()
+    for leaf, n in _leaves(path):
+        counts[package(leaf)] += n
+    total = sum(counts.values())
+    return [(name, n / total) for name, n in counts.most_common()] if total else []
+
+
+def _leaves(path: str) -> Iterator[Tuple[str, int]]:
+    """
+    @return: The innermost frame of each stack of a collapsed profile, as
+        written, with its samples.
+    """
     with open(path, encoding="utf-8") as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            if not stack or not count.isdigit():
-                continue
-            counts[package(stack.split(";")[-1])] += int(count)
-    total = sum(counts.values())
-    return [(name, n / total) for name, n in counts.most_common()] if total else []
+            if stack and count.isdigit():
+                yield stack.split(";")[-1], int(count)
 
 
 def read_stacks(path: str) -> List[Tuple[List[str], int]]:
