@@ -19,8 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: comparison, limit); the measured value is the median over rounds of the
 #: system's figure divided by the other's in the same round.  The first two
 #: are the first performance round's, the next two the second's (against
-#: the floor that takes every trick pfo3 takes); the latency limits at 64x1
-#: and 1x1 are the 64x8 limit and "no slower than the seed".
+#: the floor that takes every trick pfo3 takes); at 64x1 and 1x1, where the
+#: seed's own clients live (one request at a time), the limit is "no slower
+#: than the seed".
 TARGETS: Tuple[Tuple[str, str, str, str, str, str, float], ...] = (
     ("throughput ÷ floor", "64x8", "pfo3", "floor", "throughput", ">=", 0.85),
     ("server CPU per task ÷ floor", "64x8", "pfo3", "floor", "server_cpu_us_per_task",
@@ -29,7 +30,7 @@ TARGETS: Tuple[Tuple[str, str, str, str, str, str, float], ...] = (
     ("server CPU per task ÷ floor, round two", "64x8", "pfo3", "floor",
      "server_cpu_us_per_task", "<=", 1.2),
     ("p99 latency ÷ seed architecture", "64x8", "pfo3", "seed", "p99_ms", "<=", 0.2),
-    ("p99 latency ÷ seed architecture", "64x1", "pfo3", "seed", "p99_ms", "<=", 0.2),
+    ("p99 latency ÷ seed architecture", "64x1", "pfo3", "seed", "p99_ms", "<=", 1.0),
     ("p50 round trip ÷ seed architecture", "1x1", "pfo3", "seed", "p50_ms", "<=", 1.0),
     ("over TLS: server CPU per task ÷ over TCP", "64x8", "pfo3-tls", "pfo3",
      "server_cpu_us_per_task", "<=", 1.2),
