@@ -14,8 +14,10 @@ small pieces, and make each write wait for the reactor:
 
 For a protocol that already writes once per read both are pure cost: two
 system calls and a poll event, or a delayed call, per read.  L{writer_for}
-gives the protocol a write function without them.  Every other transport
-(UNIX sockets, the PROXY protocol's wrapper...) is written to as it is.
+gives the protocol a write function without them, also through a wrapper
+that passes writes through unchanged (the PROXY protocol's, on
+C{haproxy:} ports).  Every other transport (UNIX sockets...) is written to
+as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import partial
 from typing import Any, Callable
 
 from twisted.internet import tcp
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
@@ -39,6 +42,10 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     if kind is BufferingTLSTransport:
         # Past the aggregator, to the TLS layer: one record per write.
         return partial(TLSMemoryBIOProtocol.write, transport)
+    if isinstance(transport, ProtocolWrapper) and kind.write is ProtocolWrapper.write:
+        # A wrapper that passes writes through as they are (the PROXY
+        # protocol's): write to what it wraps.
+        return writer_for(transport.transport)
     return transport.write
 
 

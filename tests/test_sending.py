@@ -8,9 +8,13 @@ from typing import Any, List, Union
 
 from twisted.internet import main
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from pfo3.sending import SendNow
+from pfo3.sending import SendNow, writer_for
 
 
 class FakeTCP:
@@ -93,3 +97,42 @@ class SendNowTests(SynchronousTestCase):
             setattr(t, attribute, value)
             SendNow(t).write(b"z\n")
             self.assertEqual((t.sent, t.buffered), ([], [b"z\n"]))
+
+
+class WriterForTests(SynchronousTestCase):
+    """
+    L{writer_for} looks through wrappers that pass writes through unchanged,
+    and through nothing else.
+    """
+
+    def test_through_a_pass_through_wrapper(self) -> None:
+        """
+        Behind the PROXY protocol's wrapper, the protocol writes to the
+        transport the wrapper wraps, not through the wrapper.
+        """
+        inner = StringTransport()
+        wrapper = HAProxyProtocolWrapper(HAProxyWrappingFactory(Factory()), Protocol())
+        wrapper.makeConnection(inner)
+        self.assertEqual(writer_for(wrapper), inner.write)
+
+    def test_not_through_a_wrapper_that_writes_its_own_way(self) -> None:
+        """
+        A wrapper that does something with what is written is written to.
+        """
+        class Counting(ProtocolWrapper):
+            written = 0
+
+            def write(self, data: bytes) -> None:
+                self.written += len(data)
+                ProtocolWrapper.write(self, data)
+
+        wrapper = Counting(WrappingFactory(Factory()), Protocol())
+        wrapper.makeConnection(StringTransport())
+        self.assertEqual(writer_for(wrapper), wrapper.write)
+
+    def test_other_transports(self) -> None:
+        """
+        Any other transport is written to as it is.
+        """
+        t = StringTransport()
+        self.assertEqual(writer_for(t), t.write)
