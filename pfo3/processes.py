@@ -75,6 +75,25 @@ def _unix_key(address: Any) -> Key:
     return ("unix", os.fsdecode(address))
 
 
+#: Endpoint kinds whose sockets can be shared: those that listen through
+#: the reactor's listenTCP, listenSSL or listenUNIX, also inside C{haproxy:}.
+SHAREABLE = ("tcp", "tcp6", "ssl", "unix")
+
+
+def shareable(description: str) -> bool:
+    """
+    @return: Whether the server endpoint C{description} can be opened by
+        the parent and shared by the children (C{tcp:}, C{tcp6:},
+        C{ssl:}, C{unix:}, and those behind C{haproxy:}); C{systemd:} and
+        third-party endpoint kinds cannot.
+    """
+    kind, _, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy":
+        return shareable(rest)
+    return kind in SHAREABLE
+
+
 # -- the parent: opening the sockets -------------------------------------------
 
 

@@ -34,7 +34,6 @@ from pfo3.gate import (
 )
 from pfo3.logs import check_operations, use_json_logs
 from pfo3.orchestrator import Orchestrator
-from pfo3.processes import ENVIRONMENT as PROCESS_ENVIRONMENT
 from pfo3.processes import ChildRole, SharedPorts
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
@@ -86,6 +85,23 @@ def client_authorities(path: Optional[str], ports: List[str]) -> List[Any]:
         return load_authorities(path)
     except ValueError as e:
         raise usage.UsageError(f"--tls-client-ca: {e}")
+
+
+def check_shareable(options: usage.Options) -> None:
+    """
+    With C{--processes N}: refuse endpoints whose sockets the processes
+    cannot share.
+    """
+    from pfo3.processes import shareable
+
+    named = [("--port", d) for d in options["ports"]] + [("--web", d) for d in options["web"]]
+    if options["metrics"]:
+        named.append(("--metrics", options["metrics"]))
+    for option, description in named:
+        if not shareable(description):
+            raise usage.UsageError(
+                f"{option} {description!r} cannot be shared by --processes: only tcp:, "
+                "tcp6:, ssl:, unix: and haproxy: endpoints can (docs/processes.md)")
 
 
 class Options(usage.Options):
@@ -321,6 +337,8 @@ class Options(usage.Options):
         if self["broker"]:
             check_broker(self)
         check_blobs(self)
+        if self["processes"] > 1:
+            check_shareable(self)
         from twisted.internet import reactor
 
         for description in self["ports"]:
@@ -354,7 +372,7 @@ def makeService(options: Options, reactor: Any = None) -> Service:
 
         return Supervisor(reactor, options["processes"], child_arguments(options.arguments),
                           lambda binder: listen_everywhere(options, binder))
-    role = ChildRole.from_environment() if os.environ.get(PROCESS_ENVIRONMENT) else None
+    role = ChildRole.from_environment()
     return server_service(options, reactor, role)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Set
 import pytest
 from twisted.python import usage
 
-from pfo3.processes import Binder, ChildRole, Supervisor, child_arguments
+from pfo3.processes import Binder, ChildRole, Supervisor, child_arguments, shareable
 from pfo3.service import TaskServerService
 from pfo3.sharedstats import SharedStats, SnapshotFolder, add_up, counts_as_json
 from pfo3.stats import Counts
@@ -94,6 +94,36 @@ def test_processes_builds_a_supervisor_with_the_children_options() -> None:
     assert isinstance(service, Supervisor)
     assert service.count == 3
     assert service.arguments == ["--port", "tcp:0:interface=127.0.0.1", "-w", "2"]
+
+
+@pytest.mark.parametrize("option, description", [
+    ("--port", "systemd:domain=INET:index=0"),
+    ("--web", "systemd:domain=INET:index=1"),
+    ("--metrics", "haproxy:systemd:domain=INET:index=2"),
+])
+def test_endpoints_that_cannot_be_shared_are_refused(option: str, description: str) -> None:
+    """
+    With --processes 2, an endpoint whose socket the parent cannot open for
+    its children (systemd:, also behind haproxy:) is a usage error naming
+    the option and why; one process is not refused for that reason.
+    """
+    with pytest.raises(usage.UsageError, match=f"{option} .* cannot be shared by --processes"):
+        options("--processes", "2", option, description)
+    try:
+        options(option, description)  # refused, if at all, for another reason
+    except usage.UsageError as e:
+        assert "--processes" not in str(e)
+
+
+@pytest.mark.parametrize("description", [
+    "tcp:9000", "tcp6:9000", "ssl:9443:privateKey=k.pem", "unix:/tmp/s.sock",
+    "haproxy:tcp:9001", "haproxy:ssl:9443", "HAProxy:TCP:9001",
+])
+def test_shareable_endpoint_kinds(description: str) -> None:
+    """
+    tcp:, tcp6:, ssl:, unix: and those behind haproxy: are shared.
+    """
+    assert shareable(description)
 
 
 def test_child_arguments_strip_both_spellings() -> None:
@@ -360,6 +390,41 @@ def test_haproxy_port_with_two_processes(tmp_path: Path) -> None:
 
 
 @integration
+def test_proxy_header_before_tls_with_client_certificates(tmp_path: Path) -> None:
+    """
+    haproxy:ssl: with --tls-client-ca works with --processes 2: after the
+    PROXY header in clear, a client presenting a certificate from the CA
+    is served by either process; one without a certificate fails the
+    handshake.
+    """
+    files = TLSFiles(tmp_path)
+    client = files.client("alice")
+    port = free_port()
+    server = start_server(tmp_path, "--processes", "2", "--tls-client-ca", str(files.ca_dir),
+                          port=port, endpoint="haproxy:" + files.endpoint(port))
+
+    def connect(certificate: bool) -> LineSocket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 4000 9000\r\n")
+        ctx = ssl.create_default_context(cafile=str(files.ca))
+        if certificate:
+            ctx.load_cert_chain(str(client.cert), str(client.key))
+        line = LineSocket.__new__(LineSocket)
+        line.sock, line.buf = ctx.wrap_socket(raw, server_hostname="localhost"), b""
+        return line
+
+    try:
+        pids = _pids(server)
+        assert _serve_through(lambda: connect(True)) == set(pids)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            c = connect(False)
+            c.send_json({"tipo": "reverse", "contenido": "abc"})
+            c.read_json()
+    finally:
+        server.stop()
+
+
+@integration
 def test_totals_add_up_over_processes(tmp_path: Path) -> None:
     """
     After a load over 20 connections spread on 2 processes settles, op:
@@ -476,6 +541,36 @@ def test_second_sigterm_cancels_in_every_process(tmp_path: Path) -> None:
     assert server.proc.wait(15) == -signal.SIGTERM
     assert time.monotonic() - started < 8
     assert all(_gone(pid) for pid in pids)
+
+
+@integration
+def test_ctrl_c_to_the_group_drains_without_cancelling(tmp_path: Path) -> None:
+    """
+    Ctrl-C in a terminal sends SIGINT to every process of the group: the
+    children leave it to the parent, which drains them once, so the tasks in
+    flight are answered ok rather than cancelled.
+    """
+    port = free_port()
+    log = tmp_path / "group.log"
+    proc = subprocess.Popen(
+        twistd_command("--processes", "2", "--port", f"tcp:{port}:interface=127.0.0.1"),
+        cwd=tmp_path, env=server_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    server = RunningServer(proc, port, log)
+    try:
+        pids = _pids(server)
+        socks = [LineSocket(port) for _ in range(10)]
+        for c in socks:
+            c.send(b'{"tipo": "sleep", "contenido": 1.5}\n{"op": "stats"}\n')
+        assert {c.read_json()["resultado"]["proceso"] for c in socks} == set(pids)
+        os.killpg(proc.pid, signal.SIGINT)
+        for c in socks:
+            assert c.read_json()["estado"] == "ok"
+            c.close()
+        assert proc.wait(15) == -signal.SIGINT
+        assert all(_gone(pid) for pid in pids)
+    finally:
+        server.stop()
 
 
 @integration
