@@ -7,7 +7,9 @@ beside it: L{pfo3.stats.Counts}) as one small JSON file in a folder the
 processes share, every L{INTERVAL} seconds and once more when it has
 stopped; the file is replaced whole (C{os.replace}), so a reader never sees
 half of one.  The process that is asked reads the others' files and adds
-its own counts as they are at that moment.  A task pays nothing for this:
+its own counts as they are at that moment (writing them first, so that
+totals never go down from one answer to the next, whichever process gives
+it).  A task pays nothing for this:
 the counters are the ones a single process keeps anyway, and they are
 copied off the task path, on a timer.  Totals are exact once every process
 wrote after the last task ended: at most L{INTERVAL} seconds after the load
@@ -160,7 +162,18 @@ class SharedStats(ServerStats):
         return counts_as_json(super().counts(), self.pid, self.clock.seconds())
 
     def _all(self) -> List[Dict[str, Any]]:
-        return [self._mine()] + self.folder.others()
+        """
+        @return: This process's counts now, which it writes first, and the
+            other processes' last ones.  Writing first keeps totals from
+            going down between two answers of two processes: each file only
+            ever grows, and each answer reads every process's newest.
+        """
+        mine = self._mine()
+        try:
+            self.folder.write(mine)
+        except OSError as e:
+            log.warn("Could not write this process's counts: {error}", error=e)
+        return [mine] + self.folder.others()
 
     def counts(self) -> Counts:
         """

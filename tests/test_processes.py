@@ -248,6 +248,26 @@ def test_shared_stats_answers_for_every_process(tmp_path: Path) -> None:
     stats.stop()
 
 
+def test_totals_never_go_down_between_processes(tmp_path: Path) -> None:
+    """
+    Two processes answering in turn never report a smaller total than the
+    answer before, even when one counted more since its last periodic
+    snapshot: answering writes the answering process's counts first.
+    """
+    clock = FakeReactor()
+    a, b = make_server(reactor=clock), make_server(reactor=clock)
+    stats_a = SharedStats(a, SnapshotFolder(tmp_path, 0), clock)
+    stats_b = SharedStats(b, SnapshotFolder(tmp_path, 1), clock)
+    a.orchestrator.tally.ok["uppercase"] += 3
+    stats_a.write()  # a periodic snapshot
+    a.orchestrator.tally.ok["uppercase"] += 7
+    b.orchestrator.tally.ok["reverse"] += 1
+    answers = [stats_a.snapshot()["total"], stats_b.snapshot()["total"]]
+    b.orchestrator.tally.ok["reverse"] += 1
+    answers += [stats_b.snapshot()["total"], stats_a.snapshot()["total"]]
+    assert answers == [10, 11, 12, 12]
+
+
 # -- real processes --------------------------------------------------------------
 
 
