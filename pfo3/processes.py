@@ -193,6 +193,12 @@ class Binder:
         sockets: List[socket.socket] = []
         actual = port
         try:
+            if port:
+                # Fail on a port in use as a single process does, instead of
+                # joining the SO_REUSEPORT group of another program.
+                address = tcp._resolveIPv6(interface, port) \
+                    if family == socket.AF_INET6 else (interface, port)
+                _listening(family, address, 1, reuse_port=False).close()
             for _ in range(self.copies):
                 address = tcp._resolveIPv6(interface, actual) \
                     if family == socket.AF_INET6 else (interface, actual)

@@ -646,10 +646,12 @@ def test_one_process_has_no_children(tmp_path: Path) -> None:
 @integration
 def test_port_in_use_is_refused_before_any_child_starts(tmp_path: Path) -> None:
     """
-    A port that cannot be opened stops the parent at start, with the error,
-    before it runs any child.
+    A port in use stops the parent at start, with the error, before it
+    runs any child, as it stops a single process: even when the program
+    holding it set SO_REUSEPORT, the server does not join its group.
     """
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
