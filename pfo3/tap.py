@@ -34,10 +34,11 @@ from pfo3.gate import (
 )
 from pfo3.logs import check_operations, use_json_logs
 from pfo3.orchestrator import Orchestrator
-from pfo3.processes import ChildRole, SharedPorts
+from pfo3.processes import ChildRole
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
+from pfo3.sharedports import SharedPorts
 from pfo3.stats import BrokerProbe, ServerStats
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
@@ -92,7 +93,7 @@ def check_shareable(options: usage.Options) -> None:
     With C{--processes N}: refuse endpoints whose sockets the processes
     cannot share.
     """
-    from pfo3.processes import shareable
+    from pfo3.sharedports import shareable
 
     named = [("--port", d) for d in options["ports"]] + [("--web", d) for d in options["web"]]
     if options["metrics"]:
@@ -367,12 +368,12 @@ def makeService(options: Options, reactor: Any = None) -> Service:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    if options["processes"] > 1:
+    role = ChildRole.from_environment()
+    if role is None and options["processes"] > 1:  # a child never starts children
         from pfo3.processes import Supervisor, child_arguments
 
         return Supervisor(reactor, options["processes"], child_arguments(options.arguments),
                           lambda binder: listen_everywhere(options, binder))
-    role = ChildRole.from_environment()
     return server_service(options, reactor, role)
 
 

@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Set
 import pytest
 from twisted.python import usage
 
-from pfo3.processes import Binder, ChildRole, Supervisor, child_arguments, shareable
+from pfo3.processes import ChildRole, Supervisor, child_arguments
 from pfo3.service import TaskServerService
+from pfo3.sharedports import Binder, shareable
 from pfo3.sharedstats import SharedStats, SnapshotFolder, add_up, counts_as_json
 from pfo3.stats import Counts
 from pfo3.tally import Tally
@@ -339,6 +340,22 @@ def test_tcp_tasks_served_by_both_processes(tmp_path: Path) -> None:
     finally:
         assert server.stop() == -signal.SIGTERM
     assert all(_gone(pid) for pid in pids)
+
+
+@integration
+def test_children_start_no_children_of_their_own(tmp_path: Path) -> None:
+    """
+    The option abbreviated as getopt allows (--proc=2), which a child's
+    command line still carries, starts two children and no grandchildren.
+    """
+    server = start_server(tmp_path, "--proc=2")
+    try:
+        pids = _pids(server)
+        assert _serve_through(lambda: LineSocket(server.port)) == set(pids)
+        for pid in pids:
+            assert Path(f"/proc/{pid}/task/{pid}/children").read_text().split() == []
+    finally:
+        server.stop()
 
 
 @integration
