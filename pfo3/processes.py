@@ -40,6 +40,7 @@ from twisted.internet.error import ProcessDone, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pfo3.logs import JSONLogsOnParent
 from pfo3.sharedports import Binder, Key
 
 log = Logger(namespace="pfo3")
@@ -157,7 +158,7 @@ class _Child(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
-class Supervisor(Service):
+class Supervisor(JSONLogsOnParent, Service):
     """
     The parent of a server run on several processes: it opens the listening
     sockets, runs the children, and stops them.

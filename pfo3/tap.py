@@ -32,7 +32,7 @@ from pfo3.gate import (
     Gate,
     parse_networks,
 )
-from pfo3.logs import check_operations, use_json_logs
+from pfo3.logs import check_operations, use_json_logs, use_process_logs
 from pfo3.orchestrator import Orchestrator
 from pfo3.processes import ChildRole
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
@@ -372,8 +372,12 @@ def makeService(options: Options, reactor: Any = None) -> Service:
     if role is None and options["processes"] > 1:  # a child never starts children
         from pfo3.processes import Supervisor, child_arguments
 
-        return Supervisor(reactor, options["processes"], child_arguments(options.arguments),
-                          lambda binder: listen_everywhere(options, binder))
+        supervisor = Supervisor(reactor, options["processes"],
+                                child_arguments(options.arguments),
+                                lambda binder: listen_everywhere(options, binder))
+        if options["log-format"] == "json":
+            use_json_logs(supervisor)
+        return supervisor
     return server_service(options, reactor, role)
 
 
@@ -451,7 +455,9 @@ def server_service(options: Options, reactor: Any,
         factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],
         handle_signals=True, stats=stats, metrics=metrics,
     )
-    if options["log-format"] == "json":
+    if role is not None:
+        use_process_logs(service, options["log-format"], os.getpid())
+    elif options["log-format"] == "json":
         use_json_logs(service)
     for endpoint in task_endpoints(options, listener, announce=role is None or not role.index):
         StreamServerEndpointService(endpoint, factory).setServiceParent(service)

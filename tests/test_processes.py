@@ -359,6 +359,31 @@ def test_children_start_no_children_of_their_own(tmp_path: Path) -> None:
 
 
 @integration
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_logs_say_which_process(tmp_path: Path, log_format: str) -> None:
+    """
+    Every process logs to the parent's standard output in the chosen format,
+    and the children's events say which child logged them: a C{pid} field
+    in JSON lines, C{pid N} in the system of text lines.
+    """
+    server = start_server(tmp_path, "--processes", "2", "--log-format", log_format)
+    try:
+        pids = _pids(server)
+        assert _serve_through(lambda: LineSocket(server.port), n=10)
+    finally:
+        server.stop()
+    lines = server.log.read_text().splitlines()
+    for pid in pids:
+        if log_format == "json":
+            events = [json.loads(line) for line in lines]
+            mine = [e for e in events if e.get("pid") == pid]
+            assert any(e["message"].startswith("pfo3 stopped after") for e in mine)
+        else:
+            assert any(re.search(rf"\[pfo3#info pid {pid}\] pfo3 stopped after", line)
+                       for line in lines)
+
+
+@integration
 def test_ssl_tasks_served_by_both_processes(tmp_path: Path) -> None:
     """
     An ssl: port works with --processes 2, TLS handshakes included, and
