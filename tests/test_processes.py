@@ -549,6 +549,38 @@ def test_web_shared_by_processes(tmp_path: Path) -> None:
 
 
 @integration
+def test_distributed_mode_gives_each_process_its_reply_queue(tmp_path: Path) -> None:
+    """
+    In distributed mode with an explicit --name, each of 2 processes gets
+    its own reply queue (NAME-0, NAME-1): tasks sent through both processes
+    to a real RabbitMQ and a pfo3-worker all come back to the process that
+    sent them.
+    """
+    from .test_distributed import Cluster, _blocking_channel
+
+    _blocking_channel()[0].close()  # fail early if there is no broker
+    cluster = Cluster(tmp_path)
+    cluster.names += ["op-0", "op-1"]
+    try:
+        cluster.worker("w1")
+        port = cluster.orchestrator("--processes", "2", name="op")
+        cluster.wait_log("op.log", "Connected to the broker", count=2)
+        served: Set[int] = set()
+        socks = [LineSocket(port) for _ in range(30)]
+        for i, c in enumerate(socks):
+            c.send_json({"tarea_id": f"d{i}", "tipo": "uppercase", "contenido": "hola"})
+            c.send_json({"op": "stats", "tarea_id": f"s{i}"})
+        for i, c in enumerate(socks):
+            replies = {r["tarea_id"]: r for r in c.read_many(2)}
+            assert replies[f"d{i}"]["resultado"] == "HOLA"
+            served.add(replies[f"s{i}"]["resultado"]["proceso"])
+            c.close()
+        assert len(served) == 2
+    finally:
+        cluster.stop()
+
+
+@integration
 def test_sigterm_drains_every_process(tmp_path: Path) -> None:
     """
     SIGTERM to the parent of 2 processes with sleeps in flight on both:
