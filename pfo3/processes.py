@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
-from twisted.internet.error import ProcessDone, ReactorNotRunning
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -54,6 +54,10 @@ CONTROL_FD = 3
 #: The first inherited listening socket; the others follow it.
 FIRST_PORT_FD = 4
 
+
+# -- a child ---------------------------------------------------------------------
+
+
 @dataclass
 class ChildRole:
     """
@@ -67,6 +71,10 @@ class ChildRole:
     stats: Path
 
     def as_environment(self) -> str:
+        """
+        @return: This role as the value of L{ENVIRONMENT} in the child's
+            environment.
+        """
         return json.dumps({"index": self.index, "count": self.count, "stats": str(self.stats),
                            "ports": [[list(key), fd] for key, fd in self.ports]})
 
@@ -85,6 +93,11 @@ class ChildRole:
 
 
 class _ParentWatch(protocol.Protocol):
+    """
+    A child's end of its socket pair with the parent, which only closes
+    when the parent is gone.
+    """
+
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
 
@@ -117,6 +130,21 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def become_child(reactor: Any, role: ChildRole, stats: Any) -> None:
+    """
+    Make this process one of its parent's children: stop when the parent
+    dies, leave SIGINT to it, and share this process's counts (C{stats}, a
+    L{pfo3.sharedstats.SharedStats}) with the others while it runs and once
+    it stopped.
+    """
+    watch_parent(reactor)
+    reactor.callWhenRunning(ignore_interrupts)
+    reactor.callWhenRunning(stats.start)
+    reactor.addSystemEventTrigger("after", "shutdown", stats.stop)
+    log.info("pfo3 process {index} of {count} (pid {pid}), on the sockets of parent {parent}",
+             index=role.index + 1, count=role.count, pid=os.getpid(), parent=os.getppid())
+
+
 # -- the parent: running the children --------------------------------------------
 
 
@@ -147,6 +175,12 @@ def child_command(arguments: Sequence[str]) -> List[str]:
 
 
 class _Child(protocol.ProcessProtocol):
+    """
+    One child, as the parent sees it.
+
+    @ivar ended: Fires when the child has exited, however it ended.
+    """
+
     def __init__(self, supervisor: Supervisor, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
@@ -185,7 +219,7 @@ class Supervisor(JSONLogsOnParent, Service):
         self.stopping = False
         self._controls: List[socket.socket] = []
         self._saved_handlers: Dict[int, Any] = {}
-        self.stats = Path()
+        self.stats: Optional[Path] = None
 
     def privilegedStartService(self) -> None:
         """
@@ -201,6 +235,9 @@ class Supervisor(JSONLogsOnParent, Service):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        """
+        Start the children, on the sockets opened, and log their pids.
+        """
         super().startService()
         self.stats = Path(tempfile.mkdtemp(prefix="pfo3-stats-"))
         for index in range(self.count):
@@ -213,6 +250,7 @@ class Supervisor(JSONLogsOnParent, Service):
                  parent=os.getpid())
 
     def _spawn(self, index: int) -> None:
+        assert self.stats is not None
         mine, theirs = socket.socketpair()
         self._controls.append(mine)
         ports = [(b.key, FIRST_PORT_FD + i) for i, b in enumerate(self.binder.bound)]
@@ -230,6 +268,10 @@ class Supervisor(JSONLogsOnParent, Service):
         self.children.append(child)
 
     def _ended(self, child: _Child, reason: Failure) -> None:
+        """
+        A child exited: as asked while stopping, or else a failure, which
+        stops the server.
+        """
         value = reason.value
         code = getattr(value, "exitCode", None)
         sig = getattr(value, "signal", None)
@@ -267,7 +309,8 @@ class Supervisor(JSONLogsOnParent, Service):
         self._give_back_signals()
         for control in self._controls:
             control.close()
-        shutil.rmtree(self.stats, ignore_errors=True)
+        if self.stats is not None:
+            shutil.rmtree(self.stats, ignore_errors=True)
         if self.failed:
             log.error("pfo3 stopped: a process failed")
             atexit.register(_exit_failed)
@@ -280,7 +323,7 @@ class Supervisor(JSONLogsOnParent, Service):
             if transport is not None and transport.pid is not None:
                 try:
                     transport.signalProcess(name)
-                except OSError:
+                except (OSError, ProcessExitedAlready):
                     pass
 
     # -- a second SIGTERM/SIGINT while stopping --------------------------------
@@ -317,17 +360,3 @@ def _exit_failed() -> None:
     sys.stderr.flush()
     os._exit(1)
 
-
-def become_child(reactor: Any, role: ChildRole, stats: Any) -> None:
-    """
-    Make this process one of its parent's children: stop when the parent
-    dies, leave SIGINT to it, and share this process's counts (C{stats}, a
-    L{pfo3.sharedstats.SharedStats}) with the others while it runs and once
-    it stopped.
-    """
-    watch_parent(reactor)
-    reactor.callWhenRunning(ignore_interrupts)
-    reactor.callWhenRunning(stats.start)
-    reactor.addSystemEventTrigger("after", "shutdown", stats.stop)
-    log.info("pfo3 process {index} of {count} (pid {pid}), on the sockets of parent {parent}",
-             index=role.index + 1, count=role.count, pid=os.getpid(), parent=os.getppid())

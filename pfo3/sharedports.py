@@ -29,7 +29,6 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.lockfile import FilesystemLock
-from zope.interface import implementer
 
 #: What a listening socket is known by: C{("tcp", port, interface)} or
 #: C{("unix", path)}, as the endpoint asked for it.
@@ -63,7 +62,6 @@ def shareable(description: str) -> bool:
     return kind in SHAREABLE
 
 
-@implementer(IListeningPort)
 class BoundSocket:
     """
     What L{Binder} opened for one endpoint: one listening socket per child
@@ -88,9 +86,6 @@ class BoundSocket:
         """
         return self.sockets[index % len(self.sockets)]
 
-    def startListening(self) -> None:
-        pass
-
     def close(self) -> None:
         """
         Close the sockets: the children hold their own copies.
@@ -113,11 +108,13 @@ class BoundSocket:
             self.lock.unlock()
             self.lock = None
 
-    def getHost(self) -> Any:
-        return self.key
-
 
 def _listening(family: int, address: Any, backlog: int, reuse_port: bool) -> socket.socket:
+    """
+    @return: A non-blocking socket listening on C{address}, with
+        C{SO_REUSEADDR} as Twisted's TCP ports set it, and C{SO_REUSEPORT}
+        when asked.
+    """
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:
