@@ -135,12 +135,19 @@ def become_child(reactor: Any, role: ChildRole, stats: Any) -> None:
     Make this process one of its parent's children: stop when the parent
     dies, leave SIGINT to it, and share this process's counts (C{stats}, a
     L{pfo3.sharedstats.SharedStats}) with the others while it runs and once
-    it stopped.
+    it stopped (then, if the parent is gone, remove them).
     """
+    parent = os.getppid()
+
+    def stopped() -> None:
+        stats.stop()
+        if os.getppid() != parent:  # orphaned: nobody else will clean up
+            stats.folder.remove()
+
     watch_parent(reactor)
     reactor.callWhenRunning(ignore_interrupts)
     reactor.callWhenRunning(stats.start)
-    reactor.addSystemEventTrigger("after", "shutdown", stats.stop)
+    reactor.addSystemEventTrigger("after", "shutdown", stopped)
     log.info("pfo3 process {index} of {count} (pid {pid}), on the sockets of parent {parent}",
              index=role.index + 1, count=role.count, pid=os.getpid(), parent=os.getppid())
 

@@ -101,6 +101,21 @@ class SnapshotFolder:
         partial.write_text(json.dumps(data), encoding="utf-8")
         os.replace(partial, self.mine)
 
+    def remove(self) -> None:
+        """
+        Remove this process's file, and the folder once it is empty: what
+        the last process standing does when the parent is gone and cannot.
+        """
+        for name in (self.mine, self.path / f".{self.index}.json.new"):
+            try:
+                name.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # another process's file is still there, or the folder is gone
+
     def others(self) -> List[Dict[str, Any]]:
         """
         @return: The last snapshot of every other process that wrote one.

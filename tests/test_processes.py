@@ -671,15 +671,29 @@ def test_ctrl_c_to_the_group_drains_without_cancelling(tmp_path: Path) -> None:
 def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     """
     When the parent is killed (SIGKILL: no chance to stop anything), its
-    children notice and exit.
+    children notice and exit, and the last one removes the folder of
+    counts that the parent would have removed.
     """
-    server = start_server(tmp_path, "--processes", "2")
-    pids = _pids(server)
-    assert _serve_through(lambda: LineSocket(server.port), n=20) == set(pids)
-    server.proc.kill()
-    server.proc.wait(5)
-    assert all(_gone(pid) for pid in pids)
-    assert "the parent process is gone" in server.log.read_text()
+    port = free_port()
+    log = tmp_path / "orphans.log"
+    (tmp_path / "tmp").mkdir()
+    env = server_env()
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    proc = subprocess.Popen(
+        twistd_command("--processes", "2", "--port", f"tcp:{port}:interface=127.0.0.1"),
+        cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = RunningServer(proc, port, log)
+    try:
+        pids = _pids(server)
+        assert _serve_through(lambda: LineSocket(port), n=20) == set(pids)
+        assert len(list((tmp_path / "tmp").glob("pfo3-stats-*"))) == 1
+        proc.kill()
+        proc.wait(5)
+        assert all(_gone(pid) for pid in pids)
+    finally:
+        server.stop()
+    assert log.read_text().count("the parent process is gone") == 2
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @integration
