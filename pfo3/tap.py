@@ -252,6 +252,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        #: The options as given (L{parseOptions}), for --processes.
+        self.arguments: List[str] = []
         self["ports"] = []
         self["proxy-from"] = []
         self["web"] = []
