@@ -95,19 +95,25 @@ class ChildRole:
 class _ParentWatch(protocol.Protocol):
     """
     A child's end of its socket pair with the parent, which only closes
-    when the parent is gone.
+    when the parent is gone (or this process exits).
     """
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        self.stopping = False
+        reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
+
+    def _stopping(self) -> None:
+        self.stopping = True
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self.reactor.running and not getattr(self.reactor, "_stopped", False):
-            log.warn("pfo3: the parent process is gone; stopping as on SIGTERM")
-            try:
-                self.reactor.stop()
-            except ReactorNotRunning:
-                pass
+        if self.stopping:
+            return  # this process is stopping anyway, and closes its end
+        log.warn("pfo3: the parent process is gone; stopping as on SIGTERM")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
 
 
 def watch_parent(reactor: Any, fd: int = CONTROL_FD) -> None:
@@ -115,8 +121,9 @@ def watch_parent(reactor: Any, fd: int = CONTROL_FD) -> None:
     Stop the reactor (gracefully, as SIGTERM does) when the parent dies,
     which closes the other end of the socket pair on C{fd}.
     """
-    factory = protocol.Factory.forProtocol(lambda: _ParentWatch(reactor))
-    reactor.adoptStreamConnection(fd, socket.AF_UNIX, factory)
+    watch = _ParentWatch(reactor)
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, protocol.Factory.forProtocol(
+        lambda: watch))
     os.close(fd)
 
 

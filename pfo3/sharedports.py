@@ -14,6 +14,12 @@ A TCP endpoint is opened as one socket per child, all in one
 C{SO_REUSEPORT} group, so that the kernel spreads new connections over the
 children; a UNIX endpoint (which has no C{SO_REUSEPORT}) is one socket that
 they share.  C{docs/processes.md} says why.
+
+Like L{pfo3.tlsid}, this reaches into Twisted where it has no public way:
+C{tcp._resolveIPv6} to bind IPv6 addresses as Twisted's ports do, and
+C{unix.Port._fromListeningDescriptor} to adopt a UNIX socket without
+removing its file when one child stops.  Should a Twisted release move
+them, the server fails to start, and C{tests/test_processes.py} says so.
 """
 
 from __future__ import annotations

@@ -402,6 +402,31 @@ def test_ssl_tasks_served_by_both_processes(tmp_path: Path) -> None:
 
 
 @integration
+def test_tcp6_tasks_served_by_both_processes(tmp_path: Path) -> None:
+    """
+    A tcp6: port on ::1 works with --processes 2, and both processes serve
+    it.
+    """
+    port = free_port()
+    log = tmp_path / "tcp6.log"
+    proc = subprocess.Popen(
+        twistd_command("--processes", "2", "--port", f"tcp6:{port}:interface=\\:\\:1"),
+        cwd=tmp_path, env=server_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = RunningServer(proc, port, log)
+
+    class IPv6Line(LineSocket):
+        def __init__(self) -> None:
+            self.sock = socket.create_connection(("::1", port), timeout=10)
+            self.buf = b""
+
+    try:
+        pids = _pids(server)
+        assert _serve_through(IPv6Line) == set(pids)
+    finally:
+        server.stop()
+
+
+@integration
 def test_unix_tasks_served_with_two_processes(tmp_path: Path) -> None:
     """
     A unix: port works with --processes 2: the two processes share one
