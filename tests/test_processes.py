@@ -166,7 +166,7 @@ def test_binder_opens_one_reuseport_socket_per_child_on_one_port(tmp_path: Path)
     The parent opens a TCP endpoint as one listening socket per child, all
     with SO_REUSEPORT on the same port (the one the kernel chose for port
     0), and a UNIX endpoint as one socket they share, with the endpoint's
-    mode; stopping removes the socket file.
+    mode and lock file; stopping removes the socket file and the lock.
     """
     binder = Binder(3)
     tcp = binder.listenTCP(0, None, 10, "127.0.0.1")  # type: ignore[arg-type]
@@ -174,11 +174,12 @@ def test_binder_opens_one_reuseport_socket_per_child_on_one_port(tmp_path: Path)
     assert len(tcp.sockets) == 3 and len(ports) == 1
     assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in tcp.sockets)
     path = tmp_path / "s.sock"
-    unix = binder.listenUNIX(str(path), None, mode=0o600)  # type: ignore[arg-type]
+    unix = binder.listenUNIX(str(path), None, mode=0o600, wantPID=1)  # type: ignore[arg-type]
     assert len(unix.sockets) == 1 and unix.for_child(2) is unix.sockets[0]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (tmp_path / "s.sock.lock").is_symlink()  # lockfile=1, as Twisted locks it
     binder.stop()
-    assert not path.exists()
+    assert not path.exists() and not (tmp_path / "s.sock.lock").exists()
     assert all(s.fileno() == -1 for s in tcp.sockets)
 
 
