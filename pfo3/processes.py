@@ -101,6 +101,7 @@ class _ParentWatch(protocol.Protocol):
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.stopping = False
+        self.orphaned = False
         reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
 
     def _stopping(self) -> None:
@@ -109,6 +110,7 @@ class _ParentWatch(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.stopping:
             return  # this process is stopping anyway, and closes its end
+        self.orphaned = True
         log.warn("pfo3: the parent process is gone; stopping as on SIGTERM")
         try:
             self.reactor.stop()
@@ -116,15 +118,18 @@ class _ParentWatch(protocol.Protocol):
             pass
 
 
-def watch_parent(reactor: Any, fd: int = CONTROL_FD) -> None:
+def watch_parent(reactor: Any, fd: int = CONTROL_FD) -> _ParentWatch:
     """
     Stop the reactor (gracefully, as SIGTERM does) when the parent dies,
     which closes the other end of the socket pair on C{fd}.
+
+    @return: The watch; its C{orphaned} says whether the parent died.
     """
     watch = _ParentWatch(reactor)
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, protocol.Factory.forProtocol(
         lambda: watch))
     os.close(fd)
+    return watch
 
 
 def ignore_interrupts() -> None:
@@ -144,14 +149,13 @@ def become_child(reactor: Any, role: ChildRole, stats: Any) -> None:
     L{pfo3.sharedstats.SharedStats}) with the others while it runs and once
     it stopped (then, if the parent is gone, remove them).
     """
-    parent = os.getppid()
+    watch = watch_parent(reactor)
 
     def stopped() -> None:
         stats.stop()
-        if os.getppid() != parent:  # orphaned: nobody else will clean up
+        if watch.orphaned:  # nobody else will clean up
             stats.folder.remove()
 
-    watch_parent(reactor)
     reactor.callWhenRunning(ignore_interrupts)
     reactor.callWhenRunning(stats.start)
     reactor.addSystemEventTrigger("after", "shutdown", stopped)
