@@ -23,7 +23,7 @@ import sys
 from datetime import datetime, timezone
 from typing import IO, Any, Dict, Optional
 
-from twisted.logger import ILogObserver, LogEvent, formatEvent
+from twisted.logger import ILogObserver, LogEvent, formatEvent, formatEventAsClassicLogText
 from twisted.python import usage
 from twisted.python.components import Componentized
 from zope.interface import provider
@@ -117,3 +117,34 @@ def use_json_logs(service: Any, stream: Optional[IO[str]] = None) -> None:
     log) once C{twistd} runs it.
     """
     service.log_observer = json_observer(stream if stream is not None else sys.stdout)
+
+
+def use_process_logs(service: Any, log_format: str, pid: int,
+                     stream: Optional[IO[str]] = None) -> None:
+    """
+    Make C{service} (a L{JSONLogsOnParent}) of one process among several
+    (C{--processes N}) say which process logged each event: a C{pid} field
+    in JSON lines, or C{pid N} after the system in text lines
+    (C{[pfo3#info pid 5121]}).  They share the parent's standard output.
+    """
+    out = stream if stream is not None else sys.stdout
+    if log_format == "json":
+        inner = json_observer(out)
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            inner({**event, "pid": pid})
+
+    else:
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            level = event.get("log_level")
+            system = event.get("log_system") or "{}#{}".format(
+                event.get("log_namespace", "-"), getattr(level, "name", "-"))
+            text = formatEventAsClassicLogText({**event, "log_system": f"{system} pid {pid}"})
+            if text is not None:
+                out.write(text)
+                out.flush()
+
+    service.log_observer = observe

@@ -92,8 +92,8 @@ class ServerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
-        orch = stats.orchestrator
-        tally = orch.tally
+        counts = stats.counts()
+        tally = counts.tally
         yield from _tally_families("pfo3", tally)
         errors = CounterMetricFamily(
             "pfo3_errors", "Error lines answered, by codigo: refusals (ocupado, apagando, "
@@ -103,27 +103,26 @@ class ServerCollector(Collector):
             errors.add_metric([codigo], n)
         yield errors
         yield GaugeMetricFamily("pfo3_tasks_in_flight",
-                                "Tasks accepted and not yet answered.", value=orch.active)
+                                "Tasks accepted and not yet answered.", value=counts.in_flight)
         yield GaugeMetricFamily("pfo3_connections", "Open client connections.",
-                                value=len(stats.factory.protocols))
-        executor = orch.executor
+                                value=counts.connections or 0)
         yield GaugeMetricFamily("pfo3_executor_threads",
                                 "Threads for blocking tasks (0 in distributed mode).",
-                                value=executor.workers)
+                                value=counts.threads)
         yield GaugeMetricFamily("pfo3_executor_running",
-                                "Blocking task functions running now.", value=executor.running)
+                                "Blocking task functions running now.", value=counts.running)
         yield GaugeMetricFamily(
             "pfo3_executor_abandoned",
             "Blocking task functions still running whose task was given up on.",
-            value=executor.abandoned)
-        if orch.store is not None:
+            value=counts.abandoned)
+        if counts.store_pending is not None:
             yield GaugeMetricFamily("pfo3_store_pending",
                                     "Record updates waiting to be written to the store.",
-                                    value=orch.store.pending)
+                                    value=counts.store_pending)
         yield GaugeMetricFamily("pfo3_draining", "1 while the server stops and drains.",
-                                value=1 if orch.draining else 0)
+                                value=1 if counts.draining else 0)
         yield GaugeMetricFamily("pfo3_uptime_seconds", "Seconds since the server started.",
-                                value=orch.clock.seconds() - orch.started)
+                                value=stats.orchestrator.clock.seconds() - counts.started)
         if stats.probe is not None:
             yield from _broker_families(stats.probe)
 

@@ -13,12 +13,15 @@ L{BrokerProbe.max_age} seconds.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from pfo3.tally import Tally
 
 if TYPE_CHECKING:
     from pfo3.orchestrator import Orchestrator
@@ -30,35 +33,72 @@ log = Logger(namespace="pfo3")
 PROBE_TIMEOUT = 2.0
 
 
-def orchestrator_summary(orch: Orchestrator, connections: Optional[int] = None) -> Dict[str, Any]:
+@dataclass
+class Counts:
     """
-    @return: The summary of what C{orch} counted: tasks by type and state,
-        error lines by code, tasks in flight, recent latency, uptime, the
-        executor's threads and the store's backlog.
+    What a server counted, read at one moment: its L{Tally} and the levels
+    (tasks in flight, connections, threads) beside it.  One process's, or
+    (L{pfo3.sharedstats}) every process's added up.
     """
-    now = orch.clock.seconds()
-    tally = orch.tally
+
+    tally: Tally
+    in_flight: int
+    connections: Optional[int]
+    threads: int
+    running: int
+    abandoned: int
+    store_pending: Optional[int]
+    draining: bool
+    started: float
+
+
+def counts_of(orch: Orchestrator, connections: Optional[int] = None) -> Counts:
+    """
+    @return: What C{orch} (and the C{connections} open to it) counted.
+    """
+    executor = orch.executor
+    store = orch.store
+    return Counts(
+        tally=orch.tally, in_flight=orch.active, connections=connections,
+        threads=executor.workers, running=executor.running, abandoned=executor.abandoned,
+        store_pending=None if store is None else store.pending,
+        draining=orch.draining, started=orch.started,
+    )
+
+
+def summary_of(counts: Counts, now: float) -> Dict[str, Any]:
+    """
+    @return: The summary of C{counts}: tasks by type and state, error lines
+        by code, tasks in flight, recent latency, uptime, the executor's
+        threads and the store's backlog.
+    """
+    tally = counts.tally
     tareas: Dict[str, Dict[str, int]] = {}
     for (tipo, estado), n in sorted(tally.by_outcome().items()):
         tareas.setdefault(tipo, {})[estado] = n
-    executor = orch.executor
-    store = orch.store
     return {
         "tareas": tareas,
         "total": tally.total(),
-        "en_curso": orch.active,
-        "conexiones": connections,
+        "en_curso": counts.in_flight,
+        "conexiones": counts.connections,
         "errores": dict(sorted(tally.errors.items())),
         "latencia": tally.percentiles(now),
-        "segundos_activo": round(now - orch.started, 3),
-        "apagando": orch.draining,
+        "segundos_activo": round(now - counts.started, 3),
+        "apagando": counts.draining,
         "ejecutor": {
-            "hilos": executor.workers,
-            "ocupados": executor.running,
-            "abandonadas": executor.abandoned,
+            "hilos": counts.threads,
+            "ocupados": counts.running,
+            "abandonadas": counts.abandoned,
         },
-        "store": None if store is None else {"pendientes": store.pending},
+        "store": None if counts.store_pending is None else {"pendientes": counts.store_pending},
     }
+
+
+def orchestrator_summary(orch: Orchestrator, connections: Optional[int] = None) -> Dict[str, Any]:
+    """
+    @return: The summary (L{summary_of}) of what C{orch} counted.
+    """
+    return summary_of(counts_of(orch, connections), orch.clock.seconds())
 
 
 class BrokerProbe:
@@ -187,11 +227,17 @@ class ServerStats:
             return False, "broker down"
         return True, "ok"
 
+    def counts(self) -> Counts:
+        """
+        @return: What this server counted, now.
+        """
+        return counts_of(self.orchestrator, len(self.factory.protocols))
+
     def snapshot(self) -> Dict[str, Any]:
         """
         @return: The summary with what is known of the broker now.
         """
-        summary = orchestrator_summary(self.orchestrator, len(self.factory.protocols))
+        summary = summary_of(self.counts(), self.orchestrator.clock.seconds())
         if self.probe is not None:
             summary["broker"] = self.probe.describe()
         return summary

@@ -133,6 +133,38 @@ class Tally:
         summary["max"] = durations[-1] if durations else None
         return summary
 
+    def as_json(self, now: float, window: float = WINDOW) -> Dict[str, Any]:
+        """
+        @return: These counts as JSON-able data, with the durations of the
+            last C{window} seconds only (what L{percentiles} reads), for
+            another process to add up with L{add_json}.
+        """
+        since = now - window
+        return {
+            "ok": dict(self.ok),
+            "other": [[tipo, estado, n] for (tipo, estado), n in list(self.other.items())],
+            "errors": dict(self.errors),
+            "buckets": list(self.buckets),
+            "timed": self.timed,
+            "total_seconds": self.total_seconds,
+            "recent": [[t, d] for t, d in list(self.recent) if t >= since],
+        }
+
+    def add_json(self, data: Dict[str, Any]) -> None:
+        """
+        Add the counts of another tally, as L{as_json} wrote them, to these.
+        """
+        for tipo, n in data["ok"].items():
+            self.ok[tipo] += n
+        for tipo, estado, n in data["other"]:
+            self.other[(tipo, estado)] += n
+        for codigo, n in data["errors"].items():
+            self.errors[codigo] += n
+        self.buckets = [a + b for a, b in zip(self.buckets, data["buckets"])]
+        self.timed += data["timed"]
+        self.total_seconds += data["total_seconds"]
+        self.recent.extend((t, d) for t, d in data["recent"])
+
 
 def _bound(bound: float) -> str:
     return repr(float(bound))

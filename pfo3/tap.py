@@ -5,11 +5,15 @@ Configuration: C{twistd pfo3} options and the service they build.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -28,11 +32,13 @@ from pfo3.gate import (
     Gate,
     parse_networks,
 )
-from pfo3.logs import check_operations, use_json_logs
+from pfo3.logs import check_operations, use_json_logs, use_process_logs
 from pfo3.orchestrator import Orchestrator
+from pfo3.processes import ChildRole
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
+from pfo3.sharedports import SharedPorts
 from pfo3.stats import BrokerProbe, ServerStats
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
@@ -80,6 +86,23 @@ def client_authorities(path: Optional[str], ports: List[str]) -> List[Any]:
         return load_authorities(path)
     except ValueError as e:
         raise usage.UsageError(f"--tls-client-ca: {e}")
+
+
+def check_shareable(options: usage.Options) -> None:
+    """
+    With C{--processes N}: refuse endpoints whose sockets the processes
+    cannot share.
+    """
+    from pfo3.sharedports import shareable
+
+    named = [("--port", d) for d in options["ports"]] + [("--web", d) for d in options["web"]]
+    if options["metrics"]:
+        named.append(("--metrics", options["metrics"]))
+    for option, description in named:
+        if not shareable(description):
+            raise usage.UsageError(
+                f"{option} {description!r} cannot be shared by --processes: only tcp:, "
+                "tcp6:, ssl:, unix: and haproxy: endpoints can (docs/processes.md)")
 
 
 class Options(usage.Options):
@@ -143,6 +166,13 @@ class Options(usage.Options):
         ["store-max-records", None, DEFAULT_MAX_RECORDS,
          "Records the memory: store keeps at most (the oldest half goes when it is "
          "full).", int],
+        ["processes", None, 1,
+         "Run the server as this many processes (one event loop each) sharing "
+         "its listening sockets: --port, --web and --metrics are opened once by a "
+         "parent process that runs and stops the others. Counts (op: stats, "
+         "/metrics) are totals over all of them; limits such as --max-tasks and "
+         "--max-connections apply to each. 1: one process, as without it. See "
+         "docs/processes.md.", int],
         ["log-tasks", None, 0,
          "Log one event (tarea_id, tipo, worker, duration, estado, peer) for "
          "every N-th task; 0 logs none, 1 logs all.", int],
@@ -223,6 +253,8 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        #: The options as given (L{parseOptions}), for --processes.
+        self.arguments: List[str] = []
         self["ports"] = []
         self["proxy-from"] = []
         self["web"] = []
@@ -266,10 +298,19 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        """
+        Parse C{options} (the command line by default), keeping them: with
+        C{--processes N}, each process runs with the same ones.
+        """
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
         if not self["ports"]:
             self["ports"] = [DEFAULT_PORT]
-        for name in ("workers", "max-line", "max-inflight", "max-tasks", "backlog"):
+        for name in ("workers", "max-line", "max-inflight", "max-tasks", "backlog",
+                     "processes"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
         if self["max-buffered"] < self["max-line"]:
@@ -300,6 +341,8 @@ class Options(usage.Options):
         if self["broker"]:
             check_broker(self)
         check_blobs(self)
+        if self["processes"] > 1:
+            check_shareable(self)
         from twisted.internet import reactor
 
         for description in self["ports"]:
@@ -317,9 +360,10 @@ class Options(usage.Options):
         check_operations(self)
 
 
-def makeService(options: Options, reactor: Any = None) -> TaskServerService:
+def makeService(options: Options, reactor: Any = None) -> Service:
     """
-    Assemble a server from parsed options.
+    Assemble a server from parsed options: one process's, or with
+    C{--processes N} the parent's, which runs N of them (L{pfo3.processes}).
 
     @param reactor: The reactor to run on; the global one by default.
     """
@@ -327,14 +371,40 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    role = ChildRole.from_environment()
+    if role is None and options["processes"] > 1:  # a child never starts children
+        from pfo3.processes import Supervisor, child_arguments
+
+        supervisor = Supervisor(reactor, options["processes"],
+                                child_arguments(options.arguments),
+                                lambda binder: listen_everywhere(options, binder))
+        if options["log-format"] == "json":
+            use_json_logs(supervisor)
+        return supervisor
+    return server_service(options, reactor, role)
+
+
+def server_service(options: Options, reactor: Any,
+                   role: Optional[ChildRole] = None) -> TaskServerService:
+    """
+    Assemble one process's server.
+
+    @param role: When this process is one of several (C{--processes N}),
+        what its parent told it; it then listens on the sockets it
+        inherited and its counts are added up with the others'.
+    """
+    listener = reactor if role is None else SharedPorts(reactor, role.ports)
     registry = default_registry(entry_points=not options["no-plugins"])
     executor: IExecutor
     if options["broker"]:
         from pfo3.amqp.executor import AMQPExecutor
 
+        name = options["name"] or ""
+        if name and role is not None:
+            name = f"{name}-{role.index}"  # each process has its own reply queue
         executor = AMQPExecutor.from_url(
             reactor, options["broker"], broker_topology(options), options["timeout"],
-            name=options["name"] or "")
+            name=name)
     else:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")
@@ -372,42 +442,97 @@ def makeService(options: Options, reactor: Any = None) -> TaskServerService:
     if options["broker"]:
         amqp: Any = executor
         probe = BrokerProbe(amqp.broker, broker_topology(options).tasks, reactor, amqp.oldest)
-    stats = ServerStats(factory, probe)
+    stats: ServerStats
+    if role is None:
+        stats = ServerStats(factory, probe)
+    else:
+        from pfo3.sharedstats import SharedStats, SnapshotFolder
+
+        stats = SharedStats(factory, SnapshotFolder(role.stats, role.index), reactor, probe)
     metrics = None
     if options["metrics"]:
         from pfo3.metrics import server_metrics
 
-        metrics = server_metrics(reactor, options["metrics"], stats)
+        metrics = server_metrics(listener, options["metrics"], stats)
     service = TaskServerService(
         factory, executor, reactor, options["shutdown-timeout"], options["gc-threshold"],
         handle_signals=True, stats=stats, metrics=metrics,
     )
-    if options["log-format"] == "json":
+    if role is not None:
+        use_process_logs(service, options["log-format"], os.getpid())
+    elif options["log-format"] == "json":
         use_json_logs(service)
+    for endpoint in task_endpoints(options, listener, announce=role is None or not role.index):
+        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+    if options["web"]:
+        web_service(options, factory, reactor, listener).setServiceParent(service)
+    if role is not None:
+        from pfo3.processes import become_child
+
+        become_child(reactor, role, stats)
+    return service
+
+
+def task_endpoints(options: Options, listener: Any, announce: bool = True) -> \
+        List[IStreamServerEndpoint]:
+    """
+    @param listener: The reactor the endpoints listen with.
+    @param announce: Log which ports require client certificates.
+    @return: The C{--port} endpoints, each with its wrappers: a strict
+        PROXY header on C{haproxy:}, the PROXY header before TLS on
+        C{haproxy:ssl:}, client certificates with C{--tls-client-ca}.
+    """
+    found = []
     for description in options["ports"]:
         endpoint = endpoints.serverFromString(
-            reactor, with_backlog(description, options["backlog"]))
+            listener, with_backlog(description, options["backlog"]))
         if is_tls(description):
             from pfo3.tlsid import proxy_header_before_tls, require_client_certificates
 
             if options.get("client-authorities"):
                 require_client_certificates(endpoint, options["client-authorities"])
-                log.info("--port {port} requires client certificates from {path}",
-                         port=description, path=options["tls-client-ca"])
+                if announce:
+                    log.info("--port {port} requires client certificates from {path}",
+                             port=description, path=options["tls-client-ca"])
             endpoint = proxy_header_before_tls(endpoint)
-        elif options.get("client-authorities"):
+        elif options.get("client-authorities") and announce:
             log.warn("--port {port} is not ssl:, so it asks no client certificate",
                      port=description)
-        StreamServerEndpointService(strict(endpoint), factory).setServiceParent(service)
-    if options["web"]:
-        web_service(options, factory, reactor).setServiceParent(service)
-    return service
+        found.append(strict(endpoint))
+    return found
 
 
-def web_service(options: Options, factory: TaskFactory, reactor: Any) -> MultiService:
+def web_endpoints(options: Options, listener: Any) -> List[IStreamServerEndpoint]:
+    """
+    @return: The C{--web} endpoints, listening with C{listener}.
+    """
+    return [endpoints.serverFromString(listener, with_backlog(d, options["backlog"]))
+            for d in options["web"]]
+
+
+def listen_everywhere(options: Options, listener: Any) -> List[Deferred[Any]]:
+    """
+    Listen on every endpoint of the server (C{--port}, C{--web},
+    C{--metrics}) with C{listener}, serving nothing: how the parent of
+    C{--processes N} opens the sockets its children share.
+
+    @return: The endpoints' Deferreds of their listening ports.
+    """
+    everything = task_endpoints(options, listener, announce=False) + web_endpoints(
+        options, listener)
+    if options["metrics"]:
+        everything.append(endpoints.serverFromString(listener, options["metrics"]))
+    return [e.listen(Factory()) for e in everything]
+
+
+def web_service(options: Options, factory: TaskFactory, reactor: Any,
+                listener: Any = None) -> MultiService:
     """
     The C{--web} endpoints, serving the same orchestrator and gate as the
     TCP ports (see L{pfo3.web}).
+
+    @param listener: The reactor the endpoints listen with, if not
+        C{reactor}.
     """
     from pfo3.web import Gateway, WebService, make_site
 
@@ -416,12 +541,9 @@ def web_service(options: Options, factory: TaskFactory, reactor: Any) -> MultiSe
     site = make_site(gateway, reactor, idle_timeout=options["idle-timeout"],
                      ping_interval=min(options["idle-timeout"], 60.0))
     web = WebService(site)
-    for description in options["web"]:
-        endpoint = endpoints.serverFromString(
-            reactor, with_backlog(description, options["backlog"]))
+    for endpoint in web_endpoints(options, reactor if listener is None else listener):
         StreamServerEndpointService(endpoint, site).setServiceParent(web)
     return web
-
 
 
 def authenticator(options: Options) -> IAuthenticator:
