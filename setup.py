@@ -9,7 +9,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=[
-        "pfo3", "pfo3.amqp", "pfo3.blobs", "pfo3.chaos", "pfo3.store", "pfo3.web",
+        "pfo3", "pfo3.amqp", "pfo3.blobs", "pfo3.chaos", "pfo3.processes", "pfo3.store",
+        "pfo3.web",
         "twisted.plugins",
     ],
     package_data={

@@ -38,7 +38,7 @@ class Counts:
     """
     What a server counted, read at one moment: its L{Tally} and the levels
     (tasks in flight, connections, threads) beside it.  One process's, or
-    (L{pfo3.sharedstats}) every process's added up.
+    (L{pfo3.processes.counts}) every process's added up.
     """
 
     tally: Tally

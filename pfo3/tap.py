@@ -35,10 +35,10 @@ from pfo3.gate import (
 from pfo3.logs import check_operations, use_json_logs, use_process_logs
 from pfo3.orchestrator import Orchestrator
 from pfo3.processes import ChildRole
+from pfo3.processes.ports import SharedPorts
 from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
-from pfo3.sharedports import SharedPorts
 from pfo3.stats import BrokerProbe, ServerStats
 from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
 from pfo3.tasks import default_registry
@@ -93,7 +93,7 @@ def check_shareable(options: usage.Options) -> None:
     With C{--processes N}: refuse endpoints whose sockets the processes
     cannot share.
     """
-    from pfo3.sharedports import shareable
+    from pfo3.processes.ports import shareable
 
     named = [("--port", d) for d in options["ports"]] + [("--web", d) for d in options["web"]]
     if options["metrics"]:
@@ -446,7 +446,7 @@ def server_service(options: Options, reactor: Any,
     if role is None:
         stats = ServerStats(factory, probe)
     else:
-        from pfo3.sharedstats import SharedStats, SnapshotFolder
+        from pfo3.processes.counts import SharedStats, SnapshotFolder
 
         stats = SharedStats(factory, SnapshotFolder(role.stats, role.index), reactor, probe)
     metrics = None

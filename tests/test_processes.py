@@ -1,7 +1,7 @@
 """
 C{twistd pfo3 --processes N}: one server on N processes sharing its
 listening sockets (L{pfo3.processes}), and its counts added up over them
-(L{pfo3.sharedstats}).
+(L{pfo3.processes.counts}).
 
 The option's validation and the pieces are tested in memory; the rest runs
 real C{twistd} processes on real sockets (marked C{integration}).
@@ -26,9 +26,9 @@ import pytest
 from twisted.python import usage
 
 from pfo3.processes import ChildRole, Supervisor, child_arguments
+from pfo3.processes.counts import SharedStats, SnapshotFolder, add_up, counts_as_json
+from pfo3.processes.ports import Binder, shareable
 from pfo3.service import TaskServerService
-from pfo3.sharedports import Binder, shareable
-from pfo3.sharedstats import SharedStats, SnapshotFolder, add_up, counts_as_json
 from pfo3.stats import Counts
 from pfo3.tally import Tally
 from pfo3.tap import Options, makeService

@@ -8,7 +8,7 @@ runs N copies of the same command line (the I{children}) that inherit those
 sockets and accept from them, each with its own reactor, thread pool and
 orchestrator.
 
-  - The sockets are opened and adopted as L{pfo3.sharedports} says: every
+  - The sockets are opened and adopted as L{pfo3.processes.ports} says: every
     endpoint kind and wrapper of a single process works unchanged.
   - L{Supervisor} is the parent's service.  It stops the children with
     SIGTERM when it is stopped, passes a second SIGTERM/SIGINT on (so they
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3.logs import JSONLogsOnParent
-from pfo3.sharedports import Binder, Key
+from pfo3.processes.ports import Binder, Key
 
 log = Logger(namespace="pfo3")
 
@@ -146,7 +146,7 @@ def become_child(reactor: Any, role: ChildRole, stats: Any) -> None:
     """
     Make this process one of its parent's children: stop when the parent
     dies, leave SIGINT to it, and share this process's counts (C{stats}, a
-    L{pfo3.sharedstats.SharedStats}) with the others while it runs and once
+    L{pfo3.processes.counts.SharedStats}) with the others while it runs and once
     it stopped (then, if the parent is gone, remove them).
     """
     watch = watch_parent(reactor)
