@@ -48,6 +48,40 @@ class MessageTests(SynchronousTestCase):
         self.assertIsInstance(error, TaskFailed)
         self.assertEqual(error.mensaje, "no")  # type: ignore[union-attr]
 
+    def test_templates_write_what_json_writes(self) -> None:
+        """
+        Task and result messages written through templates are byte for
+        byte what the JSON encoder writes for the same dict, for strings
+        that need escaping, lone surrogates and values of other types.
+        """
+        dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
+                                 separators=(",", ":")).encode
+        for value in ("hola", 'ñ"\\\n\u2028\ud800', "", 3, 2.5, None, [1, "a"], {"a": "b"}):
+            for identity in ("", 'al"ice'):
+                task = {"v": 1, "tipo": "upper", "contenido": value}
+                if identity:
+                    task["identidad"] = identity
+                self.assertEqual(messages.encode_task("upper", value, identity),
+                                 dumps(task).encode("utf-8", "backslashreplace"))
+            self.assertEqual(
+                messages.encode_result(value, "w1/0"),
+                dumps({"v": 1, "estado": "ok", "resultado": value, "worker": "w1/0"})
+                .encode("utf-8", "backslashreplace"))
+        with self.assertRaises(ValueError):
+            messages.encode_result(float("nan"), "w1/0")
+
+    def test_bodies_json_reads(self) -> None:
+        """
+        A body around which JSON allows blanks, or in UTF-16, decodes as
+        with L{json.loads}, though the fast path reads only UTF-8 bodies
+        that are one JSON value and nothing else.
+        """
+        body = b'{"v":1,"estado":"ok","resultado":"A","worker":"w"}'
+        for variant in (body, b" " + body + b"\n", body.decode().encode("utf-16")):
+            self.assertEqual(messages.decode_reply(variant), ("A", "w"))
+        with self.assertRaises(messages.BadMessage):
+            messages.decode_reply(body + b" x")
+
     def test_bad_bodies(self) -> None:
         """
         Bodies that are not JSON objects of this version are refused.
