@@ -234,6 +234,18 @@ class ExecutorTests(SynchronousTestCase):
         self.cluster.worker("w1")
         self.assertEqual(self.successResultOf(first), ("A", "w1/0"))  # type: ignore[arg-type]
 
+    def test_correlation_ids_are_unique(self) -> None:
+        """
+        Correlation ids differ from one task to the next and between two
+        executors (two orchestrators, or one restarted).
+        """
+        ids = set()
+        for cluster in (Cluster(TaskRegistry(BUILTINS)), Cluster(TaskRegistry(BUILTINS))):
+            for _ in range(100):
+                cluster.executor.run(BUILTINS[0], "a")
+            ids.update(m.correlation_id for m in cluster.broker.queues[TOPOLOGY.tasks])
+        self.assertEqual(len(ids), 200)
+
     def test_duplicate_reply_is_dropped(self) -> None:
         """
         A second reply for a task already answered (a redelivered task) is

@@ -104,6 +104,12 @@ class Refused(Exception):
     """
 
 
+#: Sets of message properties a L{PikaChannel} keeps, one per kind of
+#: message it publishes (reply queue, persistence, expiry): three in
+#: practice (tasks, cancellations, replies).
+_MAX_PROPERTIES = 64
+
+
 def _translate(failure: Failure) -> Failure:
     from pika.exceptions import NackError, UnroutableError
 
@@ -129,17 +135,37 @@ class PikaChannel:
         """
         self._channel = channel
         self._on_closed = on_closed
+        self._properties: Dict[Tuple[Optional[str], bool, Optional[float]],
+                               pika.BasicProperties] = {}
+
+    def _properties_for(
+        self, reply_to: Optional[str], persistent: bool, expiration: Optional[float],
+    ) -> pika.BasicProperties:
+        """
+        @return: The properties of a message with these settings, built
+            once: only the correlation id differs from one message to the
+            next, and pika encodes the properties as it publishes, so the
+            caller sets it on the shared instance just before.
+        """
+        key = (reply_to, persistent, expiration)
+        properties = self._properties.get(key)
+        if properties is None:
+            if len(self._properties) >= _MAX_PROPERTIES:
+                self._properties.clear()
+            properties = self._properties[key] = pika.BasicProperties(
+                content_type="application/json", reply_to=reply_to,
+                delivery_mode=2 if persistent else 1,
+                expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
+            )
+        return properties
 
     def publish(
         self, routing_key: str, body: bytes, correlation_id: str,
         reply_to: Optional[str] = None, expiration: Optional[float] = None,
         persistent: bool = True, exchange: str = "",
     ) -> Deferred[None]:
-        properties = pika.BasicProperties(
-            content_type="application/json", correlation_id=correlation_id,
-            reply_to=reply_to, delivery_mode=2 if persistent else 1,
-            expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
-        )
+        properties = self._properties_for(reply_to, persistent, expiration)
+        properties.correlation_id = correlation_id
         d: Deferred[Any] = self._channel.basic_publish(
             exchange, routing_key, body, properties, mandatory=bool(not exchange))
         return d.addCallbacks(lambda _: None, _translate)

@@ -14,9 +14,9 @@ timeout, so work nobody waits for is not started.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
-import uuid
 from typing import Any, Dict, Optional, Set
 
 from twisted.internet.defer import Deferred
@@ -76,6 +76,10 @@ class AMQPExecutor:
         self.task_ttl = task_ttl
         self._pending: Dict[str, Deferred[Any]] = {}
         self._unconfirmed: Set[str] = set()
+        # Correlation ids: a random prefix per executor (so per process and
+        # per start) and a counter, instead of a uuid4 per task.
+        self._id_prefix = os.urandom(8).hex() + "."
+        self._ids = itertools.count(1)
         self.oldest: Optional[OldestPublished] = None
         if clock is not None:
             self.oldest = OldestPublished(clock, self._pending)
@@ -117,7 +121,7 @@ class AMQPExecutor:
             raise BrokerUnavailable(
                 "No hay conexión con el broker de tareas; reintente en unos segundos.")
         body = messages.encode_task(tasktype.name, arg, identity)
-        correlation_id = uuid.uuid4().hex
+        correlation_id = f"{self._id_prefix}{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d
         self._unconfirmed.add(correlation_id)
