@@ -11,11 +11,13 @@ import json
 from typing import Any, List, Tuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pfo3.amqp import messages
+from pfo3.amqp.connection import AckBatch
 from pfo3.amqp.executor import AMQPExecutor
 from pfo3.amqp.topology import Topology
 from pfo3.amqp.worker import WorkerService
@@ -111,7 +113,8 @@ class Cluster:
         self.registry = registry
         holder: List[AMQPExecutor] = []
         view = self.broker.view(lambda raw, ch: holder[0].setup(raw, ch))
-        self.executor = AMQPExecutor(view, topology, "o1", timeout)  # type: ignore[arg-type]
+        self.executor = AMQPExecutor(  # type: ignore[arg-type]
+            view, topology, "o1", timeout, clock=self.clock)
         holder.append(self.executor)
         self.view = view
         self.orchestrator = Orchestrator(registry, self.executor, self.clock, timeout=timeout)
@@ -294,6 +297,107 @@ class ExecutorTests(SynchronousTestCase):
                          ([], 1, {}))
 
 
+class _AckRecorder:
+    """
+    The acknowledgements a channel was asked for, as C{(tag, multiple)}.
+    """
+
+    def __init__(self) -> None:
+        self.acks: List[Tuple[int, bool]] = []
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self.acks.append((tag, multiple))
+
+
+class AckBatchTests(SynchronousTestCase):
+    """
+    L{AckBatch} sends one multiple ack per reactor turn.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.batch = AckBatch(self.clock)
+        self.channel = _AckRecorder()
+
+    def test_one_ack_per_turn(self) -> None:
+        """
+        Deliveries acknowledged in one turn go out in the next as one
+        multiple ack of the last tag; a later turn gets its own.
+        """
+        for tag in (1, 2, 3):
+            self.batch.ack(self.channel, tag)  # type: ignore[arg-type]
+        self.assertEqual(self.channel.acks, [])
+        self.clock.advance(0)
+        self.batch.ack(self.channel, 4)  # type: ignore[arg-type]
+        self.clock.advance(0)
+        self.assertEqual(self.channel.acks, [(3, True), (4, True)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_new_channel_flushes_the_old_one(self) -> None:
+        """
+        A delivery of another channel (after a reconnection) first sends
+        what the previous channel had pending, to that channel: tags are
+        per channel.
+        """
+        other = _AckRecorder()
+        self.batch.ack(self.channel, 5)  # type: ignore[arg-type]
+        self.batch.ack(other, 1)  # type: ignore[arg-type]
+        self.clock.advance(0)
+        self.assertEqual((self.channel.acks, other.acks), ([(5, True)], [(1, True)]))
+
+    def test_flush(self) -> None:
+        """
+        C{flush} sends the pending ack at once and leaves no timer behind;
+        with nothing pending it sends nothing.
+        """
+        self.batch.ack(self.channel, 2)  # type: ignore[arg-type]
+        self.batch.flush()
+        self.batch.flush()
+        self.assertEqual((self.channel.acks, self.clock.getDelayedCalls()), ([(2, True)], []))
+
+
+class ReplyAckTests(SynchronousTestCase):
+    """
+    The orchestrator acknowledges its replies together, and only once it
+    has handled them.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(TaskRegistry(BUILTINS))
+        self.cluster.worker("w1")
+
+    def test_replies_of_one_turn_share_an_ack(self) -> None:
+        """
+        Replies handled in one reactor turn stay unacknowledged until its
+        end, then one multiple ack settles them all.
+        """
+        broker, reply_queue = self.cluster.broker, self.cluster.executor.reply_queue
+        ds = [self.cluster.executor.run(BUILTINS[0], text) for text in "abc"]
+        self.assertEqual([self.successResultOf(d)[0] for d in ds],  # type: ignore[arg-type]
+                         ["A", "B", "C"])
+        self.assertEqual(sorted(q for q, _, _ in broker.unacked.values()), [reply_queue] * 3)
+        acked = len(broker.acked)
+        self.cluster.clock.advance(0)
+        self.assertEqual((broker.unacked, len(broker.acked) - acked), ({}, 3))
+
+    def test_lost_before_the_ack(self) -> None:
+        """
+        A reply handled but not yet acknowledged when the connection drops
+        is delivered again after the reconnection and dropped: the client
+        got one answer.
+        """
+        d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.assertEqual(self.successResultOf(d), ("A", "w1/0"))  # type: ignore[arg-type]
+        self.cluster.view.lose()
+        reply_queue = self.cluster.executor.reply_queue
+        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 1)
+        self.cluster.view.connect()
+        self.cluster.clock.advance(0)
+        self.assertEqual((self.cluster.broker.unacked, len(
+            self.cluster.broker.queues[reply_queue])), ({}, 0))
+        self.assertEqual(self.cluster.executor._pending, {})
+
+
 class WorkerTests(SynchronousTestCase):
     """
     The worker's side: unknown types, acknowledgement after the reply, dead
@@ -320,6 +424,7 @@ class WorkerTests(SynchronousTestCase):
         self.cluster.executor.run(BUILTINS[0], "a")
         self.cluster.broker.release_confirms()  # the task itself
         worker = self.cluster.worker("w1")
+        self.cluster.clock.advance(0)  # the orchestrator acknowledges the reply
         self.assertEqual(len(self.cluster.broker.unacked), 1)
         worker.broker.lose()  # type: ignore[attr-defined]
         self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 1)

@@ -21,6 +21,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,9 +82,12 @@ class IChannel(Interface):
         Stop a consumer.
         """
 
-    def ack(tag: int) -> None:  # noqa: N805
+    def ack(tag: int, multiple: bool = False) -> None:  # noqa: N805
         """
         Acknowledge a delivery.
+
+        @param multiple: Acknowledge every delivery of this channel up to
+            and including C{tag} too.
         """
 
     def reject(tag: int, requeue: bool) -> None:  # noqa: N805
@@ -187,9 +191,9 @@ class PikaChannel:
         if not self._channel.is_open:
             self._on_closed()
 
-    def ack(self, tag: int) -> None:
+    def ack(self, tag: int, multiple: bool = False) -> None:
         if self._channel.is_open:
-            self._channel.basic_ack(tag)
+            self._channel.basic_ack(tag, multiple)
 
     def reject(self, tag: int, requeue: bool) -> None:
         if self._channel.is_open:
@@ -204,6 +208,50 @@ class PikaChannel:
         d: Deferred[Any] = self._channel.queue_declare(queue, passive=True)
         return d.addCallback(
             lambda frame: (frame.method.message_count, frame.method.consumer_count))
+
+
+class AckBatch:
+    """
+    Acknowledges deliveries with one multiple ack per reactor turn instead
+    of one ack each.
+
+    Only for a consumer that acknowledges every delivery of its channel as
+    it handles it, in order of delivery (the orchestrator's replies): a
+    multiple ack up to the last tag handled acknowledges exactly the
+    deliveries handled since the previous one.  The ack goes out in the
+    next reactor turn; if the channel is gone by then it is not sent, as
+    with an immediate ack on a closed channel, and the broker delivers
+    those messages again.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._channel: Optional[IChannel] = None
+        self._tag = 0
+        self._call: Optional[IDelayedCall] = None
+
+    def ack(self, channel: IChannel, tag: int) -> None:
+        """
+        Acknowledge C{tag} of C{channel}, and every earlier delivery of that
+        channel, soon.
+        """
+        if channel is not self._channel:
+            self.flush()
+            self._channel = channel
+        self._tag = tag
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Send the pending acknowledgement now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.ack(self._tag, multiple=True)
 
 
 def _pump(
