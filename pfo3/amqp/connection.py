@@ -12,7 +12,8 @@ the worker) when a channel is ready and when it is gone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import pika
@@ -252,6 +253,96 @@ class AckBatch:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.ack(self._tag, multiple=True)
+
+
+@implementer(IChannel)
+class OrderedAcks:
+    """
+    An L{IChannel} whose acknowledgements of one reactor turn go out at its
+    end, as one multiple ack for those that come first in the order of
+    delivery and one ack each for the others (for the worker, whose tasks
+    finish out of order).
+
+    A multiple ack up to a tag settles every delivery of the channel up to
+    it, so it may only cover deliveries this channel was told to settle:
+    every consumer of the channel is started through this wrapper, which
+    records each delivery's tag in order, and the multiple ack reaches only
+    up to the first delivery neither acknowledged nor rejected.  Rejections
+    go out at once.  If the channel is gone by the end of the turn the acks
+    are not sent, as with an immediate ack on a closed channel: the broker
+    delivers those messages again.
+    """
+
+    def __init__(self, channel: IChannel, clock: IReactorTime) -> None:
+        self._channel = channel
+        self._clock = clock
+        #: Tags delivered, in order, from the first one not known settled.
+        self._delivered: Deque[int] = deque()
+        #: Tags in C{_delivered} settled already (acknowledged one by one,
+        #: or rejected).
+        self._settled: Set[int] = set()
+        self._ready: List[int] = []
+        self._call: Optional[IDelayedCall] = None
+
+    def publish(
+        self, routing_key: str, body: bytes, correlation_id: str,
+        reply_to: Optional[str] = None, expiration: Optional[float] = None,
+        persistent: bool = True, exchange: str = "",
+    ) -> Deferred[None]:
+        return self._channel.publish(
+            routing_key, body, correlation_id, reply_to, expiration, persistent, exchange)
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:
+        delivered = self._delivered
+
+        def record(delivery: Delivery) -> None:
+            delivered.append(delivery.tag)
+            on_message(delivery)
+
+        return self._channel.consume(queue, record)
+
+    def cancel(self, consumer_tag: str) -> Deferred[None]:
+        return self._channel.cancel(consumer_tag)
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        if multiple:
+            raise ValueError("OrderedAcks chooses when to acknowledge several at once")
+        self._ready.append(tag)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        self._settled.add(tag)
+        self._channel.reject(tag, requeue)
+
+    def flush(self) -> None:
+        """
+        Send the acknowledgements of this turn now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._ready:
+            return
+        ready = set(self._ready)
+        self._ready = []
+        delivered, settled = self._delivered, self._settled
+        last = 0
+        while delivered:
+            tag = delivered[0]
+            if tag in ready:
+                ready.discard(tag)
+                last = tag
+            elif tag in settled:
+                settled.discard(tag)
+            else:
+                break
+            delivered.popleft()
+        if last:
+            self._channel.ack(last, multiple=True)
+        for tag in sorted(ready):
+            settled.add(tag)
+            self._channel.ack(tag)
 
 
 def _pump(
