@@ -199,10 +199,15 @@ class MemoryChannel:
         self.broker.consumers.pop(consumer_tag, None)
         return succeed(None)
 
-    def ack(self, tag: int) -> None:
+    def ack(self, tag: int, multiple: bool = False) -> None:
         if self.open:
-            self.broker.unacked.pop(tag, None)
-            self.broker.acked.append(tag)
+            tags = [tag]
+            if multiple:
+                tags = sorted(t for t, (_, _, channel) in self.broker.unacked.items()
+                              if t <= tag and channel is self)
+            for t in tags:
+                self.broker.unacked.pop(t, None)
+                self.broker.acked.append(t)
             self.broker._dispatch()
 
     def reject(self, tag: int, requeue: bool) -> None:

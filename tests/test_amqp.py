@@ -11,11 +11,13 @@ import json
 from typing import Any, List, Tuple
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pfo3.amqp import messages
+from pfo3.amqp.connection import AckBatch, Delivery, OrderedAcks
 from pfo3.amqp.executor import AMQPExecutor
 from pfo3.amqp.topology import Topology
 from pfo3.amqp.worker import WorkerService
@@ -48,6 +50,40 @@ class MessageTests(SynchronousTestCase):
         self.assertIsInstance(error, TaskFailed)
         self.assertEqual(error.mensaje, "no")  # type: ignore[union-attr]
 
+    def test_templates_write_what_json_writes(self) -> None:
+        """
+        Task and result messages written through templates are byte for
+        byte what the JSON encoder writes for the same dict, for strings
+        that need escaping, lone surrogates and values of other types.
+        """
+        dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
+                                 separators=(",", ":")).encode
+        for value in ("hola", 'ñ"\\\n\u2028\ud800', "", 3, 2.5, None, [1, "a"], {"a": "b"}):
+            for identity in ("", 'al"ice'):
+                task = {"v": 1, "tipo": "upper", "contenido": value}
+                if identity:
+                    task["identidad"] = identity
+                self.assertEqual(messages.encode_task("upper", value, identity),
+                                 dumps(task).encode("utf-8", "backslashreplace"))
+            self.assertEqual(
+                messages.encode_result(value, "w1/0"),
+                dumps({"v": 1, "estado": "ok", "resultado": value, "worker": "w1/0"})
+                .encode("utf-8", "backslashreplace"))
+        with self.assertRaises(ValueError):
+            messages.encode_result(float("nan"), "w1/0")
+
+    def test_bodies_json_reads(self) -> None:
+        """
+        A body around which JSON allows blanks, or in UTF-16, decodes as
+        with L{json.loads}, though the fast path reads only UTF-8 bodies
+        that are one JSON value and nothing else.
+        """
+        body = b'{"v":1,"estado":"ok","resultado":"A","worker":"w"}'
+        for variant in (body, b" " + body + b"\n", body.decode().encode("utf-16")):
+            self.assertEqual(messages.decode_reply(variant), ("A", "w"))
+        with self.assertRaises(messages.BadMessage):
+            messages.decode_reply(body + b" x")
+
     def test_bad_bodies(self) -> None:
         """
         Bodies that are not JSON objects of this version are refused.
@@ -77,7 +113,8 @@ class Cluster:
         self.registry = registry
         holder: List[AMQPExecutor] = []
         view = self.broker.view(lambda raw, ch: holder[0].setup(raw, ch))
-        self.executor = AMQPExecutor(view, topology, "o1", timeout)  # type: ignore[arg-type]
+        self.executor = AMQPExecutor(  # type: ignore[arg-type]
+            view, topology, "o1", timeout, clock=self.clock)
         holder.append(self.executor)
         self.view = view
         self.orchestrator = Orchestrator(registry, self.executor, self.clock, timeout=timeout)
@@ -200,6 +237,18 @@ class ExecutorTests(SynchronousTestCase):
         self.cluster.worker("w1")
         self.assertEqual(self.successResultOf(first), ("A", "w1/0"))  # type: ignore[arg-type]
 
+    def test_correlation_ids_are_unique(self) -> None:
+        """
+        Correlation ids differ from one task to the next and between two
+        executors (two orchestrators, or one restarted).
+        """
+        ids = set()
+        for cluster in (Cluster(TaskRegistry(BUILTINS)), Cluster(TaskRegistry(BUILTINS))):
+            for _ in range(100):
+                cluster.executor.run(BUILTINS[0], "a")
+            ids.update(m.correlation_id for m in cluster.broker.queues[TOPOLOGY.tasks])
+        self.assertEqual(len(ids), 200)
+
     def test_duplicate_reply_is_dropped(self) -> None:
         """
         A second reply for a task already answered (a redelivered task) is
@@ -248,6 +297,196 @@ class ExecutorTests(SynchronousTestCase):
                          ([], 1, {}))
 
 
+class _AckRecorder:
+    """
+    The acknowledgements a channel was asked for, as C{(tag, multiple)}.
+    """
+
+    def __init__(self) -> None:
+        self.acks: List[Tuple[int, bool]] = []
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self.acks.append((tag, multiple))
+
+
+class AckBatchTests(SynchronousTestCase):
+    """
+    L{AckBatch} sends one multiple ack per reactor turn.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.batch = AckBatch(self.clock)
+        self.channel = _AckRecorder()
+
+    def test_one_ack_per_turn(self) -> None:
+        """
+        Deliveries acknowledged in one turn go out in the next as one
+        multiple ack of the last tag; a later turn gets its own.
+        """
+        for tag in (1, 2, 3):
+            self.batch.ack(self.channel, tag)  # type: ignore[arg-type]
+        self.assertEqual(self.channel.acks, [])
+        self.clock.advance(0)
+        self.batch.ack(self.channel, 4)  # type: ignore[arg-type]
+        self.clock.advance(0)
+        self.assertEqual(self.channel.acks, [(3, True), (4, True)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_new_channel_flushes_the_old_one(self) -> None:
+        """
+        A delivery of another channel (after a reconnection) first sends
+        what the previous channel had pending, to that channel: tags are
+        per channel.
+        """
+        other = _AckRecorder()
+        self.batch.ack(self.channel, 5)  # type: ignore[arg-type]
+        self.batch.ack(other, 1)  # type: ignore[arg-type]
+        self.clock.advance(0)
+        self.assertEqual((self.channel.acks, other.acks), ([(5, True)], [(1, True)]))
+
+    def test_flush(self) -> None:
+        """
+        C{flush} sends the pending ack at once and leaves no timer behind;
+        with nothing pending it sends nothing.
+        """
+        self.batch.ack(self.channel, 2)  # type: ignore[arg-type]
+        self.batch.flush()
+        self.batch.flush()
+        self.assertEqual((self.channel.acks, self.clock.getDelayedCalls()), ([(2, True)], []))
+
+
+class _ConsumingRecorder(_AckRecorder):
+    """
+    A channel with one consumer the test delivers to, recording acks and
+    rejections.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rejected: List[int] = []
+        self.on_message: Any = None
+
+    def consume(self, queue: str, on_message: Any) -> Deferred[str]:
+        self.on_message = on_message
+        d: Deferred[str] = Deferred()
+        d.callback("ctag")
+        return d
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        self.rejected.append(tag)
+
+    def deliver(self, *tags: int) -> None:
+        for tag in tags:
+            self.on_message(Delivery(tag, b"", None, None, None, False))
+
+
+class OrderedAcksTests(SynchronousTestCase):
+    """
+    L{OrderedAcks} acknowledges several deliveries at once only up to the
+    first one not settled.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.raw = _ConsumingRecorder()
+        self.channel = OrderedAcks(self.raw, self.clock)  # type: ignore[arg-type]
+        self.seen: List[int] = []
+        self.channel.consume("q", lambda d: self.seen.append(d.tag))
+        self.raw.deliver(1, 2, 3, 4)
+
+    def test_in_order(self) -> None:
+        """
+        Deliveries acknowledged in one turn, in the order they came, go out
+        as one multiple ack at the end of the turn; the consumer saw each.
+        """
+        for tag in (1, 2, 3):
+            self.channel.ack(tag)
+        self.assertEqual(self.raw.acks, [])
+        self.clock.advance(0)
+        self.assertEqual((self.seen, self.raw.acks), ([1, 2, 3, 4], [(3, True)]))
+
+    def test_behind_an_unsettled_delivery(self) -> None:
+        """
+        Deliveries behind one still running are acknowledged one by one; once
+        that one is acknowledged, a multiple ack covers it.
+        """
+        self.channel.ack(4)
+        self.channel.ack(2)
+        self.clock.advance(0)
+        self.channel.ack(1)
+        self.clock.advance(0)
+        self.assertEqual(self.raw.acks, [(2, False), (4, False), (1, True)])
+        self.channel.ack(3)
+        self.clock.advance(0)
+        self.assertEqual(self.raw.acks[-1], (3, True))
+
+    def test_rejected(self) -> None:
+        """
+        A rejection goes out at once, and a later multiple ack may reach past
+        it (the broker no longer counts it as unacknowledged).
+        """
+        self.channel.reject(2, requeue=True)
+        self.assertEqual(self.raw.rejected, [2])
+        self.channel.ack(3)
+        self.channel.ack(1)
+        self.clock.advance(0)
+        self.assertEqual(self.raw.acks, [(3, True)])
+
+    def test_flush(self) -> None:
+        """
+        C{flush} sends what is pending at once and leaves no timer; a
+        caller's own multiple ack is refused.
+        """
+        self.channel.ack(1)
+        self.channel.flush()
+        self.assertEqual((self.raw.acks, self.clock.getDelayedCalls()), ([(1, True)], []))
+        self.assertRaises(ValueError, self.channel.ack, 2, multiple=True)
+
+
+class ReplyAckTests(SynchronousTestCase):
+    """
+    The orchestrator acknowledges its replies together, and only once it
+    has handled them.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(TaskRegistry(BUILTINS))
+        self.cluster.worker("w1")
+
+    def test_replies_of_one_turn_share_an_ack(self) -> None:
+        """
+        Replies handled in one reactor turn stay unacknowledged until its
+        end, then one multiple ack settles them all.
+        """
+        broker, reply_queue = self.cluster.broker, self.cluster.executor.reply_queue
+        ds = [self.cluster.executor.run(BUILTINS[0], text) for text in "abc"]
+        self.assertEqual([self.successResultOf(d)[0] for d in ds],  # type: ignore[arg-type]
+                         ["A", "B", "C"])
+        replies = [tag for tag, (q, _, _) in broker.unacked.items() if q == reply_queue]
+        self.assertEqual(len(replies), 3)
+        self.cluster.clock.advance(0)
+        self.assertEqual(broker.unacked, {})
+        self.assertEqual(sorted(set(replies) & set(broker.acked)), sorted(replies))
+
+    def test_lost_before_the_ack(self) -> None:
+        """
+        A reply handled but not yet acknowledged when the connection drops
+        is delivered again after the reconnection and dropped: the client
+        got one answer.
+        """
+        d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.assertEqual(self.successResultOf(d), ("A", "w1/0"))  # type: ignore[arg-type]
+        self.cluster.view.lose()
+        reply_queue = self.cluster.executor.reply_queue
+        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 1)
+        self.cluster.view.connect()
+        self.cluster.clock.advance(0)
+        self.assertEqual((self.cluster.broker.unacked, len(
+            self.cluster.broker.queues[reply_queue])), ({}, 0))
+        self.assertEqual(self.cluster.executor._pending, {})
+
+
 class WorkerTests(SynchronousTestCase):
     """
     The worker's side: unknown types, acknowledgement after the reply, dead
@@ -274,6 +513,7 @@ class WorkerTests(SynchronousTestCase):
         self.cluster.executor.run(BUILTINS[0], "a")
         self.cluster.broker.release_confirms()  # the task itself
         worker = self.cluster.worker("w1")
+        self.cluster.clock.advance(0)  # the orchestrator acknowledges the reply
         self.assertEqual(len(self.cluster.broker.unacked), 1)
         worker.broker.lose()  # type: ignore[attr-defined]
         self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 1)

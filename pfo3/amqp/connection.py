@@ -12,15 +12,17 @@ the worker) when a channel is ready and when it is gone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import pika
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,9 +83,12 @@ class IChannel(Interface):
         Stop a consumer.
         """
 
-    def ack(tag: int) -> None:  # noqa: N805
+    def ack(tag: int, multiple: bool = False) -> None:  # noqa: N805
         """
         Acknowledge a delivery.
+
+        @param multiple: Acknowledge every delivery of this channel up to
+            and including C{tag} too.
         """
 
     def reject(tag: int, requeue: bool) -> None:  # noqa: N805
@@ -102,6 +107,12 @@ class Refused(Exception):
     """
     The broker refused a message (a full queue that rejects publishes).
     """
+
+
+#: Sets of message properties a L{PikaChannel} keeps, one per kind of
+#: message it publishes (reply queue, persistence, expiry): three in
+#: practice (tasks, cancellations, replies).
+_MAX_PROPERTIES = 64
 
 
 def _translate(failure: Failure) -> Failure:
@@ -129,17 +140,37 @@ class PikaChannel:
         """
         self._channel = channel
         self._on_closed = on_closed
+        self._properties: Dict[Tuple[Optional[str], bool, Optional[float]],
+                               pika.BasicProperties] = {}
+
+    def _properties_for(
+        self, reply_to: Optional[str], persistent: bool, expiration: Optional[float],
+    ) -> pika.BasicProperties:
+        """
+        @return: The properties of a message with these settings, built
+            once: only the correlation id differs from one message to the
+            next, and pika encodes the properties as it publishes, so the
+            caller sets it on the shared instance just before.
+        """
+        key = (reply_to, persistent, expiration)
+        properties = self._properties.get(key)
+        if properties is None:
+            if len(self._properties) >= _MAX_PROPERTIES:
+                self._properties.clear()
+            properties = self._properties[key] = pika.BasicProperties(
+                content_type="application/json", reply_to=reply_to,
+                delivery_mode=2 if persistent else 1,
+                expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
+            )
+        return properties
 
     def publish(
         self, routing_key: str, body: bytes, correlation_id: str,
         reply_to: Optional[str] = None, expiration: Optional[float] = None,
         persistent: bool = True, exchange: str = "",
     ) -> Deferred[None]:
-        properties = pika.BasicProperties(
-            content_type="application/json", correlation_id=correlation_id,
-            reply_to=reply_to, delivery_mode=2 if persistent else 1,
-            expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
-        )
+        properties = self._properties_for(reply_to, persistent, expiration)
+        properties.correlation_id = correlation_id
         d: Deferred[Any] = self._channel.basic_publish(
             exchange, routing_key, body, properties, mandatory=bool(not exchange))
         return d.addCallbacks(lambda _: None, _translate)
@@ -161,9 +192,9 @@ class PikaChannel:
         if not self._channel.is_open:
             self._on_closed()
 
-    def ack(self, tag: int) -> None:
+    def ack(self, tag: int, multiple: bool = False) -> None:
         if self._channel.is_open:
-            self._channel.basic_ack(tag)
+            self._channel.basic_ack(tag, multiple)
 
     def reject(self, tag: int, requeue: bool) -> None:
         if self._channel.is_open:
@@ -178,6 +209,140 @@ class PikaChannel:
         d: Deferred[Any] = self._channel.queue_declare(queue, passive=True)
         return d.addCallback(
             lambda frame: (frame.method.message_count, frame.method.consumer_count))
+
+
+class AckBatch:
+    """
+    Acknowledges deliveries with one multiple ack per reactor turn instead
+    of one ack each.
+
+    Only for a consumer that acknowledges every delivery of its channel as
+    it handles it, in order of delivery (the orchestrator's replies): a
+    multiple ack up to the last tag handled acknowledges exactly the
+    deliveries handled since the previous one.  The ack goes out in the
+    next reactor turn; if the channel is gone by then it is not sent, as
+    with an immediate ack on a closed channel, and the broker delivers
+    those messages again.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._channel: Optional[IChannel] = None
+        self._tag = 0
+        self._call: Optional[IDelayedCall] = None
+
+    def ack(self, channel: IChannel, tag: int) -> None:
+        """
+        Acknowledge C{tag} of C{channel}, and every earlier delivery of that
+        channel, soon.
+        """
+        if channel is not self._channel:
+            self.flush()
+            self._channel = channel
+        self._tag = tag
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Send the pending acknowledgement now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.ack(self._tag, multiple=True)
+
+
+@implementer(IChannel)
+class OrderedAcks:
+    """
+    An L{IChannel} whose acknowledgements of one reactor turn go out at its
+    end, as one multiple ack for those that come first in the order of
+    delivery and one ack each for the others (for the worker, whose tasks
+    finish out of order).
+
+    A multiple ack up to a tag settles every delivery of the channel up to
+    it, so it may only cover deliveries this channel was told to settle:
+    every consumer of the channel is started through this wrapper, which
+    records each delivery's tag in order, and the multiple ack reaches only
+    up to the first delivery neither acknowledged nor rejected.  Rejections
+    go out at once.  If the channel is gone by the end of the turn the acks
+    are not sent, as with an immediate ack on a closed channel: the broker
+    delivers those messages again.
+    """
+
+    def __init__(self, channel: IChannel, clock: IReactorTime) -> None:
+        self._channel = channel
+        self._clock = clock
+        #: Tags delivered, in order, from the first one not known settled.
+        self._delivered: Deque[int] = deque()
+        #: Tags in C{_delivered} settled already (acknowledged one by one,
+        #: or rejected).
+        self._settled: Set[int] = set()
+        self._ready: List[int] = []
+        self._call: Optional[IDelayedCall] = None
+
+    def publish(
+        self, routing_key: str, body: bytes, correlation_id: str,
+        reply_to: Optional[str] = None, expiration: Optional[float] = None,
+        persistent: bool = True, exchange: str = "",
+    ) -> Deferred[None]:
+        return self._channel.publish(
+            routing_key, body, correlation_id, reply_to, expiration, persistent, exchange)
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:
+        delivered = self._delivered
+
+        def record(delivery: Delivery) -> None:
+            delivered.append(delivery.tag)
+            on_message(delivery)
+
+        return self._channel.consume(queue, record)
+
+    def cancel(self, consumer_tag: str) -> Deferred[None]:
+        return self._channel.cancel(consumer_tag)
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        if multiple:
+            raise ValueError("OrderedAcks chooses when to acknowledge several at once")
+        self._ready.append(tag)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        self._settled.add(tag)
+        self._channel.reject(tag, requeue)
+
+    def flush(self) -> None:
+        """
+        Send the acknowledgements of this turn now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._ready:
+            return
+        ready = set(self._ready)
+        self._ready = []
+        delivered, settled = self._delivered, self._settled
+        last = 0
+        while delivered:
+            tag = delivered[0]
+            if tag in ready:
+                ready.discard(tag)
+                last = tag
+            elif tag in settled:
+                settled.discard(tag)
+            else:
+                break
+            delivered.popleft()
+        if last:
+            self._channel.ack(last, multiple=True)
+        for tag in sorted(ready):
+            settled.add(tag)
+            self._channel.ack(tag)
 
 
 def _pump(
@@ -242,14 +407,100 @@ def no_delay(transport: Any) -> None:
             log.failure("Could not set TCP_NODELAY on the broker connection")
 
 
+class TurnWriter:
+    """
+    The transport pika writes to on a TCP connection: what it writes during
+    one reactor turn goes out in one send at the end of that turn.
+
+    pika writes each frame on its own (three for a publish), and a TCP
+    transport (L{twisted.internet.tcp.Client}) only buffers each write,
+    registers for writability (an C{epoll_ctl}), sends when the next poll
+    says it may, and unregisters (another C{epoll_ctl}).  Here the frames of
+    a turn are joined and sent by a delayed call of 0 s, which runs right
+    after the turn's I/O, while the transport holds nothing; what the socket
+    does not take, and everything after it, goes through the transport's own
+    buffered C{write}, which keeps the order and the reporting of errors
+    (as L{pfo3.sending.SendNow} does for the clients' connections).  Every
+    other attribute is the transport's.
+    """
+
+    def __init__(self, transport: Any, clock: IReactorTime) -> None:
+        self.transport = transport
+        self._clock = clock
+        self._pending: List[bytes] = []
+        self._call: Optional[IDelayedCall] = None
+        #: Whether the transport may hold unsent bytes of ours: from then
+        #: on every write is the transport's (it never tells when it
+        #: drained).
+        self._buffered = False
+
+    def write(self, data: bytes) -> None:
+        """
+        Send C{data} at the end of this reactor turn.
+        """
+        self._pending.append(data)
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def writeSequence(self, data: List[bytes]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def flush(self) -> None:
+        """
+        Send what was written this turn now.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending = []
+        transport = self.transport
+        if not self._buffered and transport.connected and not transport.disconnecting:
+            sent = transport.writeSomeData(data)
+            if type(sent) is int:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            # else: the connection is lost; the transport finds that out
+            # itself when it tries to send what follows.
+            self._buffered = True
+        transport.write(data)
+
+    def loseConnection(self) -> None:
+        self.flush()
+        self.transport.loseConnection()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class _PikaConnection(TwistedProtocolConnection):
+    """
+    pika's Twisted connection, writing through a L{TurnWriter} on TCP.
+    """
+
+    def __init__(self, params: pika.URLParameters, clock: IReactorTime) -> None:
+        super().__init__(params)
+        self._clock = clock
+
+    def makeConnection(self, transport: Any) -> None:
+        if type(transport) is tcp.Client:
+            transport = TurnWriter(transport, self._clock)
+        super().makeConnection(transport)
+
+
 class _PikaFactory(Factory):
     noisy = False
 
-    def __init__(self, params: pika.URLParameters) -> None:
+    def __init__(self, params: pika.URLParameters, clock: IReactorTime) -> None:
         self.params = params
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> TwistedProtocolConnection:
-        p = TwistedProtocolConnection(self.params)
+        p = _PikaConnection(self.params, self.clock)
         p.factory = self
         return p
 
@@ -287,7 +538,7 @@ class Broker(Service):
         self._ready_waiters: List[Deferred[IChannel]] = []
         params = self._params = parameters(url)
         self._service = ClientService(
-            _endpoint(reactor, params), _PikaFactory(params),
+            _endpoint(reactor, params), _PikaFactory(params, reactor),
             retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=2.0),
             clock=reactor, prepareConnection=self._prepare,
         )

@@ -14,9 +14,9 @@ timeout, so work nobody waits for is not started.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
-import uuid
 from typing import Any, Dict, Optional, Set
 
 from twisted.internet.defer import Deferred
@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3.amqp import messages
-from pfo3.amqp.connection import Broker, Delivery, IChannel, Refused, Unroutable
+from pfo3.amqp.connection import AckBatch, Broker, Delivery, IChannel, Refused, Unroutable
 from pfo3.amqp.topology import Topology
 from pfo3.errors import BrokerUnavailable, Busy, InternalError, Pfo3Error
 from pfo3.executor import IExecutor, MaybeDeferredOutcome
@@ -67,7 +67,9 @@ class AMQPExecutor:
         @param task_ttl: Seconds a task message may wait in the queue (the
             task timeout: after it, nobody waits for the reply).
         @param clock: When given, the publish time of each task is kept so
-            that C{oldest} can tell the oldest one's age (for the metrics).
+            that C{oldest} can tell the oldest one's age (for the metrics),
+            and the replies handled in one reactor turn are acknowledged
+            together (L{AckBatch}); without it, each one at once.
         """
         self.broker = broker
         self.topology = topology
@@ -76,9 +78,15 @@ class AMQPExecutor:
         self.task_ttl = task_ttl
         self._pending: Dict[str, Deferred[Any]] = {}
         self._unconfirmed: Set[str] = set()
+        # Correlation ids: a random prefix per executor (so per process and
+        # per start) and a counter, instead of a uuid4 per task.
+        self._id_prefix = os.urandom(8).hex() + "."
+        self._ids = itertools.count(1)
         self.oldest: Optional[OldestPublished] = None
+        self._acks: Optional[AckBatch] = None
         if clock is not None:
             self.oldest = OldestPublished(clock, self._pending)
+            self._acks = AckBatch(clock)
         broker.on_lost(self._lost)
 
     @classmethod
@@ -98,6 +106,8 @@ class AMQPExecutor:
         self.broker.startService()
 
     def stop(self) -> Deferred[None]:
+        if self._acks is not None:
+            self._acks.flush()
         return self.broker.stopService()
 
     def setup(self, raw_channel: Any, channel: IChannel) -> Deferred[Any]:
@@ -117,7 +127,7 @@ class AMQPExecutor:
             raise BrokerUnavailable(
                 "No hay conexión con el broker de tareas; reintente en unos segundos.")
         body = messages.encode_task(tasktype.name, arg, identity)
-        correlation_id = uuid.uuid4().hex
+        correlation_id = f"{self._id_prefix}{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d
         self._unconfirmed.add(correlation_id)
@@ -148,7 +158,12 @@ class AMQPExecutor:
                 "Se perdió la conexión con el broker antes de que confirmara la tarea."))
 
     def _on_reply(self, channel: IChannel, delivery: Delivery) -> None:
-        channel.ack(delivery.tag)
+        # Every delivery on this channel is a reply, acknowledged here in
+        # the order it came: safe to acknowledge several at once.
+        if self._acks is not None:
+            self._acks.ack(channel, delivery.tag)
+        else:
+            channel.ack(delivery.tag)
         d = self._pending.pop(delivery.correlation_id or "", None)
         if d is None:
             return  # a duplicate, or a task given up on

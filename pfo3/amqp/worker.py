@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3.amqp import messages
-from pfo3.amqp.connection import Broker, Delivery, IChannel, Unroutable
+from pfo3.amqp.connection import Broker, Delivery, IChannel, OrderedAcks, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
 from pfo3.executor import IExecutor
@@ -102,6 +102,7 @@ class WorkerService(Service):
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._consumers: List[str] = []
         self._channel: Optional[IChannel] = None
+        self._acks: Optional[OrderedAcks] = None
         self._stopping = False
         self._idle: List[Deferred[None]] = []
 
@@ -118,6 +119,9 @@ class WorkerService(Service):
         Bind a private queue to the cancellation exchange and consume it,
         the dead letters and the tasks (each time a connection is made).
         """
+        # Acknowledgements go out once per reactor turn, several at once
+        # where the order of delivery allows (every consumer starts here).
+        channel = self._acks = OrderedAcks(channel, self.reactor)
         self._channel = channel
         self._consumers = []
         t = self.topology
@@ -332,11 +336,18 @@ class WorkerService(Service):
                 cancels.append(channel.cancel(tag).addErrback(lambda _: None))
         d: Deferred[Any] = DeferredList(cancels)
         d.addCallback(lambda _: self._drained())
+        d.addCallback(lambda _: self._flush_acks())
         d.addCallback(lambda _: self.broker.stopService())
         d.addBoth(lambda _: self.executor.stop())
         d.addBoth(lambda _: log.info("pfo3-worker {name} stopped after {n} tasks",
                                       name=self.worker_name, n=self.completed))
         return d
+
+    def _flush_acks(self) -> None:
+        # Before the connection closes: an ack written after its close is
+        # lost, and the task would run again elsewhere.
+        if self._acks is not None:
+            self._acks.flush()
 
     def _drained(self) -> Deferred[None]:
         if not self.held and not self._unacked:
