@@ -51,16 +51,17 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
 
 class SendNow:
     """
-    Writes to a TCP transport by sending at once, as much as the socket
-    takes, while the transport holds nothing; what the socket does not take
-    (the client reads slowly), and everything after it, goes through the
-    transport's own buffered C{write}, which keeps the order, the
-    flow control (pausing the producer) and the reporting of errors.
+    Writes to a TCP transport (a server's or a client's) by sending at
+    once, as much as the socket takes, while the transport holds nothing;
+    what the socket does not take (the peer reads slowly), and everything
+    after it, goes through the transport's own buffered C{write}, which
+    keeps the order, the flow control (pausing the producer) and the
+    reporting of errors.
     """
 
     __slots__ = ("transport", "buffered")
 
-    def __init__(self, transport: tcp.Server) -> None:
+    def __init__(self, transport: tcp.Connection) -> None:
         self.transport = transport
         #: Whether the transport may hold unsent bytes of ours: from then on
         #: every write is the transport's (it never tells when it drained).

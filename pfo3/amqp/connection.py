@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pfo3.amqp.topology import Topology
+from pfo3.sending import SendNow
 
 log = Logger(namespace="pfo3.amqp")
 
@@ -429,10 +430,7 @@ class TurnWriter:
         self._clock = clock
         self._pending: List[bytes] = []
         self._call: Optional[IDelayedCall] = None
-        #: Whether the transport may hold unsent bytes of ours: from then
-        #: on every write is the transport's (it never tells when it
-        #: drained).
-        self._buffered = False
+        self._send = SendNow(transport).write
 
     def write(self, data: bytes) -> None:
         """
@@ -457,17 +455,7 @@ class TurnWriter:
             return
         data = b"".join(self._pending)
         self._pending = []
-        transport = self.transport
-        if not self._buffered and transport.connected and not transport.disconnecting:
-            sent = transport.writeSomeData(data)
-            if type(sent) is int:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            # else: the connection is lost; the transport finds that out
-            # itself when it tries to send what follows.
-            self._buffered = True
-        transport.write(data)
+        self._send(data)
 
     def loseConnection(self) -> None:
         self.flush()
