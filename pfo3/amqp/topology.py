@@ -17,9 +17,11 @@ With the default prefix C{pfo3}:
     on a task (timeout, client gone) publishes its correlation id there;
     each worker binds a private queue to it and drops that task if it holds
     or later receives it.
-  - C{pfo3.respuestas.NAME}: one reply queue per orchestrator, not
-    exclusive, so that it outlives a reconnection (replies sent meanwhile
-    wait in it); it expires once unused for a while.
+  - C{pfo3.respuestas.NAME}: one reply queue per orchestrator, durable and
+    not exclusive, so that it outlives a reconnection and a broker restart
+    (replies sent meanwhile wait in it, and a worker that is back before
+    the orchestrator does not find it missing); it expires once unused for
+    a while.
 """
 
 from __future__ import annotations
