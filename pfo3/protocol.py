@@ -34,7 +34,7 @@ from pfo3.errors import BufferFull, InternalError, LineTooLong, Pfo3Error
 from pfo3.framing import DEFAULT_MAX_BUFFERED, OVER_BUDGET, TOO_LONG, BufferBudget, LineSplitter
 from pfo3.gate import Gate
 from pfo3.orchestrator import Orchestrator, Session
-from pfo3.sending import writer_for
+from pfo3.sending import writers_for
 
 log = Logger(namespace="pfo3")
 
@@ -72,8 +72,10 @@ class TaskProtocol(LineOnlyReceiver):
     #: connection goes on only if it returns true (see L{pfo3.gate.Gate}).
     on_first_data: Optional[Callable[[TaskProtocol], bool]] = None
     #: Writes to the transport: every line this protocol writes goes
-    #: through it (L{pfo3.sending.writer_for}).
+    #: through it, or, for a reply ready on its own, through C{_send_soon}
+    #: (L{pfo3.sending.writers_for}).
     _send: Callable[[bytes], None]
+    _send_soon: Callable[[bytes], None]
 
     def __init__(self) -> None:
         self._held: List[Optional[bytes]] = []
@@ -93,7 +95,7 @@ class TaskProtocol(LineOnlyReceiver):
         self.last_active = self.factory.clock.seconds()
         self.factory.protocols.add(self)
         self.transport.registerProducer(self, True)
-        self._send = writer_for(self.transport)
+        self._send, self._send_soon = writers_for(self.transport)
         self.factory.gate.connected(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -346,7 +348,7 @@ class TaskProtocol(LineOnlyReceiver):
         if self._driving:
             self._out.append(line)
             return
-        self._send(line)
+        self._send_soon(line)
         if self._read_paused or self._finishing:
             self._drive()
 

@@ -13,7 +13,7 @@ small pieces, and make each write wait for the reactor:
     many small writes.
 
 For a protocol that already writes once per read both are pure cost: two
-system calls and a poll event, or a delayed call, per read.  L{writer_for}
+system calls and a poll event, or a delayed call, per read.  L{writers_for}
 gives the protocol a write function without them, also through a wrapper
 that passes writes through unchanged (the PROXY protocol's, on
 C{haproxy:} ports).  Every other transport (UNIX sockets...) is written to
@@ -23,30 +23,36 @@ as it is.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 from twisted.internet import tcp
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
-def writer_for(transport: Any) -> Callable[[bytes], None]:
+def writers_for(transport: Any) -> Tuple[Callable[[bytes], None], Callable[[bytes], None]]:
     """
-    @return: A function that writes bytes to C{transport} in order, as its
-        C{write} would, but without waiting for the reactor when it need
-        not.
+    @return: Two functions that write bytes to C{transport}, in order, as
+        its C{write} would: the first for the replies of a read, sent
+        without waiting for the reactor when it need not; the second for a
+        reply that is ready on its own (a timer or a thread finished), which
+        may wait for the end of the reactor turn so that the replies ready
+        in one turn leave together.
     """
     kind = type(transport)
     if kind is tcp.Server:
-        return SendNow(transport).write
+        sender = SendNow(transport)
+        return sender.write, sender.soon
     if kind is BufferingTLSTransport:
-        # Past the aggregator, to the TLS layer: one record per write.
-        return partial(TLSMemoryBIOProtocol.write, transport)
+        # Past the aggregator, to the TLS layer: one record per write; the
+        # TCP transport under it sends once per turn.
+        write = partial(TLSMemoryBIOProtocol.write, transport)
+        return write, write
     if isinstance(transport, ProtocolWrapper) and kind.write is ProtocolWrapper.write:
         # A wrapper that passes writes through as they are (the PROXY
         # protocol's): write to what it wraps.
-        return writer_for(transport.transport)
-    return transport.write
+        return writers_for(transport.transport)
+    return transport.write, transport.write
 
 
 class SendNow:
@@ -82,3 +88,13 @@ class SendNow:
             # itself when it tries to send what follows.
             self.buffered = True
         transport.write(data)
+
+    def soon(self, data: bytes) -> None:
+        """
+        Write C{data} through the transport's buffer, which sends once per
+        reactor turn whatever was written to it during the turn: for replies
+        that become ready one by one (a burst of timers), one send per turn
+        rather than one each.  Every later write goes there too.
+        """
+        self.buffered = True
+        self.transport.write(data)

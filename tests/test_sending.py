@@ -14,7 +14,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWr
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from pfo3.sending import SendNow, writer_for
+from pfo3.sending import SendNow, writers_for
 
 
 class FakeTCP:
@@ -87,6 +87,19 @@ class SendNowTests(SynchronousTestCase):
         w.write(b"y\n")
         self.assertEqual((t.sent, t.buffered), ([], [b"x\n", b"y\n"]))
 
+    def test_soon_goes_through_the_transport(self) -> None:
+        """
+        A reply ready on its own goes to the transport's buffer (sent once
+        per reactor turn with the others ready in that turn), and so does
+        every later write, to keep the order.
+        """
+        t = FakeTCP()
+        w = SendNow(t)  # type: ignore[arg-type]
+        w.write(b"a\n")
+        w.soon(b"b\n")
+        w.write(b"c\n")
+        self.assertEqual((t.sent, t.buffered), ([b"a\n"], [b"b\n", b"c\n"]))
+
     def test_closing_connection(self) -> None:
         """
         Once the transport is closing (or closed), writes are the
@@ -101,7 +114,7 @@ class SendNowTests(SynchronousTestCase):
 
 class WriterForTests(SynchronousTestCase):
     """
-    L{writer_for} looks through wrappers that pass writes through unchanged,
+    L{writers_for} looks through wrappers that pass writes through unchanged,
     and through nothing else.
     """
 
@@ -113,7 +126,7 @@ class WriterForTests(SynchronousTestCase):
         inner = StringTransport()
         wrapper = HAProxyProtocolWrapper(HAProxyWrappingFactory(Factory()), Protocol())
         wrapper.makeConnection(inner)
-        self.assertEqual(writer_for(wrapper), inner.write)
+        self.assertEqual(writers_for(wrapper), (inner.write, inner.write))
 
     def test_not_through_a_wrapper_that_writes_its_own_way(self) -> None:
         """
@@ -128,11 +141,11 @@ class WriterForTests(SynchronousTestCase):
 
         wrapper = Counting(WrappingFactory(Factory()), Protocol())
         wrapper.makeConnection(StringTransport())
-        self.assertEqual(writer_for(wrapper), wrapper.write)
+        self.assertEqual(writers_for(wrapper), (wrapper.write, wrapper.write))
 
     def test_other_transports(self) -> None:
         """
         Any other transport is written to as it is.
         """
         t = StringTransport()
-        self.assertEqual(writer_for(t), t.write)
+        self.assertEqual(writers_for(t), (t.write, t.write))
