@@ -5,9 +5,7 @@ The server as a Twisted service, with a graceful stop.
 from __future__ import annotations
 
 import gc
-import signal
-import threading
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
@@ -19,6 +17,7 @@ from pfo3.executor import IExecutor
 from pfo3.logs import JSONLogsOnParent
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import TaskFactory
+from pfo3.signals import SecondSignal
 from pfo3.stats import ServerStats
 
 log = Logger(namespace="pfo3")
@@ -94,7 +93,7 @@ class TaskServerService(JSONLogsOnParent, MultiService):
         self.gc_threshold = gc_threshold
         self.handle_signals = handle_signals
         self._sweeper: Optional[LoopingCall] = None
-        self._saved_handlers: Dict[int, Any] = {}
+        self._second_signal = SecondSignal(self.hurry, self._call_from_thread)
         self._hurried = False
         self.stats = stats if stats is not None else ServerStats(factory)
         self.orchestrator.summary = self.stats
@@ -234,20 +233,17 @@ class TaskServerService(JSONLogsOnParent, MultiService):
     # -- a second SIGTERM/SIGINT while stopping ----------------------------------
 
     def _take_signals(self) -> None:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
+        if self.handle_signals:
+            self._second_signal.take()
 
     def _give_back_signals(self) -> None:
-        saved, self._saved_handlers = self._saved_handlers, {}
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        self._second_signal.give_back()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    @staticmethod
+    def _call_from_thread(f: Callable[[], None]) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(self.hurry)  # type: ignore[attr-defined]
+        reactor.callFromThread(f)  # type: ignore[attr-defined]
 
     def hurry(self) -> None:
         """

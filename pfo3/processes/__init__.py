@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from pfo3.logs import JSONLogsOnParent
 from pfo3.processes.ports import Binder, Key
+from pfo3.signals import SecondSignal
 
 log = Logger(namespace="pfo3")
 
@@ -236,7 +237,7 @@ class Supervisor(JSONLogsOnParent, Service):
         self.failed = False
         self.stopping = False
         self._controls: List[socket.socket] = []
-        self._saved_handlers: Dict[int, Any] = {}
+        self._second_signal = SecondSignal(self.hurry, reactor.callFromThread)
         self.stats: Optional[Path] = None
 
     def privilegedStartService(self) -> None:
@@ -318,13 +319,13 @@ class Supervisor(JSONLogsOnParent, Service):
         super().stopService()
         self.stopping = True
         self.binder.stop()
-        self._take_signals()
+        self._second_signal.take()
         self._signal_all("TERM")
         d = defer.DeferredList([c.ended for c in self.children])
         return d.addCallback(self._all_ended)
 
     def _all_ended(self, ignored: Any) -> None:
-        self._give_back_signals()
+        self._second_signal.give_back()
         for control in self._controls:
             control.close()
         if self.stats is not None:
@@ -345,20 +346,6 @@ class Supervisor(JSONLogsOnParent, Service):
                     pass
 
     # -- a second SIGTERM/SIGINT while stopping --------------------------------
-
-    def _take_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def _give_back_signals(self) -> None:
-        saved, self._saved_handlers = self._saved_handlers, {}
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.hurry)
 
     def hurry(self) -> None:
         """
