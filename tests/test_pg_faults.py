@@ -92,6 +92,48 @@ class Load(threading.Thread):
             self.error = e
 
 
+def test_bindir_is_the_newest_installed_version(tmp_path: Path) -> None:
+    """
+    L{pgserver.bindir} picks the C{bin} folder of the highest version
+    number (compared as numbers, not strings) that has both C{initdb} and
+    C{pg_ctl}, and fails with a message naming the folder when none does.
+    """
+    for version, programs in (("9.6", ("initdb", "pg_ctl")), ("13", ("initdb", "pg_ctl")),
+                              ("16", ("initdb", "pg_ctl")), ("17", ("initdb",)),
+                              ("extra", ("initdb", "pg_ctl"))):
+        (tmp_path / version / "bin").mkdir(parents=True)
+        for program in programs:
+            (tmp_path / version / "bin" / program).touch()
+    assert pgserver.bindir(tmp_path) == tmp_path / "16" / "bin"
+    with pytest.raises(pgserver.PostgreSQLError, match=str(tmp_path / "empty")):
+        pgserver.bindir(tmp_path / "empty")
+
+
+def test_folder_closed_to_postgres(tmp_path: Path) -> None:
+    """
+    A server in a folder closed to others (under one of mode 0700): run as
+    root, where PostgreSQL runs as the C{postgres} user, it is refused
+    before C{initdb} with a message naming the folder that lacks o+x; run as
+    anyone else, PostgreSQL runs as that user and starts there.
+    """
+    closed = Path(tempfile.mkdtemp(prefix="pfo3-closed-"))
+    server = pgserver.Server(closed / "pg", free_port())
+    try:
+        os.chmod(closed, 0o700)
+        if os.geteuid() == 0:
+            assert server.user == pgserver.SYSTEM_USER
+            with pytest.raises(pgserver.PostgreSQLError, match=f"missing on: .*{closed}"):
+                server.start()
+            assert not (closed / "pg" / "data").exists()
+        else:
+            assert server.user is None
+            server.start()
+            assert server.pid() is not None
+    finally:
+        server.stop()
+        shutil.rmtree(closed)
+
+
 def test_postgresql_stop_and_start_under_load(tmp_path: Path, pg: pgserver.Server) -> None:
     """
     PostgreSQL is stopped (C{pg_ctl stop -m fast}: its sessions are ended)
