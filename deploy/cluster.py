@@ -138,7 +138,8 @@ def rabbit_env(state: Dict[str, Any]) -> Dict[str, str]:
     """
     @return: The environment of this cluster's RabbitMQ node and of
         rabbitmqctl talking to it: its name, ports and folders, no plugins,
-        no configuration file, and its own Erlang cookie (HOME under DIR).
+        no configuration file, its own Erlang cookie (HOME under DIR) and its
+        own epmd (Erlang's port mapper) on a loopback port of its own.
     """
     d = Path(state["dir"]) / "rabbitmq"
     env = dict(os.environ)
@@ -155,7 +156,41 @@ def rabbit_env(state: Dict[str, Any]) -> Dict[str, str]:
         "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
         "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
     })
+    if "epmd" in state["ports"]:
+        env["ERL_EPMD_PORT"] = str(state["ports"]["epmd"])
+        env["ERL_EPMD_ADDRESS"] = "127.0.0.1"
     return env
+
+
+def stop_epmd(state: Dict[str, Any]) -> Optional[str]:
+    """
+    Stop the cluster's own epmd (C{epmd -kill}), once its node is gone.
+
+    @return: Why it is still listening, or C{None}.
+    """
+    port = state.get("ports", {}).get("epmd")
+    if port is None or not listening(port):
+        return None
+    epmd = shutil.which("epmd")
+    if epmd is None:
+        return f"epmd on port {port} is running and no epmd command is installed to stop it"
+    subprocess.run([epmd, "-kill"], env=rabbit_env(state), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=30)
+    end = time.monotonic() + 10
+    while listening(port) and time.monotonic() < end:
+        time.sleep(0.1)
+    return f"epmd still listens on port {port}" if listening(port) else None
+
+
+def listening(port: int) -> bool:
+    """
+    @return: Whether something accepts connections on 127.0.0.1:C{port}.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def rabbitmqctl(state: Dict[str, Any], *args: str, timeout: float = 60) -> int:
@@ -356,7 +391,7 @@ def load(directory: Path) -> Dict[str, Any]:
 
 
 def choose_ports(base: Optional[int]) -> Dict[str, int]:
-    names = ["front", "amqp", "amqp_dist", "pg"]
+    names = ["front", "amqp", "amqp_dist", "epmd", "pg"]
     for o in ORCHESTRATORS:
         names += [o, f"{o}_direct", f"{o}_metrics"]
     names += [f"{w}_metrics" for w in WORKERS]
@@ -663,6 +698,9 @@ def down_state(state: Dict[str, Any]) -> List[str]:
     if alive(storage):
         seaweed.stop_pid(storage)
     stop_rabbitmq(state)
+    problem = stop_epmd(state)
+    if problem is not None:
+        problems.append(problem)
     pg = state.get("postgresql", {})
     if pg.get("own"):
         try:
@@ -804,7 +842,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_up = sub.add_parser("up", help="start the cluster and wait until it is healthy")
     p_up.add_argument("--dir", required=True, help="the cluster's folder")
     p_up.add_argument("--base-port", type=int, default=None,
-                      help="use 24 consecutive ports from this one (default: free ports)")
+                      help="use 25 consecutive ports from this one (default: free ports)")
     p_up.add_argument("--blobs", default=None,
                       help="an object storage URL for the orchestrators and workers, its "
                            "credentials in the AWS_* environment (default: start an S3 of "
