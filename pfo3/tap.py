@@ -395,6 +395,8 @@ def server_service(options: Options, reactor: Any,
     """
     listener = reactor if role is None else SharedPorts(reactor, role.ports)
     registry = default_registry(entry_points=not options["no-plugins"])
+    store = from_url(options["store"], reactor, max_age=options["store-max-age"],
+                     max_records=options["store-max-records"], reactor=reactor)
     executor: IExecutor
     if options["broker"]:
         from pfo3.amqp.executor import AMQPExecutor
@@ -404,7 +406,7 @@ def server_service(options: Options, reactor: Any,
             name = f"{name}-{role.index}"  # each process has its own reply queue
         executor = AMQPExecutor.from_url(
             reactor, options["broker"], broker_topology(options), options["timeout"],
-            name=name)
+            name=name, store=store)
     else:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")
@@ -417,8 +419,7 @@ def server_service(options: Options, reactor: Any,
         timeout=options["timeout"],
         max_tasks=options["max-tasks"],
         log_every=options["log-tasks"],
-        store=from_url(options["store"], reactor, max_age=options["store-max-age"],
-                       max_records=options["store-max-records"], reactor=reactor),
+        store=store,
         authenticator=options["authenticator"],
         rate=options["rate-limit"],
         blobs=blobs,
