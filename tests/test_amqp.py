@@ -494,13 +494,17 @@ class OrphanReplyTests(SynchronousTestCase):
 
     def test_tasks_without_a_store_name_no_record(self) -> None:
         """
-        Without a store, task messages and their replies carry no record
-        key (not a byte more than before).
+        An executor without a store (none, or one that dies with the
+        process) sends no record key, even when its caller records the task:
+        not a byte more than before.  With one, the key is the tarea_id.
         """
         cluster = Cluster(TaskRegistry(BUILTINS))
-        cluster.executor.run(BUILTINS[0], "a")
-        body = cluster.broker.queues[TOPOLOGY.tasks][0].body
-        self.assertEqual(body, b'{"v":1,"tipo":"uppercase","contenido":"a"}')
+        cluster.executor.run(BUILTINS[0], "a", "", "t1")
+        self.cluster.executor.run(BUILTINS[0], "a", "", "t1")
+        self.assertEqual(cluster.broker.queues[TOPOLOGY.tasks][0].body,
+                         b'{"v":1,"tipo":"uppercase","contenido":"a"}')
+        self.assertEqual(self.cluster.broker.queues[TOPOLOGY.tasks][0].body,
+                         b'{"v":1,"tipo":"uppercase","contenido":"a","tarea_id":"t1"}')
 
 
 class _AckRecorder:

@@ -87,9 +87,12 @@ class AMQPExecutor:
             that C{oldest} can tell the oldest one's age (for the metrics),
             and the replies handled in one reactor turn are acknowledged
             together (L{AckBatch}); without it, each one at once.
-        @param store: The store the orchestrator records its tasks in: the
-            outcomes of orphan replies (see the module's docstring) are
-            recorded there.  L{None}: they are dropped.
+        @param store: The store the orchestrator records its tasks in, when
+            it outlives this process (a database): the outcomes of orphan
+            replies (see the module's docstring) are recorded there, and
+            task messages carry their record's key for that.  L{None}
+            (no store, or one in memory that dies with the process): they
+            carry none, and orphan replies are dropped.
         """
         self.broker = broker
         self.topology = topology
@@ -158,7 +161,10 @@ class AMQPExecutor:
         if channel is None:
             raise BrokerUnavailable(
                 "No hay conexión con el broker de tareas; reintente en unos segundos.")
-        body = messages.encode_task(tasktype.name, arg, identity, tarea_id)
+        # The record's key travels only if this executor can complete the
+        # record (its successor under this name reads the same reply queue).
+        body = messages.encode_task(
+            tasktype.name, arg, identity, None if self.store is None else tarea_id)
         correlation_id = f"{self._id_prefix}{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d

@@ -123,8 +123,9 @@ def encode_task(
             task["tarea_id"] = tarea_id
         return _dumps(task).encode("utf-8", "backslashreplace")
     # The same text as _dumps of the dict, written into a template.
-    return (f'{{"v":{VERSION},"tipo":{_value(tipo)},"contenido":{_value(contenido)}'
-            f'{_key(identidad, tarea_id)}').encode("utf-8", "backslashreplace")
+    end = "}" if not identidad and tarea_id is None else _key(identidad, tarea_id)
+    return (f'{{"v":{VERSION},"tipo":{_value(tipo)},"contenido":{_value(contenido)}{end}'
+            ).encode("utf-8", "backslashreplace")
 
 
 class Task(NamedTuple):

@@ -4,7 +4,9 @@ The worker process of the distributed mode (C{twistd pfo3-worker}).
 It consumes the task queue, at most C{capacity} unacknowledged tasks at a
 time (the channel's prefetch), runs each with the very same task registry
 and L{LocalExecutor} as local mode (so C{sleep} is a timer here too), and
-answers on the task's C{reply_to}.  It acknowledges a task only once the
+answers on the task's C{reply_to}, echoing the task's record key when it
+has one (C{pfo3.amqp.messages}: so that the orchestrator started again after
+a crash can record the outcome).  It acknowledges a task only once the
 broker confirmed its reply: a worker that dies before that leaves the task
 to be delivered again, to another worker (at least once); the orchestrator
 drops the duplicate reply.  A task delivered too many times is
