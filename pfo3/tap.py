@@ -40,7 +40,7 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
 from pfo3.stats import BrokerProbe, ServerStats
-from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
+from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, MemoryStore, from_url
 from pfo3.tasks import default_registry
 from pfo3.tlsid import is_tls, peer_certificate_identity
 
@@ -406,7 +406,9 @@ def server_service(options: Options, reactor: Any,
             name = f"{name}-{role.index}"  # each process has its own reply queue
         executor = AMQPExecutor.from_url(
             reactor, options["broker"], broker_topology(options), options["timeout"],
-            name=name, store=store)
+            # A store in memory dies with this process: no successor could
+            # complete its records, so tasks need not carry their keys.
+            name=name, store=None if isinstance(store, MemoryStore) else store)
     else:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")
