@@ -443,6 +443,29 @@ class OrphanReplyTests(SynchronousTestCase):
         self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 0)
         self.assertEqual(self.cluster.broker.unacked, {})
 
+    def test_late_replies_of_its_own_tasks_ask_the_store_nothing(self) -> None:
+        """
+        A late reply to a task this very process published (given up on,
+        or answered already) is acknowledged without a look in the store:
+        this process recorded that task's end itself.
+        """
+        looked: List[Any] = []
+        get = self.store.get
+        self.store.get = lambda *key: looked.append(key) or get(*key)  # type: ignore
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+        answered = self.cluster.broker.queues[TOPOLOGY.tasks][0].correlation_id
+        self.cluster.worker("w1")
+        self.assertEqual(replies(transport)[0]["resultado"], "HOLA")
+        channel = self.cluster.view.channel
+        assert channel is not None
+        channel.publish(self.cluster.executor.reply_queue,
+                        messages.encode_result("OTRA", "w2/0", "", "a"), answered)
+        self.clock.advance(0)
+        self.assertEqual(looked, [])
+        self.assertEqual(self.record("a").resultado, "HOLA")
+        self.assertEqual(self.cluster.broker.unacked, {})
+
     def test_two_replies_of_one_task_record_once(self) -> None:
         """
         Two replies for one task handled before the store answered (a task

@@ -19,7 +19,9 @@ replies to the tasks the dead process had published wait in its reply
 queue, and the process started again under the same name finds them there.
 Its executor records the outcome of each one whose record is still
 C{en_curso} in the shared store, and acknowledges it only once the store
-wrote it.
+wrote it.  A late reply to a task of this very process (its correlation id
+has this executor's prefix) needs no look in the store: this process
+recorded how that task ended.
 """
 
 from __future__ import annotations
@@ -229,8 +231,13 @@ class AMQPExecutor:
         record is still running, then acknowledge it.
         """
         store = self.store
-        key = None if store is None else messages.reply_key(delivery.body)
-        if store is None or key is None or key in self._recovering:
+        if store is None or (delivery.correlation_id or "").startswith(self._id_prefix):
+            # Nowhere to record it, or a task of this process's: answered or
+            # given up on, and recorded so, here (no need to ask the store).
+            self._ack(channel, delivery.tag)
+            return
+        key = messages.reply_key(delivery.body)
+        if key is None or key in self._recovering:
             # Not recorded, or a duplicate of one being recorded now.
             self._ack(channel, delivery.tag)
             return
