@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring as _quote
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from pfo3.errors import ERROR_CODES, Pfo3Error
 from pfo3.wire import RefArg, ResultRef
@@ -128,22 +128,15 @@ def encode_task(
             ).encode("utf-8", "backslashreplace")
 
 
-class Task(NamedTuple):
-    """
-    A task message, decoded.
-
-    @ivar tarea_id: Its id in its orchestrator's store; L{None} when it is
-        not recorded.
-    """
-
-    tipo: str
-    contenido: Any
-    identidad: str
-    tarea_id: Optional[str]
+#: A task message, decoded: C{(tipo, contenido, identidad, tarea_id)}, where
+#: C{tarea_id} is its id in its orchestrator's store, L{None} when it is not
+#: recorded.  (A plain tuple: the worker unpacks one per task.)
+Task = Tuple[str, Any, str, Optional[str]]
 
 
 def decode_task(body: bytes) -> Task:
     """
+    @return: C{(tipo, contenido, identidad, tarea_id)}.
     @raise BadMessage: if C{body} is not a task message.
     """
     obj = _load(body)
@@ -153,15 +146,16 @@ def decode_task(body: bytes) -> Task:
     if type(tipo) is not str or type(identidad) is not str or (
         tarea_id is not None and type(tarea_id) is not str
     ):
-        raise BadMessage("a task message needs 'tipo' and 'contenido'")
+        raise BadMessage("a task message needs 'tipo' and 'contenido'; 'identidad' and "
+                         "'tarea_id', when there, are strings")
     if "contenido_ref" in obj or "refs" in obj:
         arg = RefArg((k, obj[k]) for k in ("contenido_ref", "contenido", "refs") if k in obj)
         if ("contenido_ref" in arg) == ("contenido" in arg):
             raise BadMessage("a task message needs one of 'contenido' and 'contenido_ref'")
-        return Task(tipo, arg, identidad, tarea_id)
+        return tipo, arg, identidad, tarea_id
     if "contenido" not in obj:
         raise BadMessage("a task message needs 'tipo' and 'contenido'")
-    return Task(tipo, obj["contenido"], identidad, tarea_id)
+    return tipo, obj["contenido"], identidad, tarea_id
 
 
 def encode_result(
