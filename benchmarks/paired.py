@@ -2,7 +2,7 @@
 Variants of one pfo3 under the same load, in interleaved rounds of one run,
 and the ratios of each to the first, paired within a round (the machines
 are noisy: a ratio of two runs taken side by side means more than either
-figure).  Used by C{auth_cost.py} and C{metrics_cost.py}.
+figure).  Used by C{auth_cost.py}.
 """
 
 from __future__ import annotations

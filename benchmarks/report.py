@@ -36,6 +36,10 @@ TARGETS: Tuple[Tuple[str, str, str, str, str, str, float], ...] = (
      "server_cpu_us_per_task", "<=", 1.2),
     ("over TLS: server CPU per task ÷ over TCP", "64x1", "pfo3-tls", "pfo3",
      "server_cpu_us_per_task", "<=", 1.5),
+    ("--metrics scraped 1/s: throughput ÷ without", "64x8", "pfo3-metrics", "pfo3",
+     "throughput", ">=", 0.9),
+    ("--metrics scraped 1/s: throughput ÷ without", "64x1", "pfo3-metrics", "pfo3",
+     "throughput", ">=", 0.9),
 )
 BURST_TARGET_S = 1.5
 IDLE_TARGET_BYTES = 10 * 1024
@@ -303,6 +307,12 @@ def markdown(results: Dict[str, Any], chart_name: str = "benchmarks.png") -> str
             results, "TLS", "pfo3 on an `ssl:` port against the same pfo3 on a `tcp:` port, "
             "with pipelining (64x8) and without (64x1); the ratios are TLS ÷ TCP.",
             "pfo3-tls", "pfo3", ("TCP", "TLS"))
+        out += _pair_section(
+            results, "Metrics",
+            "pfo3 with `--metrics` on a loopback port, scraped once a second during the load "
+            "(`benchmarks/scrape.py`, as a Prometheus would), against the same pfo3 without "
+            "it; the ratios are with ÷ without (the target is a throughput ratio >= 0.9).",
+            "pfo3-metrics", "pfo3", ("without", "with --metrics"))
         out += _pair_section(
             results, "Every core: one process or two",
             "`twistd pfo3 --processes 2` against one process, both loaded by two load "

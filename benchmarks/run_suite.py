@@ -105,7 +105,17 @@ class Running:
             self.procs.append(subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logdir))
             log.close()
-        self._wait_ready()
+        self.watchers: List[subprocess.Popen[bytes]] = []
+        try:
+            self._wait_ready()
+            for i, argv in enumerate(system.watchers(self.port)):
+                log = open(os.path.join(logdir, f"{system.name}-{self.port}-w{i}.log"), "wb")
+                self.watchers.append(subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=logdir))
+                log.close()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -157,12 +167,13 @@ class Running:
 
     def stop(self) -> None:
         """
-        Stop every process: SIGTERM, then SIGKILL after 10 s.
+        Stop every process, its watchers first: SIGTERM, then SIGKILL
+        after 10 s.
         """
-        for p in self.procs:
+        for p in [*self.watchers, *self.procs]:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        for p in [*self.watchers, *self.procs]:
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:

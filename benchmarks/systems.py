@@ -19,7 +19,10 @@ to L{SYSTEMS}:
     variant compared with pfo3 at a level or two only);
   - C{endpoint(port)} is the client endpoint C{pfo3-bench} connects to
     (C{tls:...} for a server on an C{ssl:} port), C{bench_args} its extra
-    options (C{--procs 2} to spread the load over two processes).
+    options (C{--procs 2} to spread the load over two processes);
+  - C{watchers(port)} returns one argv per process that uses it as its
+    operators' tools would (a Prometheus scraping its metrics): started once
+    it listens, stopped with it, their CPU time not counted as its own.
 
 L{DEFAULT_SYSTEMS} is what the suite runs unless told otherwise; the
 results-store systems run when named (C{docs/store.md}).
@@ -31,6 +34,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +57,10 @@ def _twistd() -> List[str]:
 
 def _always() -> Optional[str]:
     return None
+
+
+def _nothing(port: int) -> List[List[str]]:
+    return []
 
 
 def _tcp(port: int) -> str:
@@ -80,6 +88,8 @@ class System:
     @ivar bench_args: Extra options of every C{pfo3-bench} run against it.
     @ivar tls_ca: For a system on TLS: C{tls_ca()} is the CA certificate
         file its server certificate is signed by.
+    @ivar watchers: C{watchers(port)}: one argv per process watching it
+        (not part of it: its CPU time is not counted).
     """
 
     name: str
@@ -95,6 +105,7 @@ class System:
     endpoint: Callable[[int], str] = _tcp
     bench_args: Tuple[str, ...] = ()
     tls_ca: Optional[Callable[[], str]] = None
+    watchers: Callable[[int], List[List[str]]] = _nothing
 
     def runs_at(self, level: str) -> bool:
         """
@@ -218,6 +229,39 @@ PFO3_P2 = System(
     _pfo3_processes, env={"PYTHONPATH": REPO}, available=_processes_available,
     idle_memory=False, burst=False, levels=VARIANT_LEVELS, bench_args=("--procs", "2"),
 )
+#: The metrics port of the C{pfo3-metrics} server listening on each port.
+_METRICS_PORTS: Dict[int, int] = {}
+
+
+def _metrics_port(port: int) -> int:
+    """
+    @return: The port the C{pfo3-metrics} server on C{port} serves its
+        metrics on: a free one, chosen once per server.
+    """
+    if port not in _METRICS_PORTS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            _METRICS_PORTS[port] = s.getsockname()[1]
+    return _METRICS_PORTS[port]
+
+
+def _pfo3_metrics(port: int) -> List[List[str]]:
+    return [_pfo3(port)[0] + ["--metrics", f"tcp:{_metrics_port(port)}:interface=127.0.0.1"]]
+
+
+def _scraper(port: int) -> List[List[str]]:
+    return [[sys.executable, os.path.join(HERE, "scrape.py"),
+             f"http://127.0.0.1:{_metrics_port(port)}/metrics", "--interval", "1"]]
+
+
+PFO3_METRICS = System(
+    "pfo3-metrics", "pfo3 --metrics",
+    "pfo3 on its defaults with `--metrics` on a loopback port, scraped once a second "
+    "during the load (`benchmarks/scrape.py`, as a Prometheus would, more often than its "
+    "usual 15 s; the scraper's CPU is not the server's): what metrics cost.",
+    _pfo3_metrics, env={"PYTHONPATH": REPO}, idle_memory=False, burst=False,
+    levels=VARIANT_LEVELS, watchers=_scraper,
+)
 SEED = System(
     "seed", "seed architecture",
     "The seed prototype's architecture (`benchmarks/seed_server.py`): a thread per "
@@ -297,13 +341,13 @@ PFO3_STORE_PG = _store_system(
 
 #: Every system the suite knows, in report order.
 SYSTEMS: List[System] = [
-    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, SEED, FLOOR, FLOOR_PLAIN,
+    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, PFO3_METRICS, SEED, FLOOR, FLOOR_PLAIN,
     PFO3_STORE_NONE, PFO3_STORE_MEMORY, PFO3_STORE_SQLITE, PFO3_STORE_PG,
 ]
 
 #: What the suite runs unless told otherwise.
 DEFAULT_SYSTEMS: List[System] = [
-    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, SEED, FLOOR, FLOOR_PLAIN,
+    PFO3, PFO3_POOL, PFO3_TLS, PFO3_P1, PFO3_P2, PFO3_METRICS, SEED, FLOOR, FLOOR_PLAIN,
 ]
 
 

@@ -47,13 +47,21 @@ class IExecutor(Interface):
         "Blocking task functions still running whose caller gave up on them."
     )
 
-    def run(tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:  # noqa: N805
+    def run(
+        tasktype: TaskType, arg: Any, identity: str = "",  # noqa: N805
+        tarea_id: Optional[str] = None,
+    ) -> MaybeDeferredOutcome:
         """
         Run one task.
 
         @param arg: C{contenido} as the task type's validator returned it.
         @param identity: Who sent it (empty: anonymous), for executors that
             pass it on (to a worker's logs, in distributed mode).
+        @param tarea_id: Its id in the caller's store when the caller records
+            it there (L{None}: not recorded).  With C{identity}, the key of
+            its record: an executor whose caller may die before the outcome
+            comes back (distributed mode) sends it along, so that another
+            process can record the outcome.
         @return: C{(resultado, worker)}, or a Deferred of it.  Cancelling the
             Deferred gives up on the task.  Exceptions of a task run
             synchronously propagate to the caller.
@@ -135,7 +143,9 @@ class LocalExecutor:
             self.threadpool.stop()
         return succeed(None)
 
-    def run(self, tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:
+    def run(
+        self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+    ) -> MaybeDeferredOutcome:
         mode = tasktype.mode
         if mode == INLINE and self.inline:
             return tasktype.run(arg), REACTOR_WORKER

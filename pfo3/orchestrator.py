@@ -472,7 +472,8 @@ class Session:
             sampled = next(orch._counter) % orch.log_every == 0
             started = orch.clock.seconds()
         try:
-            outcome = orch.executor.run(tasktype, request.arg, owner)
+            outcome = orch.executor.run(
+                tasktype, request.arg, owner, None if store is None else tarea_id)
         except Exception:
             orch.completed += 1
             error = self._as_error(Failure(), request)

@@ -40,7 +40,7 @@ from pfo3.protocol import DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_LINE, TaskFactory
 from pfo3.proxyheader import strict
 from pfo3.service import TaskServerService
 from pfo3.stats import BrokerProbe, ServerStats
-from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, from_url
+from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, MemoryStore, from_url
 from pfo3.tasks import default_registry
 from pfo3.tlsid import is_tls, peer_certificate_identity
 
@@ -395,6 +395,8 @@ def server_service(options: Options, reactor: Any,
     """
     listener = reactor if role is None else SharedPorts(reactor, role.ports)
     registry = default_registry(entry_points=not options["no-plugins"])
+    store = from_url(options["store"], reactor, max_age=options["store-max-age"],
+                     max_records=options["store-max-records"], reactor=reactor)
     executor: IExecutor
     if options["broker"]:
         from pfo3.amqp.executor import AMQPExecutor
@@ -404,7 +406,9 @@ def server_service(options: Options, reactor: Any,
             name = f"{name}-{role.index}"  # each process has its own reply queue
         executor = AMQPExecutor.from_url(
             reactor, options["broker"], broker_topology(options), options["timeout"],
-            name=name)
+            # A store in memory dies with this process: no successor could
+            # complete its records, so tasks need not carry their keys.
+            name=name, store=None if isinstance(store, MemoryStore) else store)
     else:
         threadpool = DaemonThreadPool(
             minthreads=0, maxthreads=options["workers"], name="pfo3")
@@ -417,8 +421,7 @@ def server_service(options: Options, reactor: Any,
         timeout=options["timeout"],
         max_tasks=options["max-tasks"],
         log_every=options["log-tasks"],
-        store=from_url(options["store"], reactor, max_age=options["store-max-age"],
-                       max_records=options["store-max-records"], reactor=reactor),
+        store=store,
         authenticator=options["authenticator"],
         rate=options["rate-limit"],
         blobs=blobs,

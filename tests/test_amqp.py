@@ -8,9 +8,9 @@ real RabbitMQ: C{tests/test_distributed.py}.)
 from __future__ import annotations
 
 import json
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,14 +18,22 @@ from zope.interface.verify import verifyObject
 
 from pfo3.amqp import messages
 from pfo3.amqp.connection import AckBatch, Delivery, OrderedAcks
-from pfo3.amqp.executor import AMQPExecutor
+from pfo3.amqp.executor import ORPHAN_RETRY, AMQPExecutor
 from pfo3.amqp.topology import Topology
 from pfo3.amqp.worker import WorkerService
 from pfo3.auth import Identity
-from pfo3.errors import BrokerUnavailable, Busy, DeliveryLimit, TaskFailed, UnknownType
+from pfo3.errors import (
+    BrokerUnavailable,
+    Busy,
+    DeliveryLimit,
+    StoreUnavailable,
+    TaskFailed,
+    UnknownType,
+)
 from pfo3.executor import IExecutor, LocalExecutor
 from pfo3.orchestrator import Orchestrator
 from pfo3.protocol import TaskFactory
+from pfo3.store import OK, RUNNING, IStore, MemoryStore, Record
 from pfo3.tasks import ASYNC, BUILTINS, TaskRegistry, TaskType
 from pfo3.testing import FakeReactor, MemoryBroker, SynchronousThreadPool
 
@@ -41,9 +49,11 @@ class MessageTests(SynchronousTestCase):
         an error reply becomes the typed error of its code.
         """
         self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1.5)),
-                         ("sleep", 1.5, ""))
+                         ("sleep", 1.5, "", None))
         self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1, "alice")),
-                         ("sleep", 1, "alice"))
+                         ("sleep", 1, "alice", None))
+        self.assertEqual(messages.decode_task(messages.encode_task("sleep", 1, "", "t1")),
+                         ("sleep", 1, "", "t1"))
         self.assertEqual(messages.decode_reply(messages.encode_result("HOLA", "w1/0")),
                          ("HOLA", "w1/0"))
         error = messages.decode_reply(messages.encode_failure(TaskFailed("no")))
@@ -59,18 +69,39 @@ class MessageTests(SynchronousTestCase):
         dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False,
                                  separators=(",", ":")).encode
         for value in ("hola", 'ñ"\\\n\u2028\ud800', "", 3, 2.5, None, [1, "a"], {"a": "b"}):
-            for identity in ("", 'al"ice'):
+            for identity, tarea_id in (("", None), ('al"ice', None), ("", "t"), ("bo", 'ñ"1')):
                 task = {"v": 1, "tipo": "upper", "contenido": value}
+                reply = {"v": 1, "estado": "ok", "resultado": value, "worker": "w1/0"}
                 if identity:
                     task["identidad"] = identity
-                self.assertEqual(messages.encode_task("upper", value, identity),
+                if tarea_id is not None:
+                    task["tarea_id"] = tarea_id
+                    reply.update(task)
+                    del reply["tipo"], reply["contenido"]
+                self.assertEqual(messages.encode_task("upper", value, identity, tarea_id),
                                  dumps(task).encode("utf-8", "backslashreplace"))
-            self.assertEqual(
-                messages.encode_result(value, "w1/0"),
-                dumps({"v": 1, "estado": "ok", "resultado": value, "worker": "w1/0"})
-                .encode("utf-8", "backslashreplace"))
+                self.assertEqual(
+                    messages.encode_result(value, "w1/0", identity, tarea_id),
+                    dumps(reply).encode("utf-8", "backslashreplace"))
         with self.assertRaises(ValueError):
             messages.encode_result(float("nan"), "w1/0")
+
+    def test_replies_echo_the_record_key(self) -> None:
+        """
+        A reply to a recorded task names its record (identity and tarea_id)
+        whatever its outcome; one to a task not recorded names none, and
+        carries no identity.
+        """
+        for identity in ("", "alice"):
+            self.assertEqual(
+                messages.reply_key(messages.encode_result("A", "w", identity, "t")),
+                (identity, "t"))
+            self.assertEqual(messages.reply_key(
+                messages.encode_failure(TaskFailed("no"), identity, "t")), (identity, "t"))
+            self.assertIsNone(messages.reply_key(messages.encode_result("A", "w", identity)))
+            self.assertNotIn(b"alice", messages.encode_failure(TaskFailed("no"), identity))
+        self.assertIsNone(messages.reply_key(b"\x80"))
+        self.assertIsNone(messages.reply_key(b'{"v":1,"estado":"ok","tarea_id":3}'))
 
     def test_bodies_json_reads(self) -> None:
         """
@@ -89,7 +120,8 @@ class MessageTests(SynchronousTestCase):
         Bodies that are not JSON objects of this version are refused.
         """
         for body in (b"\x80", b"[]", b'{"tipo": "x", "contenido": 1}',
-                     b'{"v": 1, "contenido": 1}', b'{"v": 1, "estado": "raro"}'):
+                     b'{"v": 1, "contenido": 1}', b'{"v": 1, "estado": "raro"}',
+                     b'{"v": 1, "tipo": "x", "contenido": 1, "tarea_id": 2}'):
             with self.assertRaises(messages.BadMessage):
                 if b"estado" in body:
                     messages.decode_reply(body)
@@ -106,18 +138,28 @@ class Cluster:
     """
 
     def __init__(self, registry: TaskRegistry, timeout: float = 10.0,
-                 topology: Topology = TOPOLOGY) -> None:
+                 topology: Topology = TOPOLOGY, store: Optional[IStore] = None) -> None:
         self.clock = FakeReactor()
         self.broker = MemoryBroker(topology)
         self.topology = topology
         self.registry = registry
+        self.timeout = timeout
+        self.store = store
+        self.orchestrator_named("o1")
+
+    def orchestrator_named(self, name: str) -> None:
+        """
+        Start an orchestrator called C{name} on this broker and store (again,
+        after a crash: the one before it just stops consuming).
+        """
         holder: List[AMQPExecutor] = []
         view = self.broker.view(lambda raw, ch: holder[0].setup(raw, ch))
         self.executor = AMQPExecutor(  # type: ignore[arg-type]
-            view, topology, "o1", timeout, clock=self.clock)
+            view, self.topology, name, self.timeout, clock=self.clock, store=self.store)
         holder.append(self.executor)
         self.view = view
-        self.orchestrator = Orchestrator(registry, self.executor, self.clock, timeout=timeout)
+        self.orchestrator = Orchestrator(self.registry, self.executor, self.clock,
+                                         timeout=self.timeout, store=self.store)
         self.factory = TaskFactory(self.orchestrator)
         self.executor.start()
 
@@ -295,6 +337,197 @@ class ExecutorTests(SynchronousTestCase):
         self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 0)
         self.assertEqual((self.never, worker.completed, self.cluster.broker.unacked),
                          ([], 1, {}))
+
+
+class OrphanReplyTests(SynchronousTestCase):
+    """
+    Replies nobody waits for: after a crash, the orchestrator started again
+    under the same name records in the store the outcomes of the tasks its
+    predecessor accepted, once each.
+    """
+
+    def setUp(self) -> None:
+        self.clock = FakeReactor()
+        self.store = MemoryStore(self.clock)
+        self.cluster = Cluster(TaskRegistry(BUILTINS), store=self.store)
+        self.clock = self.cluster.clock
+        self.store.clock = self.clock
+
+    def record(self, tarea_id: str, owner: str = "") -> Record:
+        record = self.successResultOf(self.store.get(owner, tarea_id))
+        assert record is not None
+        return record
+
+    def accept_then_crash(self, tarea_ids: List[str], seconds: float = 1.0) -> WorkerService:
+        """
+        Background sleep tasks accepted by orchestrator o1, running on a
+        worker when o1 dies (its connection drops, nothing of it stops).
+        """
+        worker = self.cluster.worker("w1")
+        proto, transport = self.cluster.client()
+        for tarea_id in tarea_ids:
+            proto.dataReceived(json.dumps({"tarea_id": tarea_id, "tipo": "sleep",
+                                           "contenido": seconds, "esperar": False}).encode()
+                               + b"\n")
+        self.assertEqual([r["estado"] for r in replies(transport)], ["aceptada"] * len(tarea_ids))
+        self.assertEqual(len(worker.held), len(tarea_ids))
+        self.cluster.view.lose()
+        return worker
+
+    def test_restarted_orchestrator_records_the_outcomes(self) -> None:
+        """
+        Tasks accepted by an orchestrator that crashed finish on the worker;
+        their replies wait in its reply queue, and the orchestrator started
+        again under its name records each one's result and worker in the
+        store, then acknowledges the replies.
+        """
+        self.accept_then_crash(["a", "b", "c"])
+        self.clock.advance(1)
+        reply_queue = self.cluster.executor.reply_queue
+        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 3)
+        self.assertEqual(self.record("a").estado, RUNNING)
+        self.cluster.orchestrator_named("o1")
+        self.clock.advance(0)
+        for tarea_id in "abc":
+            record = self.record(tarea_id)
+            self.assertEqual((record.estado, record.resultado, record.worker),
+                             (OK, "Esperé 1 segundo", "w1/0"))
+            self.assertIsNotNone(record.terminada)
+        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 0)
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_errors_are_recorded_with_their_code(self) -> None:
+        """
+        An orphan reply of a task that failed records its error code and
+        message.
+        """
+        self.accept_then_crash(["t"])
+        self.clock.advance(1)
+        reply_queue = self.cluster.executor.reply_queue
+        self.cluster.broker.queues[reply_queue].clear()  # the worker's reply: ok
+        body = messages.encode_failure(TaskFailed("falló"), "", "t")
+        self.cluster.orchestrator_named("o1")
+        ch = self.cluster.view.channel
+        assert ch is not None
+        ch.publish(reply_queue, body, "old.1")
+        self.clock.advance(0)
+        record = self.record("t")
+        self.assertEqual((record.estado, record.codigo, record.mensaje),
+                         ("error", TaskFailed.codigo, "falló"))
+
+    def test_a_late_duplicate_changes_nothing(self) -> None:
+        """
+        An orphan reply for a task whose record is finished already (a
+        duplicate from a redelivered task, or a task given up on) is
+        acknowledged and changes nothing; so is one for a task the store
+        does not know, or a reply that names no record.
+        """
+        self.accept_then_crash(["a"])
+        self.clock.advance(1)
+        self.cluster.orchestrator_named("o1")
+        self.clock.advance(0)
+        before = self.record("a")
+        ended = before.terminada
+        channel = self.cluster.view.channel
+        assert channel is not None
+        reply_queue = self.cluster.executor.reply_queue
+        for body in (messages.encode_result("OTRA", "w2/0", "", "a"),
+                     messages.encode_result("OTRA", "w2/0", "", "nadie"),
+                     messages.encode_result("OTRA", "w2/0")):
+            channel.publish(reply_queue, body, "old.2")
+        self.clock.advance(5)
+        after = self.record("a")
+        self.assertEqual((after.resultado, after.worker, after.terminada),
+                         ("Esperé 1 segundo", "w1/0", ended))
+        self.assertIsNone(self.successResultOf(self.store.get("", "nadie")))
+        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 0)
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_late_replies_of_its_own_tasks_ask_the_store_nothing(self) -> None:
+        """
+        A late reply to a task this very process published (given up on,
+        or answered already) is acknowledged without a look in the store:
+        this process recorded that task's end itself.
+        """
+        looked: List[Any] = []
+        get = self.store.get
+        self.store.get = lambda *key: looked.append(key) or get(*key)  # type: ignore
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+        answered = self.cluster.broker.queues[TOPOLOGY.tasks][0].correlation_id
+        self.cluster.worker("w1")
+        self.assertEqual(replies(transport)[0]["resultado"], "HOLA")
+        channel = self.cluster.view.channel
+        assert channel is not None
+        channel.publish(self.cluster.executor.reply_queue,
+                        messages.encode_result("OTRA", "w2/0", "", "a"), answered)
+        self.clock.advance(0)
+        self.assertEqual(looked, [])
+        self.assertEqual(self.record("a").resultado, "HOLA")
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_two_replies_of_one_task_record_once(self) -> None:
+        """
+        Two replies for one task handled before the store answered (a task
+        run twice) record the first outcome only.
+        """
+        waiting: List[Deferred[Any]] = []
+        get = self.store.get
+
+        def slow_get(owner: str, tarea_id: str) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            waiting.append(d)
+            d.addCallback(lambda _: get(owner, tarea_id))
+            return d
+
+        self.accept_then_crash(["a"])
+        self.clock.advance(1)
+        self.store.get = slow_get  # type: ignore[method-assign]
+        self.cluster.orchestrator_named("o1")
+        channel = self.cluster.view.channel
+        assert channel is not None
+        channel.publish(self.cluster.executor.reply_queue,
+                        messages.encode_result("OTRA", "w2/0", "", "a"), "old.3")
+        self.assertEqual(len(waiting), 1)
+        waiting[0].callback(None)
+        self.clock.advance(0)
+        self.store.get = get  # type: ignore[method-assign]
+        self.assertEqual(self.record("a").resultado, "Esperé 1 segundo")
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_a_store_that_fails_gets_the_reply_again(self) -> None:
+        """
+        An orphan reply the store could not take is not acknowledged: it
+        goes back to the reply queue after a pause and is recorded once the
+        store answers.
+        """
+        self.accept_then_crash(["a"])
+        self.clock.advance(1)
+        get = self.store.get
+        self.store.get = lambda *key: fail(StoreUnavailable("abajo"))  # type: ignore
+        self.cluster.orchestrator_named("o1")
+        self.clock.advance(0)
+        reply_queue = self.cluster.executor.reply_queue
+        self.assertEqual(len(self.cluster.broker.unacked), 1)
+        self.store.get = get  # type: ignore[method-assign]
+        self.clock.advance(ORPHAN_RETRY)
+        self.assertEqual(self.record("a").estado, OK)
+        self.assertEqual((self.cluster.broker.unacked,
+                          len(self.cluster.broker.queues[reply_queue])), ({}, 0))
+
+    def test_tasks_without_a_store_name_no_record(self) -> None:
+        """
+        An executor without a store (none, or one that dies with the
+        process) sends no record key, even when its caller records the task:
+        not a byte more than before.  With one, the key is the tarea_id.
+        """
+        cluster = Cluster(TaskRegistry(BUILTINS))
+        cluster.executor.run(BUILTINS[0], "a", "", "t1")
+        self.cluster.executor.run(BUILTINS[0], "a", "", "t1")
+        self.assertEqual(cluster.broker.queues[TOPOLOGY.tasks][0].body,
+                         b'{"v":1,"tipo":"uppercase","contenido":"a"}')
+        self.assertEqual(self.cluster.broker.queues[TOPOLOGY.tasks][0].body,
+                         b'{"v":1,"tipo":"uppercase","contenido":"a","tarea_id":"t1"}')
 
 
 class _AckRecorder:

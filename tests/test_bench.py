@@ -612,7 +612,7 @@ def test_systems_run_at_their_levels() -> None:
     run_suite = _benchmark_module("run_suite")
     assert systems.PFO3.runs_at("1x1") and systems.SEED.runs_at("64x1")
     for variant in (systems.PFO3_POOL, systems.PFO3_TLS, systems.PFO3_P2,
-                    systems.FLOOR_PLAIN):
+                    systems.PFO3_METRICS, systems.FLOOR_PLAIN):
         assert variant.runs_at("64x8") and variant.runs_at("64x1")
         assert not variant.runs_at("256x8")
     levels = run_suite.parse_levels("64x8,1x1")
@@ -620,6 +620,74 @@ def test_systems_run_at_their_levels() -> None:
     assert run_suite.load_runs([systems.PFO3, systems.PFO3_TLS], levels) == 3
     with pytest.raises(SystemExit):
         run_suite.parse_levels("64x9")
+
+
+def test_metrics_system_is_scraped_on_its_own_port() -> None:
+    """
+    The metrics variant is pfo3 with --metrics on a loopback port of its
+    own, different for each server, and its watcher scrapes that port's
+    /metrics once a second; pfo3 itself has no watcher.
+    """
+    systems = _benchmark_module("systems")
+    argv = systems.PFO3_METRICS.commands(9000)[0]
+    assert argv[:-2] == systems.PFO3.commands(9000)[0]
+    assert argv[-2] == "--metrics"
+    endpoint = argv[-1]
+    port = int(endpoint.split(":")[1])
+    assert endpoint == f"tcp:{port}:interface=127.0.0.1" and port != 9000
+    assert systems.PFO3_METRICS.commands(9000)[0][-1] == endpoint  # the same, asked again
+    assert systems.PFO3_METRICS.commands(9001)[0][-1] != endpoint
+    (scraper,) = systems.PFO3_METRICS.watchers(9000)
+    assert scraper[1].endswith("scrape.py")
+    assert scraper[2:] == [f"http://127.0.0.1:{port}/metrics", "--interval", "1"]
+    assert systems.PFO3.watchers(9000) == []
+    assert systems.PFO3_METRICS in systems.DEFAULT_SYSTEMS
+
+
+def test_metrics_cost_is_a_suite_run() -> None:
+    """
+    benchmarks/metrics_cost.py runs the suite on pfo3 and pfo3-metrics only,
+    at the two levels of the variants, load phase only, writing nowhere
+    but the folder it is given.
+    """
+    metrics_cost = _benchmark_module("metrics_cost")
+    systems = _benchmark_module("systems")
+    argv = metrics_cost.suite_arguments(3, 2.5, "/somewhere")
+    options = dict(zip(argv[::2], argv[1:][::2]))
+    assert [s.name for s in systems.by_name(options["--systems"].split(","))] == [
+        "pfo3", "pfo3-metrics"]
+    assert options["--levels"] == ",".join(systems.VARIANT_LEVELS)
+    assert options["--skip"] == "burst,memory,profile"
+    assert (options["--rounds"], options["--duration"]) == ("3", "2.5")
+    assert all(options[o].startswith("/somewhere/")
+               for o in ("--results", "--markdown", "--chart"))
+
+
+@pytest.mark.integration
+def test_metrics_system_runs_under_the_suite(tmp_path: Path) -> None:
+    """
+    The suite starts pfo3 with --metrics and, once it listens, the scraper
+    beside it; the load is answered, the scraper's scrapes are answered
+    during it, and its CPU time is not counted as the server's.
+    """
+    import psutil
+
+    systems = _benchmark_module("systems")
+    run_suite = _benchmark_module("run_suite")
+    running = run_suite.Running(systems.PFO3_METRICS, str(tmp_path))
+    try:
+        (watcher,) = running.watchers
+        assert watcher.pid not in {p.pid for p in running._processes()}
+        summary = run_suite.measured(running, ["-n", "20000", "-c", "4", "-i", "4"])
+        time.sleep(1.5)  # at least one scrape after the first
+        assert psutil.Process(watcher.pid).is_running()
+    finally:
+        running.stop()
+    assert_consistent(summary, 20000)
+    assert watcher.returncode == 0
+    (log,) = tmp_path.glob("pfo3-metrics-*-w0.log")
+    answered = int(log.read_text().split(": ")[1].split()[0])
+    assert answered >= 2, log.read_text()
 
 
 @pytest.mark.integration
@@ -680,6 +748,40 @@ def test_report_sections_for_tls_and_processes() -> None:
     assert "| over TLS: server CPU per task ÷ over TCP | 64x1 | <= 1.5 | 4.00 | missed |" in text
     assert "| 64x1 | 1,000 | 1,000 | 1.00 | 10.0 | 40.0 | 4.00 | 3.00 | 3.00 |" in text
     assert "Not measured in this run: no --processes here." in text
+    assert "| --metrics scraped 1/s: throughput ÷ without | 64x8 | >= 0.9 | – | – |" in text
+
+
+def test_report_metrics_target() -> None:
+    """
+    The metrics target is the median over rounds of the throughput with
+    --metrics divided by the throughput without it in the same round, at
+    64x8 and at 64x1, with the comparison's own section.
+    """
+    report = _benchmark_module("report")
+    runs = []
+    # Round by round: 0.95, 0.80, 0.92 at 64x8 (median 0.92); 0.85 each at 64x1.
+    for rnd, (plain, metered) in enumerate([(1000.0, 950.0), (2000.0, 1600.0),
+                                            (500.0, 460.0)]):
+        for level, factor in (("64x8", 1.0), ("64x1", 0.85 * plain / metered)):
+            for system, throughput in (("pfo3", plain), ("pfo3-metrics", metered * factor)):
+                runs.append({"round": rnd, "level": level, "system": system,
+                             "throughput": throughput, "p50_ms": 1.0, "p90_ms": 2.0,
+                             "p99_ms": 3.0, "max_ms": 4.0, "replies": 100, "errors": 0,
+                             "unanswered": 0, "server_cpu_us_per_task": 10.0,
+                             "client_cpu_s": 1.0, "elapsed_s": 1.0})
+    results = {"runs": runs, "levels": ["64x1", "64x8"], "target_level": "64x8",
+               "rounds": 3, "duration_s": 1.0, "quick": True,
+               "meta": {"date": "d", "cpus": 2, "python": "3", "twisted": "t",
+                        "commit": "abc1234"},
+               "systems": [{"name": n, "label": n, "description": n}
+                           for n in ("pfo3", "pfo3-metrics")],
+               "unavailable": {}, "burst": [], "memory": [], "profiles": []}
+    text = report.markdown(results)
+    assert "| --metrics scraped 1/s: throughput ÷ without | 64x8 | >= 0.9 | 0.92 | met |" in text
+    assert ("| --metrics scraped 1/s: throughput ÷ without | 64x1 | >= 0.9 | 0.85 | missed |"
+            in text)
+    assert "## Metrics" in text
+    assert "| 64x8 | 1,000 | 950 | 0.92 |" in text
 
 
 def test_profile_layers(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 
 from .conftest import LineSocket, free_port, read_to_end, server_env, wait_for_port
+from .pgdb import Database, pg_database  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -385,3 +386,58 @@ def test_store_records_tasks_run_by_workers(cluster: Cluster) -> None:
     assert record["resultado"] == "Esperé 0.3 segundos"
     assert record["worker"].startswith("w1/")
     client.close()
+
+
+def test_killed_orchestrator_loses_no_accepted_task(
+    cluster: Cluster, pg_database: Database,  # noqa: F811
+) -> None:
+    """
+    kill -9 of an orchestrator while a worker runs the background tasks it
+    accepted: started again under its name, it records each task's result
+    in the store shared with a second orchestrator, which reports every one
+    'ok' with its result, each recorded once.
+    """
+    cluster.worker("w1", "--capacity", "8")
+    store = ["--store", pg_database.url]
+    a = cluster.orchestrator(*store, name="oa")
+    b = cluster.orchestrator(*store, name="ob")
+    ids = [f"fondo{i}" for i in range(6)]
+    client = LineSocket(a, timeout=20)
+    for tarea_id in ids:
+        client.send_json({"tarea_id": tarea_id, "tipo": "sleep", "contenido": 2,
+                          "esperar": False})
+    assert [client.read_json()["estado"] for _ in ids] == ["aceptada"] * len(ids)
+    observer = LineSocket(b, timeout=20)
+
+    def states() -> Dict[str, Any]:
+        found = {}
+        for tarea_id in ids:
+            observer.send_json({"op": "estado", "tarea_id": tarea_id})
+            reply = observer.read_json()
+            found[tarea_id] = reply.get("resultado", reply)
+        return found
+
+    until(lambda: all(r.get("estado") == "en_curso" for r in states().values()))
+    orchestrator_a = cluster.procs[1]
+    orchestrator_a.send_signal(signal.SIGKILL)
+    orchestrator_a.wait(5)
+    client.close()
+    time.sleep(2.5)  # the worker finishes them; their replies wait for "oa"
+    assert all(r["estado"] == "en_curso" for r in states().values())
+    cluster.orchestrator(*store, name="oa")
+    until(lambda: all(r.get("estado") == "ok" for r in states().values()))
+    for tarea_id, record in states().items():
+        assert record["resultado"] == "Esperé 2 segundos", (tarea_id, record)
+        assert record["worker"].startswith("w1/"), (tarea_id, record)
+    observer.close()
+    rows = pg_database.query("SELECT tarea_id, estado FROM pfo3_tareas ORDER BY tarea_id")
+    assert rows == [(tarea_id, "ok") for tarea_id in ids]
+    log = (cluster.tmp / "oa.log").read_text()
+    assert sorted(line.split("Recorded task ")[1].split()[0]
+                  for line in log.splitlines() if "Recorded task " in line) == ids
+    connection, channel = _blocking_channel()
+    try:
+        queue = channel.queue_declare(f"{cluster.prefix}.respuestas.oa", passive=True)
+        assert queue.method.message_count == 0
+    finally:
+        connection.close()

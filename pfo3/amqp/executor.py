@@ -10,6 +10,18 @@ answering, redelivered) finds nobody waiting and is dropped.  Giving up on a
 task (timeout, client gone, shutdown) tells the workers through the
 cancellation exchange, and its message expires in the queue with the task
 timeout, so work nobody waits for is not started.
+
+A task recorded in the store carries its record's key (its identity and
+C{tarea_id}), and its reply echoes it.  A reply nobody here waits for is
+then an orphan: most often a late duplicate, or the reply to a task this
+orchestrator gave up on, both recorded already; but after a C{kill -9}, the
+replies to the tasks the dead process had published wait in its reply
+queue, and the process started again under the same name finds them there.
+Its executor records the outcome of each one whose record is still
+C{en_curso} in the shared store, and acknowledges it only once the store
+wrote it.  A late reply to a task of this very process (its correlation id
+has this executor's prefix) needs no look in the store: this process
+recorded how that task ended.
 """
 
 from __future__ import annotations
@@ -17,7 +29,8 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from typing import Any, Dict, Optional, Set
+import time
+from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -31,9 +44,15 @@ from pfo3.amqp.topology import Topology
 from pfo3.errors import BrokerUnavailable, Busy, InternalError, Pfo3Error
 from pfo3.executor import IExecutor, MaybeDeferredOutcome
 from pfo3.stats import OldestPublished
+from pfo3.store import OK, RUNNING, IStore, Record
+from pfo3.tally import estado_of
 from pfo3.tasks import TaskType
 
 log = Logger(namespace="pfo3.amqp")
+
+#: Seconds before an orphan reply whose outcome the store could not take
+#: goes back to the reply queue, to be tried again.
+ORPHAN_RETRY = 1.0
 
 
 def default_name() -> str:
@@ -58,7 +77,7 @@ class AMQPExecutor:
 
     def __init__(
         self, broker: Broker, topology: Topology, name: str, task_ttl: float,
-        clock: Optional[IReactorTime] = None,
+        clock: Optional[IReactorTime] = None, store: Optional[IStore] = None,
     ) -> None:
         """
         @param broker: The connection to use; its setup must be
@@ -70,6 +89,12 @@ class AMQPExecutor:
             that C{oldest} can tell the oldest one's age (for the metrics),
             and the replies handled in one reactor turn are acknowledged
             together (L{AckBatch}); without it, each one at once.
+        @param store: The store the orchestrator records its tasks in, when
+            it outlives this process (a database): the outcomes of orphan
+            replies (see the module's docstring) are recorded there, and
+            task messages carry their record's key for that.  L{None}
+            (no store, or one in memory that dies with the process): they
+            carry none, and orphan replies are dropped.
         """
         self.broker = broker
         self.topology = topology
@@ -84,6 +109,13 @@ class AMQPExecutor:
         self._ids = itertools.count(1)
         self.oldest: Optional[OldestPublished] = None
         self._acks: Optional[AckBatch] = None
+        self.store = store
+        self._clock = clock
+        #: Keys of the orphan replies being recorded now.
+        self._recovering: Set[Tuple[str, str]] = set()
+        #: Orphan replies not yet settled: while there are any, replies are
+        #: acknowledged one by one (a multiple ack would settle them too).
+        self._orphans = 0
         if clock is not None:
             self.oldest = OldestPublished(clock, self._pending)
             self._acks = AckBatch(clock)
@@ -92,6 +124,7 @@ class AMQPExecutor:
     @classmethod
     def from_url(
         cls, reactor: Any, url: str, topology: Topology, task_ttl: float, name: str = "",
+        store: Optional[IStore] = None,
     ) -> AMQPExecutor:
         """
         An executor with its own L{Broker} connection to C{url}.
@@ -99,7 +132,7 @@ class AMQPExecutor:
         holder: Dict[str, AMQPExecutor] = {}
         broker = Broker(reactor, url, topology, lambda raw, ch: holder["e"].setup(raw, ch))
         executor = holder["e"] = cls(broker, topology, name or default_name(), task_ttl,
-                                     clock=reactor)
+                                     clock=reactor, store=store)
         return executor
 
     def start(self) -> None:
@@ -123,12 +156,17 @@ class AMQPExecutor:
         return d.addCallback(
             lambda _: channel.consume(self.reply_queue, lambda m: self._on_reply(channel, m)))
 
-    def run(self, tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:
+    def run(
+        self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+    ) -> MaybeDeferredOutcome:
         channel = self.broker.channel
         if channel is None:
             raise BrokerUnavailable(
                 "No hay conexión con el broker de tareas; reintente en unos segundos.")
-        body = messages.encode_task(tasktype.name, arg, identity)
+        # The record's key travels only if this executor can complete the
+        # record (its successor under this name reads the same reply queue).
+        body = messages.encode_task(
+            tasktype.name, arg, identity, None if self.store is None else tarea_id)
         correlation_id = f"{self._id_prefix}{next(self._ids):x}"
         d: Deferred[Any] = Deferred(lambda _: self._give_up(correlation_id))
         self._pending[correlation_id] = d
@@ -159,16 +197,21 @@ class AMQPExecutor:
             d.errback(BrokerUnavailable(
                 "Se perdió la conexión con el broker antes de que confirmara la tarea."))
 
-    def _on_reply(self, channel: IChannel, delivery: Delivery) -> None:
+    def _ack(self, channel: IChannel, tag: int) -> None:
         # Every delivery on this channel is a reply, acknowledged here in
-        # the order it came: safe to acknowledge several at once.
-        if self._acks is not None:
-            self._acks.ack(channel, delivery.tag)
+        # the order it came (orphans aside): safe to acknowledge several at
+        # once while no orphan is unsettled.
+        if self._acks is not None and not self._orphans:
+            self._acks.ack(channel, tag)
         else:
-            channel.ack(delivery.tag)
+            channel.ack(tag)
+
+    def _on_reply(self, channel: IChannel, delivery: Delivery) -> None:
         d = self._pending.pop(delivery.correlation_id or "", None)
         if d is None:
-            return  # a duplicate, or a task given up on
+            self._orphan(channel, delivery)
+            return
+        self._ack(channel, delivery.tag)
         try:
             outcome = messages.decode_reply(delivery.body)
         except messages.BadMessage as e:
@@ -179,6 +222,80 @@ class AMQPExecutor:
             d.errback(outcome)
         else:
             d.callback(outcome)
+
+    # -- orphan replies ---------------------------------------------------------
+
+    def _orphan(self, channel: IChannel, delivery: Delivery) -> None:
+        """
+        A reply nobody here waits for: record its outcome if its task's
+        record is still running, then acknowledge it.
+        """
+        store = self.store
+        if store is None or (delivery.correlation_id or "").startswith(self._id_prefix):
+            # Nowhere to record it, or a task of this process's: answered or
+            # given up on, and recorded so, here (no need to ask the store).
+            self._ack(channel, delivery.tag)
+            return
+        key = messages.reply_key(delivery.body)
+        if key is None or key in self._recovering:
+            # Not recorded, or a duplicate of one being recorded now.
+            self._ack(channel, delivery.tag)
+            return
+        if self._acks is not None:
+            self._acks.flush()  # the replies before it, settled first
+        self._orphans += 1
+        self._recovering.add(key)
+        d = store.get(*key)
+        d.addCallback(self._record_orphan, store, delivery)
+
+        def recorded(_: Any) -> None:
+            channel.ack(delivery.tag)
+
+        def not_recorded(f: Failure) -> None:
+            log.warn("Could not record the outcome of task {tarea_id} ({why}); trying again "
+                     "in {retry:g} s", tarea_id=key[1], why=f.getErrorMessage(),
+                     retry=ORPHAN_RETRY)
+            if self._clock is None:
+                channel.reject(delivery.tag, requeue=True)
+            else:
+                self._clock.callLater(ORPHAN_RETRY, channel.reject, delivery.tag, True)
+
+        def settled(_: Any) -> None:
+            self._recovering.discard(key)
+            self._orphans -= 1
+
+        d.addCallbacks(recorded, not_recorded)
+        d.addBoth(settled)
+
+    def _record_orphan(
+        self, record: Optional[Record], store: IStore, delivery: Delivery,
+    ) -> Optional[Deferred[None]]:
+        """
+        Record the outcome C{delivery} carries in C{record}, unless the store
+        has none (purged, or never written) or a finished one (a late
+        duplicate, a task given up on): those stay as they are.
+
+        @return: A Deferred firing once the store wrote it, or L{None}.
+        """
+        if record is None or record.estado != RUNNING:
+            return None
+        try:
+            outcome = messages.decode_reply(delivery.body)
+        except messages.BadMessage as e:
+            log.error("Unreadable reply for {id}: {why}", id=delivery.correlation_id, why=e)
+            outcome = InternalError("Error interno: respuesta ilegible de un worker.")
+        record.terminada = self._clock.seconds() if self._clock is not None else time.time()
+        if isinstance(outcome, Pfo3Error):
+            record.estado = estado_of(outcome)
+            record.codigo = outcome.codigo
+            record.mensaje = outcome.mensaje
+        else:
+            record.estado = OK
+            record.resultado, record.worker = outcome
+        store.record(record)
+        log.info("Recorded task {tarea_id} ({estado}), published before this orchestrator "
+                 "started", tarea_id=record.tarea_id, estado=record.estado)
+        return store.flush()
 
     def _give_up(self, correlation_id: str) -> None:
         self._pending.pop(correlation_id, None)

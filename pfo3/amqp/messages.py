@@ -6,7 +6,9 @@ A task message's body is C{{"v": 1, "tipo": NAME, "contenido": ARG}}: the
 canonical name of its type and its validated
 C{contenido} (the worker validates it again with its own registry), plus
 C{"identidad"} when an authenticated identity sent it (for the worker's
-logs).  Its
+logs), and C{"tarea_id"} when the orchestrator records the task in its
+store (C{docs/store.md}): C{identidad} and C{tarea_id} are then the
+record's key.  Its
 AMQP properties carry the rest: C{correlation_id} (a fresh id per task,
 never the client's C{tarea_id}, which is only unique per connection),
 C{reply_to} (the orchestrator's reply queue) and C{expiration} (when nobody
@@ -14,7 +16,11 @@ waits for it any more).
 
 A reply's body is C{{"v": 1, "estado": "ok", "resultado": ..., "worker":
 ...}} or C{{"v": 1, "estado": "error", "codigo": ..., "mensaje": ...}}; its
-C{correlation_id} is the task's.
+C{correlation_id} is the task's.  A reply to a recorded task echoes its
+C{"tarea_id"} (and C{"identidad"}, when not empty), so that an orchestrator
+that is not waiting for it (the one that published the task died, and was
+started again under the same name) can record its outcome in the shared
+store (L{reply_key}).
 
 With object storage (C{docs/blobs.md}) a task whose content is an object
 carries C{"contenido_ref": REF} instead of C{contenido}, and C{"refs": true}
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring as _quote
-from typing import Any, Callable, Dict, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from pfo3.errors import ERROR_CODES, Pfo3Error
 from pfo3.wire import RefArg, ResultRef
@@ -85,11 +91,26 @@ def _load(body: bytes) -> Dict[str, Any]:
     return obj
 
 
-def encode_task(tipo: str, contenido: Any, identidad: str = "") -> bytes:
+def _key(identidad: str, tarea_id: Optional[str]) -> str:
+    """
+    @return: The end of a message naming a record's key: C{identidad} when
+        not empty, C{tarea_id} when not L{None}, and the closing brace.
+    """
+    text = f',"identidad":{_quote(identidad)}' if identidad else ""
+    if tarea_id is not None:
+        text += f',"tarea_id":{_quote(tarea_id)}'
+    return text + "}"
+
+
+def encode_task(
+    tipo: str, contenido: Any, identidad: str = "", tarea_id: Optional[str] = None,
+) -> bytes:
     """
     @param tipo: The task type's canonical name.
     @param contenido: Its validated C{contenido} (JSON-serialisable).
     @param identidad: Who sent it (empty: anonymous).
+    @param tarea_id: Its id in the orchestrator's store, when it is recorded
+        there (L{None}: not recorded); with C{identidad}, the record's key.
     @raise ValueError: if C{contenido} is not JSON-serialisable.
     """
     if type(contenido) is RefArg:
@@ -98,54 +119,95 @@ def encode_task(tipo: str, contenido: Any, identidad: str = "") -> bytes:
         task: Dict[str, Any] = {"v": VERSION, "tipo": tipo, **contenido}
         if identidad:
             task["identidad"] = identidad
+        if tarea_id is not None:
+            task["tarea_id"] = tarea_id
         return _dumps(task).encode("utf-8", "backslashreplace")
     # The same text as _dumps of the dict, written into a template.
-    text = f'{{"v":{VERSION},"tipo":{_value(tipo)},"contenido":{_value(contenido)}'
-    if identidad:
-        text += f',"identidad":{_quote(identidad)}}}'
-    else:
-        text += "}"
-    return text.encode("utf-8", "backslashreplace")
+    end = "}" if not identidad and tarea_id is None else _key(identidad, tarea_id)
+    return (f'{{"v":{VERSION},"tipo":{_value(tipo)},"contenido":{_value(contenido)}{end}'
+            ).encode("utf-8", "backslashreplace")
 
 
-def decode_task(body: bytes) -> Tuple[str, Any, str]:
+#: A task message, decoded: C{(tipo, contenido, identidad, tarea_id)}, where
+#: C{tarea_id} is its id in its orchestrator's store, L{None} when it is not
+#: recorded.  (A plain tuple: the worker unpacks one per task.)
+Task = Tuple[str, Any, str, Optional[str]]
+
+
+def decode_task(body: bytes) -> Task:
     """
-    @return: C{(tipo, contenido, identidad)}.
+    @return: C{(tipo, contenido, identidad, tarea_id)}.
     @raise BadMessage: if C{body} is not a task message.
     """
     obj = _load(body)
     tipo = obj.get("tipo")
     identidad = obj.get("identidad", "")
-    if type(tipo) is str and type(identidad) is str and (
-        "contenido_ref" in obj or "refs" in obj
+    tarea_id = obj.get("tarea_id")
+    if type(tipo) is not str or type(identidad) is not str or (
+        tarea_id is not None and type(tarea_id) is not str
     ):
+        raise BadMessage("a task message needs 'tipo' and 'contenido'; 'identidad' and "
+                         "'tarea_id', when there, are strings")
+    if "contenido_ref" in obj or "refs" in obj:
         arg = RefArg((k, obj[k]) for k in ("contenido_ref", "contenido", "refs") if k in obj)
         if ("contenido_ref" in arg) == ("contenido" in arg):
             raise BadMessage("a task message needs one of 'contenido' and 'contenido_ref'")
-        return tipo, arg, identidad
-    if type(tipo) is not str or "contenido" not in obj or type(identidad) is not str:
+        return tipo, arg, identidad, tarea_id
+    if "contenido" not in obj:
         raise BadMessage("a task message needs 'tipo' and 'contenido'")
-    return tipo, obj["contenido"], identidad
+    return tipo, obj["contenido"], identidad, tarea_id
 
 
-def encode_result(resultado: Any, worker: Any) -> bytes:
+def encode_result(
+    resultado: Any, worker: Any, identidad: str = "", tarea_id: Optional[str] = None,
+) -> bytes:
     """
+    @param identidad: The task's C{identidad}, echoed with C{tarea_id}.
+    @param tarea_id: The task's C{tarea_id}: L{None} when it is not recorded.
     @return: The reply body of a task that succeeded.
     @raise ValueError: if C{resultado} is not JSON-serialisable.
     """
     if type(resultado) is ResultRef:
-        return _dumps({"v": VERSION, "estado": "ok", "resultado_ref": resultado,
-                       "worker": worker}).encode("utf-8", "backslashreplace")
+        reply: Dict[str, Any] = {"v": VERSION, "estado": "ok", "resultado_ref": resultado,
+                                 "worker": worker}
+        return _dumps(_echo(reply, identidad, tarea_id)).encode("utf-8", "backslashreplace")
     return (f'{{"v":{VERSION},"estado":"ok","resultado":{_value(resultado)},'
-            f'"worker":{_value(worker)}}}').encode("utf-8", "backslashreplace")
+            f'"worker":{_value(worker)}{"}" if tarea_id is None else _key(identidad, tarea_id)}'
+            ).encode("utf-8", "backslashreplace")
 
 
-def encode_failure(error: Pfo3Error) -> bytes:
+def encode_failure(
+    error: Pfo3Error, identidad: str = "", tarea_id: Optional[str] = None,
+) -> bytes:
     """
-    @return: The reply body of a task that failed with C{error}.
+    @return: The reply body of a task that failed with C{error} (the task's
+        key echoed as in L{encode_result}).
     """
-    return _dumps({"v": VERSION, "estado": "error", "codigo": error.codigo,
-                   "mensaje": error.mensaje}).encode("utf-8", "backslashreplace")
+    reply = {"v": VERSION, "estado": "error", "codigo": error.codigo, "mensaje": error.mensaje}
+    return _dumps(_echo(reply, identidad, tarea_id)).encode("utf-8", "backslashreplace")
+
+
+def _echo(reply: Dict[str, Any], identidad: str, tarea_id: Optional[str]) -> Dict[str, Any]:
+    if tarea_id is not None:
+        if identidad:
+            reply["identidad"] = identidad
+        reply["tarea_id"] = tarea_id
+    return reply
+
+
+def reply_key(body: bytes) -> Optional[Tuple[str, str]]:
+    """
+    @return: The store key C{(identidad, tarea_id)} a reply echoes, or
+        L{None} when its task is not recorded (or the body is no reply).
+    """
+    try:
+        obj = _load(body)
+    except BadMessage:
+        return None
+    identidad, tarea_id = obj.get("identidad", ""), obj.get("tarea_id")
+    if type(identidad) is not str or type(tarea_id) is not str:
+        return None
+    return identidad, tarea_id
 
 
 def decode_reply(body: bytes) -> Union[Outcome, Pfo3Error]:

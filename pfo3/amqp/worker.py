@@ -4,7 +4,9 @@ The worker process of the distributed mode (C{twistd pfo3-worker}).
 It consumes the task queue, at most C{capacity} unacknowledged tasks at a
 time (the channel's prefetch), runs each with the very same task registry
 and L{LocalExecutor} as local mode (so C{sleep} is a timer here too), and
-answers on the task's C{reply_to}.  It acknowledges a task only once the
+answers on the task's C{reply_to}, echoing the task's record key when it
+has one (C{pfo3.amqp.messages}: so that the orchestrator started again after
+a crash can record the outcome).  It acknowledges a task only once the
 broker confirmed its reply: a worker that dies before that leaves the task
 to be delivered again, to another worker (at least once); the orchestrator
 drops the duplicate reply.  A task delivered too many times is
@@ -50,10 +52,13 @@ class _Held:
     """
 
     __slots__ = ("delivery", "channel", "work", "cancelled", "timer", "identity", "tipo",
-                 "started")
+                 "started", "tarea_id")
 
     def __init__(self, delivery: Delivery, channel: IChannel, started: float = 0.0) -> None:
         self.identity = ""
+        #: Its id in its orchestrator's store (L{None}: not recorded), echoed
+        #: in the reply with C{identity}.
+        self.tarea_id: Optional[str] = None
         self.tipo = "-"
         self.started = started
         self.delivery = delivery
@@ -158,7 +163,7 @@ class WorkerService(Service):
             return
         held = _Held(delivery, channel, self.reactor.seconds())
         try:
-            tipo, contenido, held.identity = messages.decode_task(delivery.body)
+            tipo, contenido, held.identity, held.tarea_id = messages.decode_task(delivery.body)
             held.tipo = str(tipo)
             tasktype = self.registry.lookup(tipo)
             # Content in an object is read and validated by the executor
@@ -167,21 +172,19 @@ class WorkerService(Service):
             outcome = self.executor.run(tasktype, arg, held.identity)
         except Pfo3Error as e:
             self._count(held, ERROR)
-            self._answer(held, messages.encode_failure(e))
+            self._fail(held, e)
             return
         except messages.BadMessage as e:
             log.error("Dropping an unreadable task message {id}: {why}", id=correlation_id,
                       why=e)
             self._count(held, ERROR)
-            self._answer(held, messages.encode_failure(
-                InternalError("Error interno: mensaje de tarea ilegible.")))
+            self._fail(held, InternalError("Error interno: mensaje de tarea ilegible."))
             return
         except Exception:
             log.failure("Task {id} raised an unexpected exception", id=correlation_id,
                         identity=held.identity or "-")
             self._count(held, ERROR)
-            self._answer(held, messages.encode_failure(
-                InternalError("Error interno al ejecutar la tarea.")))
+            self._fail(held, InternalError("Error interno al ejecutar la tarea."))
             return
         if type(outcome) is tuple:
             self._succeeded(outcome, held)
@@ -201,11 +204,12 @@ class WorkerService(Service):
         self._count(held, OK)
         worker = f"{self.worker_name}/{outcome[1]}"
         try:
-            body = messages.encode_result(outcome[0], worker)
+            body = messages.encode_result(outcome[0], worker, held.identity, held.tarea_id)
         except ValueError:
             log.failure("Task {id}: result is not JSON", id=held.delivery.correlation_id)
-            body = messages.encode_failure(
-                InternalError("Error interno: el resultado no se puede enviar como JSON."))
+            self._fail(held, InternalError(
+                "Error interno: el resultado no se puede enviar como JSON."))
+            return
         self._answer(held, body)
 
     def _failed(self, failure: Failure, held: _Held) -> None:
@@ -220,7 +224,7 @@ class WorkerService(Service):
             log.failure("Task {id} raised an unexpected exception", failure,
                         id=held.delivery.correlation_id, identity=held.identity or "-")
             error = InternalError("Error interno al ejecutar la tarea.")
-        self._answer(held, messages.encode_failure(error))
+        self._fail(held, error)
 
     def _settle(self, held: _Held) -> None:
         self.held.pop(held.delivery.correlation_id or "", None)
@@ -245,7 +249,13 @@ class WorkerService(Service):
             self._settle(held)
             held.cancelled = True  # its late outcome is ignored
             self._count(held, estado_of(reason))
-            self._answer(held, messages.encode_failure(reason))
+            self._fail(held, reason)
+
+    def _fail(self, held: _Held, error: Pfo3Error) -> None:
+        """
+        Answer that the task failed with C{error}.
+        """
+        self._answer(held, messages.encode_failure(error, held.identity, held.tarea_id))
 
     def _answer(self, held: _Held, body: bytes) -> None:
         """
@@ -304,9 +314,13 @@ class WorkerService(Service):
         if reason == "delivery_limit":
             log.warn("Task {id} dead-lettered after too many deliveries",
                      id=delivery.correlation_id)
-            self._answer(held, messages.encode_failure(DeliveryLimit(
+            try:
+                held.identity, held.tarea_id = messages.decode_task(delivery.body)[2:]
+            except messages.BadMessage:
+                pass  # answered all the same; nothing to record by
+            self._fail(held, DeliveryLimit(
                 f"La tarea se entregó {self.topology.delivery_limit + 1} veces sin terminar "
-                "(su worker se detuvo cada vez) y se descartó.")))
+                "(su worker se detuvo cada vez) y se descartó."))
         else:
             channel.ack(delivery.tag)  # expired (nobody waits for it) or rejected
 

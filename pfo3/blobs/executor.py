@@ -93,9 +93,11 @@ class BlobExecutor:
             d.addBoth(lambda _: store.stop())
         return d
 
-    def run(self, tasktype: TaskType, arg: Any, identity: str = "") -> MaybeDeferredOutcome:
+    def run(
+        self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+    ) -> MaybeDeferredOutcome:
         if type(arg) is not wire.RefArg:
-            return self.inner.run(tasktype, arg, identity)
+            return self.inner.run(tasktype, arg, identity, tarea_id)
         policy = self.policy
         ref = arg.ref
         if policy is None:
@@ -103,12 +105,13 @@ class BlobExecutor:
                 raise BlobsDisabled(
                     "Este worker no tiene almacén de objetos (--blobs) y la tarea llegó "
                     "con 'contenido_ref'.")
-            return self.inner.run(tasktype, arg.inline, identity)
+            return self.inner.run(tasktype, arg.inline, identity, tarea_id)
         if ref is None:
-            d: Deferred[Any] = maybeDeferred(self.inner.run, tasktype, arg.inline, identity)
+            d: Deferred[Any] = maybeDeferred(
+                self.inner.run, tasktype, arg.inline, identity, tarea_id)
         else:
             d = self._content(tasktype, ref, policy)
-            d.addCallback(lambda value: self.inner.run(tasktype, value, identity))
+            d.addCallback(lambda value: self.inner.run(tasktype, value, identity, tarea_id))
         return d.addCallback(self._result, arg.refs, policy)
 
     def _content(self, tasktype: TaskType, ref: str, policy: BlobPolicy) -> Deferred[Any]:
