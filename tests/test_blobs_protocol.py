@@ -366,7 +366,7 @@ class MessageTests(SynchronousTestCase):
         and decoding with their types.
         """
         arg = wire.RefArg(contenido_ref=blobs.new_ref(), refs=True)
-        tipo, back, who = messages.decode_task(messages.encode_task("uppercase", arg, "ana"))
+        tipo, back, who, _ = messages.decode_task(messages.encode_task("uppercase", arg, "ana"))
         assert (tipo, back, who, type(back)) == ("uppercase", arg, "ana", wire.RefArg)
         out = wire.ResultRef(ref="r", bytes=3, sha256="x", url=None, expira=None)
         res, worker = messages.decode_reply(messages.encode_result(out, "w/1"))  # type: ignore
