@@ -402,6 +402,22 @@ def test_panel_counts_what_the_gateway_answered() -> None:
     assert snapshot["web"]["http"] == 3  # the sleep, the uppercase, the error
 
 
+def test_panel_needs_a_token_where_tasks_do() -> None:
+    """
+    On a server that requires tokens, GET /panel is 401 without a token or
+    with a forged one, and answers the figures to a bearer of a valid one.
+    """
+    site = auth_site()
+    missing = get(site, "/panel")
+    assert (missing.status, missing.json()["codigo"]) == (401, "token_faltante")
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    forged = get(site, "/panel", {"Authorization": "Bearer not.a.jwt"})
+    assert (forged.status, forged.json()["codigo"]) == (401, "token_invalido")
+    ok = get(site, "/panel", {"Authorization": "Bearer " + token()})
+    assert ok.status == 200
+    assert "tareas_por_segundo" in ok.json()["resultado"]
+
+
 def test_percentile_is_nearest_rank() -> None:
     """
     Percentiles are nearest-rank: p50 of 1..10 is 5, p99 is 10.

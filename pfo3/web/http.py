@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from pfo3 import wire
 from pfo3.errors import InternalError, InvalidTaskId, InvalidUTF8, LineTooLong, Pfo3Error
 from pfo3.orchestrator import MaybeDeferredReply, Session
-from pfo3.web.gateway import Gateway, bearer_token
+from pfo3.web.gateway import Gateway, bearer_token, missing_token
 from pfo3.web.status import http_status
 
 JSON = b"application/json; charset=utf-8"
@@ -236,16 +236,28 @@ class TiposResource(JSONResource):
 
 class PanelResource(JSONResource):
     """
-    C{GET /panel}: the dashboard's figures (L{pfo3.web.panel.Panel}).
+    C{GET /panel}: the dashboard's figures (L{pfo3.web.panel.Panel}); on a
+    server that requires tokens, for a bearer of a valid one only (as
+    C{/panel/ws}).
     """
 
     route = "/panel"
 
     def render_GET(self, request: server.Request) -> bytes:
+        gateway = self.gateway
         self.cors(request)
         request.setHeader(b"Content-Type", JSON)
         request.setHeader(b"Cache-Control", b"no-store")
-        return wire.encode_control(None, self.gateway.panel.snapshot())
+        authenticator = gateway.orchestrator.authenticator
+        if authenticator.required:
+            try:
+                token = bearer_token(header(request, b"authorization"))
+                if token is None:
+                    raise missing_token()
+                authenticator.authenticate(token)
+            except Pfo3Error as e:
+                return self._error(request, e, gateway.clock.seconds())
+        return wire.encode_control(None, gateway.panel.snapshot())
 
 
 #: Every resource of the API (C{docs/openapi.json} describes each).
