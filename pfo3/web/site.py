@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from pfo3 import wire
 from pfo3.errors import Pfo3Error, UnknownOperation
 from pfo3.web.gateway import Gateway
-from pfo3.web.http import API, BoundedRequest
+from pfo3.web.http import API, DEFAULT_REQUEST_TIMEOUT, BoundedChannel, BoundedRequest
 from pfo3.web.ws import TaskWebSocketFactory, TaskWebSocketProtocol
 
 #: The dashboard's files: name → content type.
@@ -190,21 +190,32 @@ class PanelProtocol(TaskWebSocketProtocol):
 
 class WebSite(server.Site):
     """
-    The site: bounded request bodies, no access log (the tasks have their
+    The site: bounded request bodies and slow clients
+    (L{pfo3.web.http.BoundedChannel}), no access log (the tasks have their
     own, C{--log-tasks}).
 
     @ivar max_body: Longest request body kept, in bytes.
+    @ivar request_timeout: Seconds a client has to send a whole request.
     """
 
     requestFactory = BoundedRequest
 
     def __init__(self, root: Resource, gateway: Gateway, timeout: float,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         super().__init__(root, timeout=timeout or None, reactor=reactor)
         self.gateway = gateway
         self.max_body = gateway.max_message
+        self.request_timeout = request_timeout
         self.ws: Optional[TaskWebSocketFactory] = None
         self.panel: Optional[PanelFeed] = None
+
+    def protocol(self) -> BoundedChannel:  # type: ignore[override]
+        # HTTP/1.1 only: no HTTP/2 negotiation wrapper (pfo3 does not
+        # install h2).
+        channel = BoundedChannel()
+        channel.request_timeout = self.request_timeout
+        return channel
 
     def log(self, request: Any) -> None:
         pass
@@ -231,7 +242,8 @@ def root_resource(gateway: Gateway, reactor: Any = None,
 
 
 def make_site(gateway: Gateway, reactor: Any = None, idle_timeout: float = 0.0,
-              ping_interval: float = 0.0) -> WebSite:
+              ping_interval: float = 0.0,
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> WebSite:
     """
     The site to listen with (C{--web ENDPOINT}).
 
@@ -239,9 +251,11 @@ def make_site(gateway: Gateway, reactor: Any = None, idle_timeout: float = 0.0,
         never).
     @param ping_interval: Ping WebSocket clients this often and drop those
         that do not answer (C{0}: no pings).
+    @param request_timeout: Seconds a client has to send a whole HTTP
+        request once it started (C{0}: no limit).
     """
     root, ws, panel = root_resource(gateway, reactor, ping_interval)
-    site = WebSite(root, gateway, idle_timeout, reactor)
+    site = WebSite(root, gateway, idle_timeout, reactor, request_timeout)
     site.ws = ws
     site.panel = panel
     return site
