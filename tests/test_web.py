@@ -402,6 +402,22 @@ def test_panel_counts_what_the_gateway_answered() -> None:
     assert snapshot["web"]["http"] == 3  # the sleep, the uppercase, the error
 
 
+def test_panel_needs_a_token_where_tasks_do() -> None:
+    """
+    On a server that requires tokens, GET /panel is 401 without a token or
+    with a forged one, and answers the figures to a bearer of a valid one.
+    """
+    site = auth_site()
+    missing = get(site, "/panel")
+    assert (missing.status, missing.json()["codigo"]) == (401, "token_faltante")
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    forged = get(site, "/panel", {"Authorization": "Bearer not.a.jwt"})
+    assert (forged.status, forged.json()["codigo"]) == (401, "token_invalido")
+    ok = get(site, "/panel", {"Authorization": "Bearer " + token()})
+    assert ok.status == 200
+    assert "tareas_por_segundo" in ok.json()["resultado"]
+
+
 def test_percentile_is_nearest_rank() -> None:
     """
     Percentiles are nearest-rank: p50 of 1..10 is 5, p99 is 10.
@@ -434,6 +450,44 @@ def test_openapi_lists_every_route() -> None:
             assert response.status != 404 or response.json()["codigo"] == "tarea_desconocida"
             for status in spec["paths"][path][method]["responses"]:
                 assert 200 <= int(status) < 600
+
+
+#: Codes a TCP connection can get and an HTTP request cannot: one session
+#: per request, connections not gated, no output buffer to fill.
+TCP_ONLY = {"tarea_id_duplicado", "demasiadas_conexiones", "buffer_lleno"}
+
+#: The error codes each route can answer.
+ROUTE_CODES = {
+    # The body is any request of the protocol: a task, op estado, subir...
+    ("/tareas", "post"): set(HTTP_STATUS) - TCP_ONLY,
+    ("/tareas/{tarea_id}", "get"): {
+        "utf8_invalido", "tarea_id_invalido", "token_faltante", "token_invalido",
+        "token_expirado", "tarea_desconocida", "almacen_no_disponible", "error_interno"},
+    ("/tipos", "get"): {"token_faltante", "token_invalido", "token_expirado", "error_interno"},
+    ("/panel", "get"): {"token_faltante", "token_invalido", "token_expirado"},
+}
+
+
+def test_openapi_gives_each_error_its_status() -> None:
+    """
+    For every error code a route can answer, docs/openapi.json lists the
+    status of pfo3.web.status for that route, and (for the codes known
+    when it was written) names the code there; every route lists 408, the
+    answer to a request too slow to arrive.
+    """
+    spec = json.loads((ROOT / "docs" / "openapi.json").read_text(encoding="utf-8"))
+    assert set(ROUTE_CODES) == {(path, method) for path, methods in spec["paths"].items()
+                                for method in methods}
+    for (path, method), codes in ROUTE_CODES.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert "408" in responses, (path, method)
+        for codigo in codes:
+            status = str(HTTP_STATUS[codigo])
+            assert status in responses, (path, method, codigo, status)
+    post = spec["paths"]["/tareas"]["post"]["responses"]
+    for codigo in ("ref_desconocida", "blobs_desactivado", "urls_no_soportadas",
+                   "almacen_objetos_denegado", "almacen_objetos_sin_cubo"):
+        assert codigo in post[str(HTTP_STATUS[codigo])]["description"], codigo
 
 
 # -- twistd pfo3 --web ------------------------------------------------------------------------

@@ -10,15 +10,18 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Tuple
 
 import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from pfo3 import tokens
 
 from .conftest import LineSocket
 from .test_web_process import Web, start_web
@@ -117,5 +120,74 @@ def test_dashboard_submits_a_task_and_the_counters_move(web: Web, tmp_path: Path
         assert distinct_colours(shot) > 20
         logs = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert logs == []
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Tuple[Web, Path]]:
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    running = start_web(tmp_path, "--jwt-secret-file", str(secret))
+    try:
+        yield running, secret
+    finally:
+        running.server.stop()
+
+
+def mint(secret: Path, sub: str) -> str:
+    """
+    A token for C{sub}, as C{pfo3-token --sub SUB --secret-file SECRET}
+    prints it.
+    """
+    options = tokens.Options()
+    options.parseOptions(["--sub", sub, "--secret-file", str(secret)])
+    return tokens.sign(options)
+
+
+def test_dashboard_with_a_token(secured: Tuple[Web, Path]) -> None:
+    """
+    On a server started with --jwt-secret-file, the dashboard says it needs
+    a token (GET /tipos is 401, the type list is empty and the feed sends no
+    figures) and says so again for a forged one; once a minted token is
+    typed in, the types load, the feed goes live with figures, and a task
+    submitted through the form gets its reply.
+    """
+    web, secret = secured
+    driver = chromium()
+    try:
+        driver.get(web.url + "/")
+        wait = WebDriverWait(driver, 15)
+        wait.until(expected_conditions.text_to_be_present_in_element(
+            (By.ID, "aviso"), "token_faltante"))
+        assert driver.find_element(By.ID, "aviso").is_displayed()
+        assert Select(driver.find_element(By.ID, "tipo")).options == []
+        assert text(driver, "completadas") == "–"
+
+        field = driver.find_element(By.ID, "token")
+        field.send_keys("not.a.jwt", Keys.TAB)
+        wait.until(expected_conditions.text_to_be_present_in_element(
+            (By.ID, "aviso"), "token_invalido"))
+        assert Select(driver.find_element(By.ID, "tipo")).options == []
+
+        field.clear()
+        field.send_keys(mint(secret, "navegador"), Keys.TAB)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "tipo")).options) >= 4)
+        wait.until(lambda d: not d.find_element(By.ID, "aviso").is_displayed())
+        wait.until(lambda d: text(d, "completadas") != "–")
+        assert driver.find_element(By.ID, "conexion").get_attribute("data-estado") == "en-vivo"
+
+        Select(driver.find_element(By.ID, "tipo")).select_by_value("uppercase")
+        content = driver.find_element(By.ID, "contenido")
+        content.clear()
+        content.send_keys("con token")
+        driver.find_element(By.ID, "enviar").click()
+        wait.until(expected_conditions.text_to_be_present_in_element(
+            (By.ID, "respuesta"), "CON TOKEN"))
+        assert '"estado": "ok"' in text(driver, "respuesta")
+        wait.until(lambda d: int(text(d, "completadas")) >= 1)
+        # The only failed loads are the refusals before the token was typed.
+        logs = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert all("401" in entry["message"] for entry in logs), logs
     finally:
         driver.quit()

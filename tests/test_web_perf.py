@@ -1,123 +1,134 @@
 """
-Throughput and latency of the web gateway against the TCP protocol, in one
-run against one real C{twistd -n pfo3 --web}: the figures of C{docs/web.md}
-("Performance").  Each protocol carries the same inline task (C{uppercase})
-from one Python client process; the test prints tasks/s and latency
-percentiles and checks only that every task was answered.
+A smoke test of C{benchmarks/web_cost.py}, the benchmark behind
+C{docs/web.md}'s figures (TCP, WebSocket and HTTP under the same load
+shapes, in interleaved rounds, with ratios to TCP paired per round): its
+functions against one real C{twistd -n pfo3 --web}, and its command line,
+for a fraction of a second each.  It checks that every task is answered
+and every figure is there, never how fast: the figures come from a long
+run on a quiet machine.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
-import time
+import shutil
+import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Iterator
 
+import psutil
 import pytest
 
-from pfo3.web.panel import percentile
-
-from .conftest import LineSocket
 from .test_web_process import Web, start_web
 
 pytestmark = pytest.mark.integration
 
-TASKS = 3000
-WINDOW = 50
-HTTP_CLIENTS = 8
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+#: Small shapes: the real ones are 8x1 and 1x50.
+SHAPES = [((2, 1), ("tcp", "ws", "http")), ((1, 5), ("tcp", "ws"))]
 
 
-def pipelined(send: Callable[[str], None], recv: Callable[[], Dict[str, object]]) -> List[float]:
-    """
-    Keep C{WINDOW} tasks in flight on one connection until C{TASKS} are
-    answered.
-
-    @return: Each task's latency, in seconds.
-    """
-    started: Dict[str, float] = {}
-    latencies: List[float] = []
-    sent = 0
-    while len(latencies) < TASKS:
-        while sent < TASKS and len(started) < WINDOW:
-            tid = f"t{sent}"
-            started[tid] = time.perf_counter()
-            send(json.dumps({"tarea_id": tid, "tipo": "uppercase", "contenido": "hola"}))
-            sent += 1
-        reply = recv()
-        assert reply["estado"] == "ok", reply
-        latencies.append(time.perf_counter() - started.pop(str(reply["tarea_id"])))
-    return latencies
-
-
-def over_tcp(web: Web) -> List[float]:
-    tcp = LineSocket(web.server.port)
+@pytest.fixture(scope="module")
+def web_cost() -> Iterator[Any]:
+    sys.path.insert(0, str(BENCHMARKS))
     try:
-        return pipelined(lambda text: tcp.send(text.encode() + b"\n"), tcp.read_json)
+        import web_cost
+
+        yield web_cost
     finally:
-        tcp.close()
+        sys.path.remove(str(BENCHMARKS))
 
 
-def over_websocket(web: Web) -> List[float]:
-    with web.ws() as ws:
-        return pipelined(ws.send, lambda: json.loads(ws.recv(timeout=10)))
-
-
-def over_http(web: Web) -> List[float]:
-    latencies: List[float] = []
-    lock = threading.Lock()
-    body = json.dumps({"tipo": "uppercase", "contenido": "hola"})
-
-    def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=10)
-        mine = []
-        for _ in range(TASKS // HTTP_CLIENTS):
-            started = time.perf_counter()
-            connection.request("POST", "/tareas", body)
-            response = connection.getresponse()
-            assert response.status == 200, response.read()
-            response.read()
-            mine.append(time.perf_counter() - started)
-        connection.close()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client) for _ in range(HTTP_CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(latencies) == TASKS // HTTP_CLIENTS * HTTP_CLIENTS
-    return latencies
-
-
-def measure(run: Callable[[Web], List[float]], web: Web) -> Tuple[float, float, float]:
-    started = time.perf_counter()
-    latencies = sorted(run(web))
-    elapsed = time.perf_counter() - started
-    return (len(latencies) / elapsed, percentile(latencies, 0.5) * 1000,
-            percentile(latencies, 0.99) * 1000)
-
-
-def test_throughput_and_latency(tmp_path: Path) -> None:
-    """
-    TCP, WebSocket and HTTP each answer every one of their tasks; the
-    figures (tasks/s, p50 and p99 in ms) are printed side by side.
-    """
-    web = start_web(tmp_path)
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Web]:
+    running = start_web(tmp_path)
     try:
-        over_tcp(web)  # warm up
-        figures = {
-            f"tcp (1 connection, {WINDOW} in flight)": measure(over_tcp, web),
-            f"websocket (1 connection, {WINDOW} in flight)": measure(over_websocket, web),
-            f"http ({HTTP_CLIENTS} keep-alive connections)": measure(over_http, web),
-        }
+        yield running
     finally:
-        web.server.stop()
-    print()
-    print("| protocol | tasks/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|")
-    for name, (rate, p50, p99) in figures.items():
-        print(f"| {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |")
-    assert all(rate > 0 for rate, _, _ in figures.values())
+        running.server.stop()
+
+
+def test_rounds_measure_every_protocol(web_cost: Any, web: Web) -> None:
+    """
+    run_rounds runs each shape over each of its protocols: every task is
+    answered ok, and every run has tasks/s, p50, p99 and the server's CPU
+    per task; summarize gives each protocol its medians and its ratios to
+    TCP of the same round (TCP's own are 1).
+    """
+    server = psutil.Process(web.server.proc.pid)
+
+    def cpu() -> float:
+        times = server.cpu_times()
+        return float(times.user + times.system)
+
+    ports = web_cost.Ports(web.server.port, web.port)
+    runs = web_cost.run_rounds(ports, rounds=2, duration=0.2, cpu=cpu, shapes=SHAPES)
+    assert sorted((r["round"], r["shape"], r["protocol"]) for r in runs) == sorted(
+        (r, f"{c}x{w}", p) for r in range(2) for (c, w), ps in SHAPES for p in ps)
+    for run in runs:
+        assert run["errors"] == 0, run["first_error"]
+        assert run["tasks"] > 0
+        assert run["throughput"] > 0
+        assert 0 < run["p50_ms"] <= run["p99_ms"]
+        assert run["cpu_us"] is not None and run["cpu_us"] >= 0
+    summary = web_cost.summarize(runs)
+    assert [(row["shape"], row["protocol"]) for row in summary] == [
+        ("2x1", "tcp"), ("2x1", "ws"), ("2x1", "http"), ("1x5", "tcp"), ("1x5", "ws")]
+    for row in summary:
+        assert row["rounds"] == 2
+        for key in ("throughput", "p50_ms", "p99_ms", "cpu_us", "throughput_vs_tcp",
+                    "p99_ms_vs_tcp"):
+            assert row[key] is not None and row[key] > 0, (row, key)
+        if row["protocol"] == "tcp":
+            assert row["throughput_vs_tcp"] == row["p99_ms_vs_tcp"] == 1.0
+    table = web_cost.markdown(summary, {
+        "rounds": 2, "duration": 0.2, "commit": "abc", "date": "today", "cpus": 2,
+        "load": 1.0, "python": "3", "twisted": "26"})
+    assert "| 2x1 | HTTP |" in table and "| 1x5 | WebSocket |" in table
+
+
+def test_http_has_no_pipelined_shape(web_cost: Any, web: Web) -> None:
+    """
+    HTTP is not run with more than one task in flight per connection.
+    """
+    with pytest.raises(ValueError):
+        web_cost.measure("http", web_cost.Ports(web.server.port, web.port), (1, 5), 0.1)
+
+
+def test_rewrite_doc(web_cost: Any, tmp_path: Path) -> None:
+    """
+    --doc replaces only what lies between the markers of docs/web.md, and
+    refuses a file without them.
+    """
+    doc = tmp_path / "web.md"
+    shutil.copy(ROOT / "docs" / "web.md", doc)
+    before = doc.read_text(encoding="utf-8")
+    web_cost.rewrite_doc(str(doc), "NEW FIGURES\n")
+    after = doc.read_text(encoding="utf-8")
+    head, _, rest = before.partition(web_cost.BEGIN)
+    _, _, tail = rest.partition(web_cost.END)
+    assert after == head + web_cost.BEGIN + "\nNEW FIGURES\n" + web_cost.END + tail
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError):
+        web_cost.rewrite_doc(str(plain), "x")
+
+
+def test_command_line(web_cost: Any, tmp_path: Path) -> None:
+    """
+    The script's command line starts its own server, runs a round, writes
+    --json and rewrites --doc's figures, and exits 0 (no error replies).
+    """
+    doc = tmp_path / "web.md"
+    shutil.copy(ROOT / "docs" / "web.md", doc)
+    out = tmp_path / "web.json"
+    status = web_cost.main(["--rounds", "1", "--duration", "0.2", "--json", str(out),
+                            "--doc", str(doc)])
+    assert status == 0
+    data = json.loads(out.read_text())
+    assert {(r["shape"], r["protocol"]) for r in data["runs"]} == {
+        ("8x1", "tcp"), ("8x1", "ws"), ("8x1", "http"), ("1x50", "tcp"), ("1x50", "ws")}
+    assert all(r["errors"] == 0 for r in data["runs"])
+    assert "| 8x1 | HTTP |" in doc.read_text(encoding="utf-8")

@@ -303,3 +303,51 @@ def test_dashboard_and_panel(web: Web) -> None:
         assert "default-src 'self'" in response.headers["Content-Security-Policy"]
     status, reply = web.request("GET", "/panel")
     assert status == 200 and "tareas_por_segundo" in reply["resultado"]
+
+
+def test_http_client_that_does_not_read(tmp_path: Path) -> None:
+    """
+    A client that pipelines 1000 requests with 32 KiB replies and reads
+    none: once its replies fill the socket, the server answers (and reads)
+    no more of its requests, so it holds about one reply for it, not the
+    32 MiB of them; another client is answered meanwhile, and the server
+    goes on once the slow one leaves.
+    """
+    import psutil
+
+    web = start_web(tmp_path)  # the default --max-line: 32 KiB bodies are accepted
+    server = psutil.Process(web.server.proc.pid)
+    body = json.dumps({"tipo": "uppercase", "contenido": "a" * 32768}).encode()
+    request = (b"POST /tareas HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    stream = memoryview(request * 1000)
+    rss = server.memory_info().rss
+    slow = socket.create_connection(("127.0.0.1", web.port))
+    slow.setblocking(False)
+    sent = 0
+    stalled_since = None
+    try:
+        # Send what the kernel takes (its buffers may take it all).
+        while sent < len(stream):
+            try:
+                sent += slow.send(stream[sent:sent + 65536])
+                stalled_since = None
+            except BlockingIOError:
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > 2:
+                    break
+                time.sleep(0.05)
+        time.sleep(2)  # time to answer them all, were it to
+        status, panel = web.request("GET", "/panel")
+        answered = panel["resultado"]["web"]["http"]
+        assert answered < 500, f"{answered} of the 1000 requests answered"
+        grown = server.memory_info().rss - rss
+        assert grown < 16 * 2**20, f"the server grew by {grown} bytes"
+        status, reply = web.request("GET", "/tipos")
+        assert status == 200 and reply["estado"] == "ok"
+        slow.close()
+        assert web.request("POST", "/tareas", {"tipo": "uppercase", "contenido": "x"})[0] == 200
+    finally:
+        slow.close()
+        web.server.stop()

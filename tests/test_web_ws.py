@@ -238,6 +238,88 @@ class WebSocketTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(ws.replies(), [])
 
+    def test_panel_figures_computed_once_for_all_feeds(self) -> None:
+        """
+        However many feeds are open, the figures are computed once a second
+        and every feed gets the same message; the timer stops with the last
+        feed.
+        """
+        panel = self.site.gateway.panel
+        computed = []
+        snapshot = panel.snapshot
+
+        def counted() -> Dict[str, Any]:
+            computed.append(self.clock.seconds())
+            return snapshot()
+
+        panel.snapshot = counted  # type: ignore[method-assign]
+        feeds = [WebSocket(self.site, "/panel/ws", host=f"10.0.0.{i}") for i in range(5)]
+        self.assertEqual(len(computed), 1)
+        for feed in feeds:
+            self.assertEqual(len(feed.replies()), 1)
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(len(computed), 3)
+        payloads = {json.dumps(feed.replies()) for feed in feeds}
+        self.assertEqual(len(payloads), 1)
+        for feed in feeds:
+            feed.close()
+        self.clock.advance(5)
+        self.assertEqual(len(computed), 3)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_panel_feed_skips_a_client_that_does_not_read(self) -> None:
+        """
+        A feed whose client does not read (its write buffer is full) is sent
+        no more figures, so it holds no growing buffer; it gets them again
+        once it reads.
+        """
+        ws = WebSocket(self.site, "/panel/ws")
+        self.assertEqual(len(ws.replies()), 1)
+        producer = ws.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(ws.replies(), [])
+        producer.resumeProducing()
+        self.clock.advance(1)
+        self.assertEqual(len(ws.replies()), 1)
+
+    def test_panel_feed_refuses_tasks(self) -> None:
+        """
+        A task sent on /panel/ws is answered op_desconocida and does not
+        run; {"op": "ping"} is answered; the figures go on.
+        """
+        ws = WebSocket(self.site, "/panel/ws")
+        ws.replies()
+        ws.send_json({"tarea_id": "a", "tipo": "upper", "contenido": "x"})
+        ws.send_json({"op": "ping"})
+        ws.send_text("{")
+        replies = ws.replies()
+        self.assertEqual([r.get("codigo") for r in replies],
+                         ["op_desconocida", None, "json_invalido"])
+        self.assertEqual(replies[0]["tarea_id"], "a")
+        self.assertEqual(replies[1]["resultado"], "pong")
+        self.assertEqual(self.factory.orchestrator.completed, 0)
+        self.clock.advance(1)
+        self.assertIn("tareas_por_segundo", ws.replies()[0])
+
+    def test_panel_feed_closes_on_stop(self) -> None:
+        """
+        When the web service stops, a dashboard's feed is closed with 1001
+        and its timer stops.
+        """
+        from pfo3.web import WebService
+
+        ws = WebSocket(self.site, "/panel/ws")
+        ws.replies()
+        service = WebService(self.site)
+        service.startService()
+        service.stopService()
+        self.assertEqual(ws.close_code(), 1001)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
 
 class WebSocketAuthTests(SynchronousTestCase):
     """
@@ -316,3 +398,59 @@ class WebSocketAuthTests(SynchronousTestCase):
         frames = third.frames()
         self.assertEqual(json.loads(frames[0][1])["codigo"], "demasiadas_conexiones")
         self.assertEqual(int.from_bytes(frames[1][1][:2], "big"), 1013)
+
+    def test_panel_feed_needs_a_token(self) -> None:
+        """
+        On a server that requires tokens, /panel/ws sends no figures before
+        the connection authenticates ({"op": "auth"} or the upgrade's
+        Authorization header), and one that does not within --auth-timeout
+        gets token_faltante and close code 1008.
+        """
+        idle = WebSocket(self.site, "/panel/ws")
+        self.assertEqual(idle.frames(), [])
+        authed = WebSocket(self.site, "/panel/ws")
+        authed.send_json({"op": "auth", "token": token()})
+        [reply, figures] = authed.replies()
+        self.assertEqual(reply["resultado"]["identidad"], "alice")
+        self.assertIn("tareas_por_segundo", figures)
+        for _ in range(10):
+            self.clock.advance(1)
+        frames = idle.frames()
+        self.assertEqual(json.loads(frames[0][1])["codigo"], "token_faltante")
+        self.assertEqual(int.from_bytes(frames[1][1][:2], "big"), 1008)
+        self.assertEqual(len(authed.replies()), 10)
+
+    def test_panel_feed_with_a_bearer_header(self) -> None:
+        """
+        A feed opened with Authorization: Bearer gets its figures at once.
+        """
+        ws = WebSocket(self.site, "/panel/ws",
+                       headers={"Authorization": "Bearer " + token()})
+        self.assertIn("tareas_por_segundo", ws.replies()[0])
+
+    def test_panel_feeds_count_against_max_connections(self) -> None:
+        """
+        Dashboard feeds count against --max-connections like any
+        connection: with two open, a third connection (a feed or a /ws) is
+        told demasiadas_conexiones and closed with 1013; once one closes,
+        a new one is let in.
+        """
+        first = WebSocket(self.site, "/panel/ws")
+        WebSocket(self.site, "/panel/ws")
+        for path in ("/panel/ws", "/ws"):
+            frames = WebSocket(self.site, path).frames()
+            self.assertEqual(json.loads(frames[0][1])["codigo"], "demasiadas_conexiones")
+            self.assertEqual(int.from_bytes(frames[1][1][:2], "big"), 1013)
+        first.close()
+        self.assertEqual(WebSocket(self.site, "/ws").frames(), [])
+
+    def test_panel_feeds_count_against_the_per_peer_limit(self) -> None:
+        """
+        Dashboard feeds count against --max-connections-per-peer.
+        """
+        gate = Gate(self.clock, max_per_peer=1)
+        site = web_site(make_server(reactor=self.clock, gate=gate))
+        self.assertEqual(len(WebSocket(site, "/panel/ws").replies()), 1)
+        frames = WebSocket(site, "/panel/ws").frames()
+        self.assertEqual(json.loads(frames[0][1])["codigo"], "demasiadas_conexiones")
+        self.assertEqual(len(WebSocket(site, "/panel/ws", host="10.0.0.2").replies()), 1)

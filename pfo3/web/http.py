@@ -15,14 +15,23 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Dict, Optional, Set, Union
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from pfo3 import wire
-from pfo3.errors import InternalError, InvalidTaskId, InvalidUTF8, LineTooLong, Pfo3Error
+from pfo3.errors import (
+    InternalError,
+    InvalidTaskId,
+    InvalidUTF8,
+    LineTooLong,
+    Pfo3Error,
+    TaskTimeout,
+)
 from pfo3.orchestrator import MaybeDeferredReply, Session
-from pfo3.web.gateway import Gateway, bearer_token
+from pfo3.web.gateway import Gateway, bearer_token, missing_token
 from pfo3.web.status import http_status
 
 JSON = b"application/json; charset=utf-8"
@@ -46,6 +55,98 @@ class BoundedRequest(server.Request):
             self.too_large = True
             return
         super().handleContentChunk(data)
+
+
+#: Seconds a client has to send a whole request (line, headers, body) once
+#: its first byte arrived.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+
+class BoundedChannel(http.HTTPChannel):
+    """
+    An HTTP connection whose slow clients cost a bounded amount.
+
+      - A client that sends its request slowly (a byte now and then, which
+        resets the idle timeout each time) is bounded in B{time}: from its
+        first byte, a request must arrive whole within C{request_timeout}
+        seconds, or it is answered C{408} and the connection closes.  Its
+        memory is bounded already (headers by C{twisted.web}, the body by
+        L{BoundedRequest}): what it would hold for ever is a connection.
+      - A client that does not read its responses is bounded in B{memory}:
+        once a response fills the transport's write buffer, the connection
+        reads and answers nothing more (not even requests it already
+        pipelined) until the client reads, so it holds one response,
+        however many requests it sent.  Its time is then that of any idle
+        connection: C{--idle-timeout}, then C{twisted.web}'s 15 s before it
+        is aborted.  (C{twisted.web} alone would go on answering the
+        pipelined requests into the write buffer without end.)
+
+    @ivar request_timeout: Seconds to receive one request (C{0}: no limit).
+    """
+
+    request_timeout = DEFAULT_REQUEST_TIMEOUT
+    _deadline: Optional[IDelayedCall] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if data and not self.paused:
+            self._start_deadline()
+        super().dataReceived(data)
+
+    def _start_deadline(self) -> None:
+        """
+        A request starts arriving: give it C{request_timeout} seconds.
+        """
+        if self._deadline is None and self.request_timeout and not self._handlingRequest:
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def _cancel_deadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self) -> None:
+        """
+        The request did not arrive whole in time: answer 408 and close.
+        """
+        self._deadline = None
+        if self.transport is None:
+            return
+        body = wire.encode_error(TaskTimeout(
+            f"La petición no llegó completa en {self.request_timeout:g} s; "
+            "se cierra la conexión."))
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: " + JSON +
+            b"\r\nContent-Length: " + str(len(body)).encode() +
+            b"\r\nConnection: close\r\n\r\n" + body)
+        self.setTimeout(None)
+        self.timeoutConnection()
+
+    def requestDone(self, request: server.Request) -> None:
+        if self._waitingForTransport and self.persistent:
+            # The client does not read: parse nothing more of what it sent
+            # (C{LineReceiver} keeps it) and stop reading it until it does.
+            self.paused = True
+            self._networkProducer.pauseProducing()
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._waitingForTransport = False
+            super().dataReceived(b"")  # the requests it held
+            if self.paused or self._waitingForTransport:
+                return  # their responses filled the buffer again
+            if self._buffer:
+                self._start_deadline()  # the start of a request
+        super().resumeProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
 
 
 def header(request: server.Request, name: bytes) -> Optional[str]:
@@ -236,16 +337,28 @@ class TiposResource(JSONResource):
 
 class PanelResource(JSONResource):
     """
-    C{GET /panel}: the dashboard's figures (L{pfo3.web.panel.Panel}).
+    C{GET /panel}: the dashboard's figures (L{pfo3.web.panel.Panel}); on a
+    server that requires tokens, for a bearer of a valid one only (as
+    C{/panel/ws}).
     """
 
     route = "/panel"
 
     def render_GET(self, request: server.Request) -> bytes:
+        gateway = self.gateway
         self.cors(request)
         request.setHeader(b"Content-Type", JSON)
         request.setHeader(b"Cache-Control", b"no-store")
-        return wire.encode_control(None, self.gateway.panel.snapshot())
+        authenticator = gateway.orchestrator.authenticator
+        if authenticator.required:
+            try:
+                token = bearer_token(header(request, b"authorization"))
+                if token is None:
+                    raise missing_token()
+                authenticator.authenticate(token)
+            except Pfo3Error as e:
+                return self._error(request, e, gateway.clock.seconds())
+        return wire.encode_control(None, gateway.panel.snapshot())
 
 
 #: Every resource of the API (C{docs/openapi.json} describes each).

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple, cast
 
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from pfo3 import wire
+from pfo3.errors import Pfo3Error, UnknownOperation
 from pfo3.web.gateway import Gateway
-from pfo3.web.http import API, BoundedRequest
-from pfo3.web.ws import CLOSE_UNSUPPORTED, TaskWebSocketFactory, TaskWebSocketProtocol
+from pfo3.web.http import API, DEFAULT_REQUEST_TIMEOUT, BoundedChannel, BoundedRequest
+from pfo3.web.ws import TaskWebSocketFactory, TaskWebSocketProtocol
 
 #: The dashboard's files: name → content type.
 STATIC = {
@@ -74,67 +78,154 @@ class PanelFeed(TaskWebSocketFactory):
     """
     C{/panel/ws}: a WebSocket that receives the dashboard's figures
     (L{pfo3.web.panel.Panel.snapshot}) every L{PANEL_INTERVAL} seconds.
-    Messages from the client are ignored; a binary one closes it (1003).
+
+    Its connections go through the connection gate like any other (they
+    count against C{--max-connections} and the per-peer limit and, on a
+    server that requires tokens, must authenticate within
+    C{--auth-timeout}), and receive figures only once authenticated there.
+    The figures are computed and framed once per interval for all of them,
+    and skipped for a connection whose client does not read them.
+
+    @ivar subscribers: The connections the figures are sent to.
     """
 
-    def __init__(self, gateway: Gateway, reactor: Any = None) -> None:
-        super().__init__(gateway, reactor)
+    def __init__(self, gateway: Gateway, reactor: Any = None,
+                 ping_interval: float = 0.0) -> None:
+        super().__init__(gateway, reactor, ping_interval)
         self.protocol = PanelProtocol
+        self.subscribers: Set[PanelProtocol] = set()
+        self._loop = LoopingCall(self.push)
+        self._loop.clock = gateway.clock
+        self._last: Optional[PreparedMessage] = None
+
+    def subscribe(self, p: PanelProtocol) -> None:
+        """
+        Send the figures to C{p} from now on, starting with the latest.
+        """
+        self.subscribers.add(p)
+        if self._loop.running:
+            if self._last is not None:
+                p.send_prepared(self._last)
+        else:
+            self._loop.start(PANEL_INTERVAL, now=True)
+
+    def unsubscribe(self, p: PanelProtocol) -> None:
+        """
+        Send C{p} no more figures.
+        """
+        self.subscribers.discard(p)
+        if not self.subscribers and self._loop.running:
+            self._loop.stop()
+            self._last = None
+
+    def push(self) -> None:
+        """
+        Compute the figures once and send them to every subscriber.
+        """
+        snapshot = self.gateway.panel.snapshot()
+        message = self._last = self.prepareMessage(
+            json.dumps(snapshot, ensure_ascii=False).encode("utf-8"))
+        for p in list(self.subscribers):
+            p.send_prepared(message)
 
 
 class PanelProtocol(TaskWebSocketProtocol):
     """
-    One dashboard's live feed.
+    One dashboard's live feed.  It accepts C{{"op": "auth", "token": ...}}
+    (what a browser can send) and C{{"op": "ping"}}; any other request is
+    answered C{op_desconocida}.  A binary message closes it (1003).
     """
 
-    _loop: Optional[LoopingCall] = None
+    factory: PanelFeed
+    _subscribed = False
 
     def onOpen(self) -> None:
-        self._opened = True
-        loop = self._loop = LoopingCall(self._push)
-        loop.clock = self.factory.gateway.clock
-        loop.start(PANEL_INTERVAL, now=True)
+        super().onOpen()
+        self._subscribe()
 
-    def _push(self) -> None:
-        snapshot = self.factory.gateway.panel.snapshot()
-        self.sendMessage(json.dumps(snapshot, ensure_ascii=False).encode("utf-8"))
+    def _subscribe(self) -> None:
+        """
+        Start receiving figures, once the gate let the connection in and,
+        where tokens are required, it authenticated.
+        """
+        if self._subscribed or not self._opened or self._refused or self._finishing:
+            return
+        if (self.session.authenticated
+                or not self.factory.gateway.orchestrator.authenticator.required):
+            self._subscribed = True
+            self.factory.subscribe(self)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if isBinary:
-            self.close(CLOSE_UNSUPPORTED, "text messages only")
+    def _handle(self, payload: bytes, started: float) -> None:
+        if not payload or payload.isspace():
+            return
+        session = self.session
+        try:
+            request = wire.decode_request(payload, session.orchestrator.registry)
+            if type(request) is not wire.ControlRequest or request.op not in ("auth", "ping"):
+                raise UnknownOperation(
+                    'El canal del panel solo acepta {"op": "auth", "token": ...} y '
+                    '{"op": "ping"}.', getattr(request, "tarea_id", None))
+            line = wire.encode_reply(cast(wire.Reply, session.handle(request)))
+        except Pfo3Error as e:
+            line = wire.encode_error(e)
+        self._send_line(line)
+        self._subscribe()
+
+    def send_prepared(self, message: PreparedMessage) -> None:
+        """
+        Send the figures in C{message}, unless the client is not reading
+        what was sent before: it gets the next ones once it does.
+        """
+        if self.state == WebSocketServerProtocol.STATE_OPEN and not self._write_paused:
+            self.sendPreparedMessage(message)
+
+    def finish(self) -> None:
+        self.factory.unsubscribe(self)
+        super().finish()
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
-        self._opened = False
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self.factory.unsubscribe(self)
+        super().onClose(wasClean, code, reason)
 
 
 class WebSite(server.Site):
     """
-    The site: bounded request bodies, no access log (the tasks have their
+    The site: bounded request bodies and slow clients
+    (L{pfo3.web.http.BoundedChannel}), no access log (the tasks have their
     own, C{--log-tasks}).
 
     @ivar max_body: Longest request body kept, in bytes.
+    @ivar request_timeout: Seconds a client has to send a whole request.
     """
 
     requestFactory = BoundedRequest
 
     def __init__(self, root: Resource, gateway: Gateway, timeout: float,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         super().__init__(root, timeout=timeout or None, reactor=reactor)
         self.gateway = gateway
         self.max_body = gateway.max_message
+        self.request_timeout = request_timeout
         self.ws: Optional[TaskWebSocketFactory] = None
+        self.panel: Optional[PanelFeed] = None
+
+    def protocol(self) -> BoundedChannel:  # type: ignore[override]
+        # HTTP/1.1 only: no HTTP/2 negotiation wrapper (pfo3 does not
+        # install h2).
+        channel = BoundedChannel()
+        channel.request_timeout = self.request_timeout
+        return channel
 
     def log(self, request: Any) -> None:
         pass
 
 
 def root_resource(gateway: Gateway, reactor: Any = None,
-                  ping_interval: float = 0.0) -> Tuple[Resource, TaskWebSocketFactory]:
+                  ping_interval: float = 0.0) -> Tuple[Resource, TaskWebSocketFactory, PanelFeed]:
     """
-    @return: The resource tree of the site, and the factory of its
-        WebSocket connections.
+    @return: The resource tree of the site, the factory of its WebSocket
+        connections and that of its dashboard's live feeds.
     """
     root = Resource()
     root.putChild(b"", StaticFile("index.html"))
@@ -145,12 +236,14 @@ def root_resource(gateway: Gateway, reactor: Any = None,
         root.putChild(name, children[name])
     ws = TaskWebSocketFactory(gateway, reactor, ping_interval=ping_interval)
     root.putChild(b"ws", WebSocketResource(ws))
-    children[b"panel"].putChild(b"ws", WebSocketResource(PanelFeed(gateway, reactor)))
-    return root, ws
+    panel = PanelFeed(gateway, reactor, ping_interval=ping_interval)
+    children[b"panel"].putChild(b"ws", WebSocketResource(panel))
+    return root, ws, panel
 
 
 def make_site(gateway: Gateway, reactor: Any = None, idle_timeout: float = 0.0,
-              ping_interval: float = 0.0) -> WebSite:
+              ping_interval: float = 0.0,
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> WebSite:
     """
     The site to listen with (C{--web ENDPOINT}).
 
@@ -158,10 +251,13 @@ def make_site(gateway: Gateway, reactor: Any = None, idle_timeout: float = 0.0,
         never).
     @param ping_interval: Ping WebSocket clients this often and drop those
         that do not answer (C{0}: no pings).
+    @param request_timeout: Seconds a client has to send a whole HTTP
+        request once it started (C{0}: no limit).
     """
-    root, ws = root_resource(gateway, reactor, ping_interval)
-    site = WebSite(root, gateway, idle_timeout, reactor)
+    root, ws, panel = root_resource(gateway, reactor, ping_interval)
+    site = WebSite(root, gateway, idle_timeout, reactor, request_timeout)
     site.ws = ws
+    site.panel = panel
     return site
 
 
@@ -180,7 +276,8 @@ class WebService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[None] = super().stopService()
-        if self.site.ws is not None:
-            for protocol in list(self.site.ws.protocols):
-                protocol.finish()
+        for factory in (self.site.ws, self.site.panel):
+            if factory is not None:
+                for protocol in list(factory.protocols):
+                    protocol.finish()
         return d

@@ -1,5 +1,7 @@
 // pfo3 dashboard: figures from /panel/ws (or /panel, polled, without
 // WebSockets); tasks sent over /ws as the TCP protocol's JSON messages.
+// On a server that requires tokens, the token field's value authenticates
+// all of them; a refusal for want of one shows in #aviso.
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -54,16 +56,65 @@
 
   function live(state, text) { const el = $("conexion"); el.dataset.estado = state; el.textContent = text; }
 
-  function poll() {
-    fetch("panel").then((r) => r.json()).then((r) => render(r.resultado)).catch(() => {});
+  // The token field's value: sent as a bearer token on every HTTP call, as
+  // {"op": "auth"} on the live feed and as each task's "token".
+  function token() { return $("token").value.trim(); }
+  function headers() { const t = token(); return t ? { Authorization: "Bearer " + t } : {}; }
+
+  // A refusal of the server for want of a (valid) token.
+  function isAuthError(reply) { return reply && reply.estado === "error" && /^token_/.test(reply.codigo || ""); }
+
+  function warn(reply) {
+    const el = $("aviso");
+    if (!reply) { el.hidden = true; el.textContent = ""; return; }
+    el.hidden = false;
+    el.textContent = (reply.codigo === "token_faltante"
+      ? "Este servidor exige un token: escríbalo en el campo Token."
+      : "El servidor rechazó el token: " + reply.mensaje) + " (" + reply.codigo + ")";
   }
 
+  function answered(r) {
+    return r.json().then((body) => {
+      if (r.status === 401 || isAuthError(body)) { warn(body); throw new Error(body.codigo); }
+      return body;
+    });
+  }
+
+  function poll() {
+    fetch("panel", { headers: headers() }).then(answered).then((r) => render(r.resultado)).catch(() => {});
+  }
+
+  let panel = null;
+  let retry = null;
+
   function feed() {
+    clearTimeout(retry);
     let ws;
     try { ws = new WebSocket(base + "/panel/ws"); } catch (e) { setInterval(poll, 1000); return; }
-    ws.onopen = () => live("en-vivo", "en vivo");
-    ws.onmessage = (m) => render(JSON.parse(m.data));
-    ws.onclose = () => { live("sin-conexion", "sin conexión"); setTimeout(feed, 2000); };
+    panel = ws;
+    ws.onopen = () => {
+      live("en-vivo", "en vivo");
+      const t = token();
+      if (t) ws.send(JSON.stringify({ op: "auth", token: t }));
+    };
+    ws.onmessage = (m) => {
+      const data = JSON.parse(m.data);
+      if (isAuthError(data)) { warn(data); return; }
+      if (data.estado === undefined) { render(data); return; }
+      if (data.estado === "ok" && data.resultado && "identidad" in data.resultado) warn(null);
+    };
+    ws.onclose = (e) => {
+      if (panel !== ws) return;  // replaced by a newer feed
+      panel = null;
+      live("sin-conexion", e.code === 1008 ? "sin token" : "sin conexión");
+      retry = setTimeout(feed, 2000);
+    };
+  }
+
+  function reconnect() {
+    if (panel) { const old = panel; panel = null; old.close(); }
+    if (tasks) { const old = tasks; tasks = null; old.close(); }
+    feed();
   }
 
   function connect() {
@@ -73,7 +124,7 @@
       ws.onopen = () => { tasks = ws; resolve(ws); };
       ws.onerror = () => reject(new Error("no se pudo abrir " + base + "/ws"));
       ws.onclose = (e) => {
-        tasks = null;
+        if (tasks === ws) tasks = null;
         for (const w of waiting) w.reject(new Error("WebSocket cerrado (" + e.code + ") " + e.reason));
         waiting = [];
       };
@@ -93,16 +144,22 @@
   }
 
   function loadTypes() {
-    fetch("tipos").then((r) => r.json()).then((r) => {
+    fetch("tipos", { headers: headers() }).then(answered).then((r) => {
+      warn(null);
       const select = $("tipo");
+      const chosen = select.value;
+      select.replaceChildren();
       for (const t of r.resultado || []) {
         const o = document.createElement("option");
         o.value = t.tipo;
         o.textContent = t.codigo + " · " + t.tipo;
         select.append(o);
       }
+      if (chosen) select.value = chosen;
     }).catch(() => {});
   }
+
+  $("token").addEventListener("change", () => { loadTypes(); reconnect(); });
 
   $("formulario").addEventListener("submit", (ev) => {
     ev.preventDefault();
@@ -111,11 +168,12 @@
     const text = $("contenido").value;
     const number = Number(text);
     request.contenido = request.tipo === "sleep" && text.trim() !== "" && !isNaN(number) ? number : text;
-    const token = $("token").value.trim();
-    if (token) request.token = token;
+    const t = token();
+    if (t) request.token = t;
     out.className = "";
     out.textContent = "enviando…";
     send(request).then((reply) => {
+      if (isAuthError(reply)) warn(reply);
       out.className = reply.estado === "error" ? "error" : "";
       out.textContent = JSON.stringify(reply, null, 1);
     }, (err) => { out.className = "error"; out.textContent = String(err.message || err); });
