@@ -62,7 +62,9 @@ setup(
         "s3": ["boto3>=1.44,<1.45"],
         # --store postgresql://...: the range the tests ran against.
         "postgresql": ["psycopg[binary]>=3.2,<3.4"],
-        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3", "celery>=5.4,<6"],
+        # benchmarks/web_cost.py loads the WebSocket with websockets.
+        "bench": ["matplotlib>=3.5", "psutil>=5.9", "py-spy>=0.3", "celery>=5.4,<6",
+                  "websockets>=13,<18"],
     },
     entry_points={
         "console_scripts": [
