@@ -66,7 +66,9 @@ def parse_networks(texts: Iterable[str]) -> List[Network]:
 
 class Connection(Protocol):
     """
-    What the gate needs of a connection (a L{pfo3.protocol.TaskProtocol}).
+    What the gate needs of a connection (a L{pfo3.protocol.TaskProtocol}, a
+    WebSocket).  Where tokens are required, the gate wraps its session's
+    C{handle} to count the tokens refused.
     """
 
     transport: Any

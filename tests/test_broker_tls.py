@@ -154,6 +154,26 @@ def test_worker_max_line() -> None:
         worker_tap.Options().parseOptions(["--broker", "amqp://127.0.0.1/", "--max-line", "0"])
 
 
+def test_tls_failures_are_named() -> None:
+    """
+    The log line of a failed handshake says why: OpenSSL's reasons, a
+    certificate for another name; a connection lost otherwise is not a
+    TLS failure.
+    """
+    from OpenSSL.SSL import Error as OpenSSLError
+    from service_identity import VerificationError
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from pfo3.amqp.connection import _tls_failure
+
+    verify = OpenSSLError([("SSL routines", "", "certificate verify failed")])
+    assert _tls_failure(Failure(verify)) == "certificate verify failed"
+    assert "does not name this host" in str(_tls_failure(Failure(VerificationError(errors=[]))))
+    assert _tls_failure(Failure(OpenSSLError("odd"))) == "odd"
+    assert _tls_failure(Failure(ConnectionDone())) is None
+
+
 # -- against a private RabbitMQ node -------------------------------------------
 
 
