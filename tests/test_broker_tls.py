@@ -6,9 +6,10 @@ client certificates, an orchestrator and a worker over C{amqps://}, a broker
 certificate from another CA, a host name the certificate does not name, and
 a worker without a client certificate.
 
-The node is the module's own (its own name, ports, data and Erlang cookie,
-started and stopped with C{deploy/cluster.py}'s helpers); the machine's
-shared RabbitMQ is not touched.  RabbitMQ missing fails these tests.
+The node is the module's own (its own name, ports, data and Erlang cookie);
+its environment, C{rabbitmqctl} and the process helpers come from
+C{deploy/cluster.py}.  The machine's shared RabbitMQ is not touched.
+RabbitMQ missing fails these tests.
 """
 
 from __future__ import annotations
@@ -221,8 +222,12 @@ class Node:
 
     def start(self) -> None:
         s = self.script
-        s.spawn(self.state, "rabbitmq", [s.rabbit_tool("rabbitmq-server")],
-                s.rabbit_env(self.state))
+        with (self.dir / "logs" / "rabbitmq.log").open("ab") as out:
+            self.proc = subprocess.Popen(
+                [s.rabbit_tool("rabbitmq-server")], env=s.rabbit_env(self.state),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self.state["pids"]["rabbitmq"] = self.proc.pid
         s.wait_until(
             "the RabbitMQ node",
             lambda: s.rabbitmqctl(self.state, "await_startup", "--timeout", "30",
