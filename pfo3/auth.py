@@ -305,6 +305,10 @@ class RateLimiter:
 
     Buckets are forgotten once full again (an identity idle for a second),
     so memory follows the identities active in the last second.
+
+    The buckets live in this process: with C{--processes N} or several
+    orchestrators, each has its own, so an identity may start up to N times
+    its rate in all (C{docs/security.md}).
     """
 
     def __init__(self, seconds: Callable[[], float], rate: float = 0.0) -> None:

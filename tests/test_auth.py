@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
@@ -31,7 +31,7 @@ from pfo3.auth import (
     authenticator_from_options,
 )
 from pfo3.errors import ExpiredToken, InvalidToken, RateLimited
-from pfo3.gate import Gate
+from pfo3.gate import DEFAULT_MAX_AUTH_FAILURES, Gate, parse_networks
 from pfo3.protocol import REFUSE_GRACE, TaskFactory, TaskProtocol
 from pfo3.store import MemoryStore
 from pfo3.testing import FakeReactor, make_server
@@ -632,4 +632,151 @@ class GateTests(SynchronousTestCase):
             p.connectionLost()
         gate = factory.gate
         self.assertEqual((gate.open, gate.unauthenticated, gate._per_peer), (0, 0, {}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class GateAddressTests(SynchronousTestCase):
+    """
+    Which addresses the gate counts and trusts.
+    """
+
+    def setUp(self) -> None:
+        self.clock = FakeReactor()
+
+    def test_unix_clients_are_not_one_peer(self) -> None:
+        """
+        Clients of a UNIX socket have no address to tell them apart: the
+        per-peer limit does not count them, so a second one is not refused
+        (the total limit still applies).
+        """
+        factory = make_server(reactor=self.clock,
+                              gate=Gate(self.clock, max_per_peer=1, max_connections=3))
+        conns = [connect_transport(factory, UNIXAddress(None)) for _ in range(4)]
+        for p, t in conns[:3]:
+            send(p, op="ping")
+            self.assertEqual(replies(t)[0]["resultado"], "pong")
+            self.assertFalse(t.disconnecting)
+        self.assertEqual([r["codigo"] for r in replies(conns[3][1])], ["demasiadas_conexiones"])
+        self.assertEqual(factory.gate._per_peer, {})
+
+    def test_ipv4_mapped_peer_is_its_ipv4_address(self) -> None:
+        """
+        On a dual-stack IPv6 listener an IPv4 client appears as
+        C{::ffff:a.b.c.d}: it counts against the same per-peer limit as
+        C{a.b.c.d}.
+        """
+        factory = make_server(reactor=self.clock, gate=Gate(self.clock, max_per_peer=1))
+        connect(factory, "10.0.0.1")
+        _, t = connect_transport(factory, IPv6Address("TCP", "::ffff:10.0.0.1", 40001))
+        self.assertEqual([r["codigo"] for r in replies(t)], ["demasiadas_conexiones"])
+
+    def test_ipv4_mapped_proxy_is_trusted_by_its_ipv4_network(self) -> None:
+        """
+        A proxy reaching a dual-stack C{tcp6} PROXY port from 10.0.0.5 shows
+        as C{::ffff:10.0.0.5}; C{--proxy-from 10.0.0.0/24} trusts it, and
+        still not C{::ffff:10.0.1.5}.
+        """
+        gate = Gate(self.clock, proxies=parse_networks(["10.0.0.0/24"]))
+        self.assertTrue(gate.trusts(IPv6Address("TCP", "::ffff:10.0.0.5", 1)))
+        self.assertTrue(gate.trusts(IPv4Address("TCP", "10.0.0.5", 1)))
+        self.assertFalse(gate.trusts(IPv6Address("TCP", "::ffff:10.0.1.5", 1)))
+        self.assertFalse(gate.trusts(IPv6Address("TCP", "::1", 1)))
+
+
+class AuthFailureTests(SynchronousTestCase):
+    """
+    A connection that keeps sending refused tokens is closed.
+    """
+
+    def setUp(self) -> None:
+        self.clock = FakeReactor()
+
+    def server(self, **kw: Any) -> TaskFactory:
+        gate = Gate(self.clock, auth_required=True, **kw)
+        return make_server(reactor=self.clock, gate=gate,
+                           authenticator=JWTAuthenticator.from_secret(SECRET))
+
+    def test_closed_after_the_limit_in_one_read(self) -> None:
+        """
+        Fifty bad tokens in one read get C{max_auth_failures} replies, the
+        last saying the connection closes, and the connection closes; no
+        task runs.
+        """
+        factory = self.server()
+        p, t = connect(factory)
+        bad = token(key=b"y" * 32)
+        p.dataReceived(b"".join(
+            json.dumps({"tarea_id": str(i), "tipo": "1", "contenido": "x", "token": bad}
+                       ).encode() + b"\n" for i in range(50)))
+        self.clock.advance(0)
+        got = replies(t)
+        self.assertEqual([r["codigo"] for r in got], ["token_invalido"] * DEFAULT_MAX_AUTH_FAILURES)
+        self.assertEqual([r["tarea_id"] for r in got],
+                         [str(i) for i in range(DEFAULT_MAX_AUTH_FAILURES)])
+        self.assertIn("se cierra la conexión", got[-1]["mensaje"])
+        self.assertNotIn("se cierra", got[-2]["mensaje"])
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(factory.orchestrator.completed, 0)
+
+    def test_closed_after_the_limit_over_several_reads(self) -> None:
+        """
+        Failures add up across reads and kinds (C{op: auth}, a request's
+        token, an expired token); the connection's earlier replies come
+        before the last error.
+        """
+        factory = self.server(max_auth_failures=3)
+        p, t = connect(factory)
+        send(p, op="auth", token="x.y.z", tarea_id="a")
+        send(p, op="ping", tarea_id="b")
+        send(p, tarea_id="c", tipo="1", contenido="x", token=token(exp=int(time.time()) - 3600))
+        self.assertEqual([r.get("codigo") for r in replies(t)], ["token_invalido", None,
+                                                                  "token_expirado"])
+        self.assertFalse(t.disconnecting)
+        send(p, op="auth", token="x.y.z", tarea_id="d")
+        send(p, op="auth", token=token(), tarea_id="e")
+        self.clock.advance(0)
+        got = replies(t)
+        self.assertEqual([(r["tarea_id"], r["codigo"]) for r in got], [("d", "token_invalido")])
+        self.assertTrue(t.disconnecting)
+
+    def test_good_tokens_do_not_count(self) -> None:
+        """
+        Valid tokens, missing ones and forbidden task types are not
+        failed authentications: the connection stays.
+        """
+        factory = self.server(max_auth_failures=1)
+        p, t = connect(factory)
+        send(p, tipo="1", contenido="x")
+        send(p, tipo="1", contenido="x", token=token(tipos=["2"]))
+        for _ in range(3):
+            send(p, tipo="1", contenido="x", token=token())
+        self.clock.advance(0)
+        self.assertEqual([r.get("codigo") for r in replies(t)],
+                         ["token_faltante", "prohibido", None, None, None])
+        self.assertFalse(t.disconnecting)
+
+    def test_zero_turns_it_off(self) -> None:
+        """
+        With C{max_auth_failures=0} refused tokens never close the
+        connection.
+        """
+        factory = self.server(max_auth_failures=0)
+        p, t = connect(factory)
+        for _ in range(20):
+            send(p, op="auth", token="x.y.z")
+        self.clock.advance(0)
+        self.assertEqual(len(replies(t)), 20)
+        self.assertFalse(t.disconnecting)
+
+    def test_gone_before_the_close(self) -> None:
+        """
+        A connection lost before its last refusal is written leaves no
+        timer behind.
+        """
+        factory = self.server(max_auth_failures=1)
+        p, t = connect(factory)
+        send(p, op="auth", token="x.y.z")
+        p.connectionLost()
+        self.clock.advance(0)
+        self.assertEqual(replies(t), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])

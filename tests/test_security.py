@@ -2,7 +2,8 @@
 Integration tests of authentication and abuse limits against a real
 C{twistd -n pfo3}: JWT through C{pfo3-client}, netcat and the client library
 over TCP, UNIX sockets and TLS; RS256 keys; PROXY headers believed only from
-trusted proxies; connection caps and the authentication deadline.
+trusted proxies; connection caps and the authentication deadline; refused
+tokens closing a connection; UNIX-socket clients and the per-peer limit.
 """
 
 from __future__ import annotations
@@ -461,5 +462,59 @@ def test_proxy_header_before_tls_only_from_trusted_proxies(tmp_path: Path) -> No
         assert answer == b""
         raw.close()
         assert "not a trusted proxy" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_refused_tokens_close_the_connection(tmp_path: Path, secret_file: Path) -> None:
+    """
+    Fifty forged tokens sent at once get five replies, the fifth saying the
+    connection closes, and the server closes it; a good connection beside
+    it is served.
+    """
+    server = start_server(tmp_path, "--jwt-secret-file", str(secret_file))
+    try:
+        other = tmp_path / "other"
+        other.write_text("another-secret-of-at-least-32-bytes!!")
+        forged = mint("--sub", "eva", "--secret-file", str(other))
+        guesser = LineSocket(server.port)
+        guesser.send(b"".join(
+            json.dumps({"tarea_id": str(i), "tipo": "1", "contenido": "x", "token": forged}
+                       ).encode() + b"\n" for i in range(50)))
+        got = replies(read_to_end(guesser.sock))
+        assert [(r["tarea_id"], r["codigo"]) for r in got] == [
+            (str(i), "token_invalido") for i in range(5)]
+        assert "se cierra la conexión" in got[-1]["mensaje"]
+        member = LineSocket(server.port)
+        member.send_json({"tipo": "1", "contenido": "sigo",
+                          "token": mint("--sub", "eva", "--secret-file", str(secret_file))})
+        assert member.read_json()["resultado"] == "SIGO"
+        for s in (guesser, member):
+            s.close()
+    finally:
+        server.stop()
+
+
+def test_unix_clients_are_not_one_peer(tmp_path: Path) -> None:
+    """
+    With --max-connections-per-peer 1 on a UNIX socket, where clients have
+    no address, several clients are served at once.
+    """
+    path = tmp_path / "pfo3.sock"
+    server = start_server(tmp_path, "--max-connections-per-peer", "1", unix=path)
+    try:
+        clients = []
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(str(path))
+            clients.append(s)
+        for i, s in enumerate(clients):
+            s.sendall(json.dumps({"tarea_id": str(i), "op": "ping"}).encode() + b"\n")
+        for i, s in enumerate(clients):
+            reply = json.loads(s.makefile("rb").readline())
+            assert (reply["tarea_id"], reply["resultado"]) == (str(i), "pong"), reply
+        for s in clients:
+            s.close()
     finally:
         server.stop()

@@ -8,13 +8,20 @@ L{Broker} is a service that keeps one connection up: it reconnects with
 backoff (L{ClientService}) whenever the connection is lost or cannot be
 made, declares the topology each time, and tells its user (the executor or
 the worker) when a channel is ready and when it is gone.
+
+An C{amqps://} URL connects over TLS, verifying the broker's certificate and
+host name; the certificate authorities to trust and a client certificate
+come from pika's C{ssl_options} URL parameter, which L{broker_url} writes
+from C{--broker-ca}, C{--broker-cert} and C{--broker-key} (see
+C{docs/security.md}).
 """
 
 from __future__ import annotations
 
+import ast
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
@@ -23,7 +30,7 @@ from twisted.application.service import Service
 from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -370,25 +377,138 @@ def _pump(
     queue_object.get().addCallbacks(got, closed)
 
 
+#: The keys of pika's C{ssl_options} URL parameter that pfo3 reads (pika's
+#: own spellings, C{cafile} being its alias of C{ca_certs}).
+TLS_KEYS = ("ca_certs", "cafile", "certfile", "keyfile", "server_hostname")
+
+
+def _split_tls(url: str) -> Tuple[str, Optional[Dict[str, str]]]:
+    """
+    @return: C{url} without its C{ssl_options} query parameter, and that
+        parameter's settings (L{None} for an C{amqp://} URL, a dictionary,
+        perhaps empty, for C{amqps://}).
+    @raise ValueError: for a URL that is not C{amqp://} or C{amqps://}, or
+        C{ssl_options} that are not a dictionary of L{TLS_KEYS} to texts.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"the broker URL must start with amqp:// or amqps://, not {url!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    raw = [value for name, value in query if name == "ssl_options"]
+    rest = [(name, value) for name, value in query if name != "ssl_options"]
+    if parts.scheme == "amqp":
+        if raw:
+            raise ValueError("ssl_options (or --broker-ca, --broker-cert, --broker-key) "
+                             "need an amqps:// broker URL")
+        return url, None
+    settings: Dict[str, str] = {}
+    for text in raw:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"ssl_options is not a dictionary: {text!r}")
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"ssl_options is not a dictionary of texts: {text!r}")
+        unknown = sorted(set(value) - set(TLS_KEYS))
+        if unknown:
+            raise ValueError(f"ssl_options: {', '.join(unknown)} not supported; "
+                             f"pfo3 reads {', '.join(TLS_KEYS)}")
+        settings.update(value)
+    if "keyfile" in settings and "certfile" not in settings:
+        raise ValueError("a client key (keyfile, --broker-key) needs its certificate "
+                         "(certfile, --broker-cert)")
+    return urlunsplit(parts._replace(query=urlencode(rest))), settings
+
+
+def broker_url(
+    url: str, ca: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None,
+) -> str:
+    """
+    @return: C{url} with the TLS files to use written into its
+        C{ssl_options} parameter (pika's), so that the URL alone says how
+        to connect.
+    @param ca: The certificate authorities that sign the broker's
+        certificate (a PEM file, or a folder of C{*.pem}); L{None}: the
+        system's.
+    @param cert: A client certificate to present (PEM), for a broker that
+        asks for one.
+    @param key: Its private key (PEM); L{None}: in the same file.
+    @raise ValueError: see L{_split_tls}.
+    """
+    base, settings = _split_tls(url)
+    extra = {name: value for name, value in
+             (("ca_certs", ca), ("certfile", cert), ("keyfile", key)) if value}
+    if not extra:
+        return url
+    if settings is None:
+        raise ValueError("--broker-ca, --broker-cert and --broker-key need an amqps:// "
+                         "broker URL")
+    settings.update(extra)
+    parts = urlsplit(base)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query.append(("ssl_options", repr(settings)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def parameters(url: str) -> pika.URLParameters:
     """
     @return: pika's connection parameters for an C{amqp://} or C{amqps://}
-        URL.
+        URL (its C{ssl_options} are pfo3's to read: see L{client_tls}).
     @raise ValueError: for anything else.
     """
-    scheme = urlsplit(url).scheme
-    if scheme not in ("amqp", "amqps"):
-        raise ValueError(f"the broker URL must start with amqp:// or amqps://, not {url!r}")
-    return pika.URLParameters(url)
+    base, _ = _split_tls(url)
+    return pika.URLParameters(base)
 
 
-def _endpoint(reactor: Any, params: pika.URLParameters) -> Any:
+def client_tls(url: str) -> Any:
+    """
+    The TLS settings of a connection to the broker at C{url}: the broker's
+    certificate must be signed by the configured authorities (else the
+    system's) and name the host connected to (or C{server_hostname});
+    a client certificate is presented when configured.
+
+    @return: Twisted's client TLS options, or L{None} for C{amqp://}.
+    @raise ValueError: for files that cannot be read or do not match.
+    """
+    from OpenSSL.SSL import Error as OpenSSLError
+    from twisted.internet import ssl
+    from twisted.internet.error import VerifyError
+
+    from pfo3.tlsid import load_authorities
+
+    base, settings = _split_tls(url)
+    if settings is None:
+        return None
+    kw: Dict[str, Any] = {}
+    ca = settings.get("ca_certs") or settings.get("cafile")
+    if ca:
+        kw["trustRoot"] = ssl.trustRootFromCertificates(load_authorities(ca))
+    cert = settings.get("certfile")
+    if cert:
+        key = settings.get("keyfile") or cert
+        try:
+            with open(cert, "rb") as f:
+                cert_pem = f.read()
+            with open(key, "rb") as f:
+                key_pem = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read {e.filename}: {e.strerror}")
+        try:
+            kw["clientCertificate"] = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        except VerifyError:
+            raise ValueError(f"the client certificate {cert} does not match the key {key}")
+        except (OpenSSLError, ValueError) as e:
+            raise ValueError(f"cannot read the client certificate {cert} and key {key}: {e}")
+    host = settings.get("server_hostname") or pika.URLParameters(base).host
+    return ssl.optionsForClientTLS(host, **kw)
+
+
+def _endpoint(reactor: Any, params: pika.URLParameters, tls: Any) -> Any:
     host, port = params.host, params.port
-    if params.ssl_options is not None:
-        from twisted.internet import ssl
-
-        return endpoints.SSL4ClientEndpoint(
-            reactor, host, port, ssl.optionsForClientTLS(host), timeout=10)
+    if tls is not None:
+        return endpoints.wrapClientTLS(
+            tls, endpoints.HostnameEndpoint(reactor, host.encode("idna"), port, timeout=10))
     return endpoints.HostnameEndpoint(reactor, host.encode("idna"), port, timeout=10)
 
 
@@ -473,11 +593,42 @@ class _PikaConnection(TwistedProtocolConnection):
     def __init__(self, params: pika.URLParameters, clock: IReactorTime) -> None:
         super().__init__(params)
         self._clock = clock
+        self._params = params
 
     def makeConnection(self, transport: Any) -> None:
         if type(transport) is tcp.Client:
             transport = TurnWriter(transport, self._clock)
         super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        why = _tls_failure(reason)
+        if why is not None:
+            log.error(
+                "TLS with the broker at {host}:{port} failed: {why} (check --broker-ca, "
+                "the broker certificate's host names, --broker-cert and --broker-key)",
+                host=self._params.host, port=self._params.port, why=why)
+        super().connectionLost(reason)
+
+
+def _tls_failure(reason: Failure) -> Optional[str]:
+    """
+    @return: Why the TLS layer ended a connection (a refused certificate,
+        a name that does not match, an alert from the broker), or L{None}
+        if it was not TLS.
+    """
+    from OpenSSL.SSL import Error as OpenSSLError
+    from service_identity import VerificationError
+
+    if reason.check(VerificationError):
+        return f"the broker's certificate does not name this host ({reason.value})"
+    if reason.check(OpenSSLError):
+        errors = reason.value.args[0] if reason.value.args else None
+        if isinstance(errors, list):
+            texts = [str(e[-1]) for e in errors if isinstance(e, tuple) and e]
+            if texts:
+                return ", ".join(texts)
+        return str(reason.value)
+    return None
 
 
 class _PikaFactory(Factory):
@@ -526,7 +677,7 @@ class Broker(Service):
         self._ready_waiters: List[Deferred[IChannel]] = []
         params = self._params = parameters(url)
         self._service = ClientService(
-            _endpoint(reactor, params), _PikaFactory(params, reactor),
+            _endpoint(reactor, params, client_tls(url)), _PikaFactory(params, reactor),
             retryPolicy=backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=2.0),
             clock=reactor, prepareConnection=self._prepare,
         )

@@ -15,6 +15,7 @@ from pfo3.amqp.topology import Topology
 from pfo3.blobs.options import BLOB_PARAMETERS, blob_policy, check_blobs
 from pfo3.executor import DaemonThreadPool, LocalExecutor
 from pfo3.logs import JSONLogsOnParent
+from pfo3.protocol import DEFAULT_MAX_LINE
 from pfo3.tasks import default_registry
 
 #: The options both sides of a cluster must agree on (the broker refuses a
@@ -30,6 +31,16 @@ BROKER_PARAMETERS: List[List[Any]] = [
     ["max-backlog", None, 100_000,
      "Tasks the broker's task queue may hold; past it new tasks are answered "
      "'ocupado'. The same on every member of the cluster.", int],
+    ["broker-ca", None, None,
+     "With an amqps:// --broker: the certificate authorities that sign the "
+     "broker's certificate (a PEM file, or a folder of *.pem), instead of the "
+     "system's. The certificate must also name the broker URL's host."],
+    ["broker-cert", None, None,
+     "With an amqps:// --broker: a client certificate (PEM) to present, for a "
+     "broker that requires one (ssl_options.verify = verify_peer, "
+     "fail_if_no_peer_cert = true)."],
+    ["broker-key", None, None,
+     "The private key (PEM) of --broker-cert, if not in the same file."],
 ]
 
 
@@ -37,12 +48,19 @@ def check_broker(options: usage.Options) -> None:
     """
     Validate the broker options (in C{postOptions}).
     """
-    from pfo3.amqp.connection import parameters
+    from pfo3.amqp.connection import broker_url, client_tls, parameters
 
     try:
         parameters(options["broker"])
+        # From here on the URL alone says how to connect (pika's ssl_options).
+        options["broker"] = broker_url(options["broker"], options["broker-ca"],
+                                       options["broker-cert"], options["broker-key"])
     except Exception as e:
         raise usage.UsageError(f"invalid --broker: {e}")
+    try:
+        client_tls(options["broker"])
+    except ValueError as e:
+        raise usage.UsageError(f"TLS to the broker: {e}")
     for name in ("delivery-limit", "max-backlog"):
         if options[name] < 1:
             raise usage.UsageError(f"--{name} must be at least 1, not {options[name]}")
@@ -87,6 +105,12 @@ class Options(usage.Options):
         ["shutdown-timeout", None, 10.0,
          "On SIGTERM/SIGINT, seconds to finish the tasks held before leaving "
          "them to other workers.", float],
+        ["max-line", None, DEFAULT_MAX_LINE,
+         "Longest reply line, in bytes, this worker produces: with --blobs, a "
+         "longer result is stored as an object for a task sent with \"refs\": true "
+         "and refused with 'resultado_demasiado_grande' otherwise. Match the "
+         "orchestrators' --max-line (they check every reply line they write "
+         "against their own). See docs/security.md.", int],
     ]
     optParameters = _parameters + BROKER_PARAMETERS + BLOB_PARAMETERS + [
         ["metrics", None, None,
@@ -107,7 +131,7 @@ class Options(usage.Options):
             raise usage.UsageError("--broker is required (e.g. amqp://guest:guest@127.0.0.1:5672/%2F)")
         check_broker(self)
         check_blobs(self)
-        for name in ("workers", "capacity"):
+        for name in ("workers", "capacity", "max-line"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1, not {self[name]}")
         for name in ("timeout", "shutdown-timeout"):
@@ -135,7 +159,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
                                   name="pfo3-worker")
     # Tasks whose content is an object are read (and large results stored)
     # here; without --blobs they are answered 'blobs_desactivado'.
-    executor = BlobExecutor(LocalExecutor(reactor, threadpool), blob_policy(options, reactor))
+    executor = BlobExecutor(LocalExecutor(reactor, threadpool),
+                            blob_policy(options, reactor, options["max-line"]))
     worker = WorkerService(
         reactor, options["broker"], topology(options), registry, executor,
         options["name"] or default_name(), capacity=options["capacity"],
