@@ -26,6 +26,7 @@ from pfo3.executor import DaemonThreadPool, IExecutor, LocalExecutor
 from pfo3.framing import DEFAULT_MAX_BUFFERED
 from pfo3.gate import (
     DEFAULT_AUTH_TIMEOUT,
+    DEFAULT_MAX_AUTH_FAILURES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UNAUTHENTICATED,
     DEFAULT_PROXIES,
@@ -209,6 +210,10 @@ class Options(usage.Options):
         ["auth-timeout", None, DEFAULT_AUTH_TIMEOUT,
          "With authentication on: seconds a connection may stay without "
          "authenticating before it is closed.", float],
+        ["max-auth-failures", None, DEFAULT_MAX_AUTH_FAILURES,
+         "With authentication on: refused tokens (invalid or expired) a "
+         "connection may send; the last refusal is its last line and it is "
+         "closed. 0: no limit.", int],
     ]
 
     optParameters += [
@@ -328,7 +333,7 @@ class Options(usage.Options):
             raise usage.UsageError("--store-max-records must be at least 1")
         if not 0 < self["store-max-age"] < float("inf"):
             raise usage.UsageError("--store-max-age must be a positive number of seconds")
-        for name in ("max-connections", "max-connections-per-peer"):
+        for name in ("max-connections", "max-connections-per-peer", "max-auth-failures"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
         if self["max-unauthenticated"] < 1:
@@ -340,6 +345,10 @@ class Options(usage.Options):
         self["authenticator"] = authenticator(self)
         if self["broker"]:
             check_broker(self)
+        else:
+            for name in ("broker-ca", "broker-cert", "broker-key"):
+                if self[name]:
+                    raise usage.UsageError(f"--{name} is for the broker: it needs --broker")
         check_blobs(self)
         if self["processes"] > 1:
             check_shareable(self)
@@ -433,6 +442,7 @@ def server_service(options: Options, reactor: Any,
         auth_required=orchestrator.authenticator.required,
         max_unauthenticated=options["max-unauthenticated"],
         auth_timeout=options["auth-timeout"],
+        max_auth_failures=options["max-auth-failures"],
         proxies=parse_networks(options["proxy-from"] or DEFAULT_PROXIES),
         certificate_identity=peer_certificate_identity
         if options.get("client-authorities") else None,

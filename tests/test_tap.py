@@ -5,6 +5,7 @@ Tests for C{twistd pfo3} options, the service tree and graceful shutdown.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -52,6 +53,8 @@ def test_port_is_repeatable() -> None:
     ["--idle-timeout", "-1"], ["--idle-timeout", "inf"], ["--gc-threshold", "-5"],
     ["--port", "bogus:1"], ["--port", "tcp:notaport"],
     ["--port", "ssl:9443:privateKey=/no/such/key.pem"], ["--unknown"],
+    ["--max-auth-failures", "-1"], ["--broker-ca", "/etc/hosts"],
+    ["--broker-cert", "/etc/hosts"], ["--broker-key", "/etc/hosts"],
 ])
 def test_bad_options_are_usage_errors(argv: List[str]) -> None:
     """
@@ -82,6 +85,21 @@ def test_make_service_tree() -> None:
     assert service.executor.workers == 7
     assert service.gc_threshold == 10_000
     assert makeService(parse("--gc-threshold", "0"), FakeReactor()).gc_threshold == 0
+
+
+def test_max_auth_failures_reaches_the_gate(tmp_path: Path) -> None:
+    """
+    --max-auth-failures sets the gate's limit of refused tokens per connection.
+    """
+    from pfo3.gate import DEFAULT_MAX_AUTH_FAILURES
+
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40 + "\n")
+    options = ["-p", "tcp:0:interface=127.0.0.1", "--jwt-secret-file", str(secret)]
+    gate = makeService(parse(*options), FakeReactor()).factory.gate
+    assert gate.max_auth_failures == DEFAULT_MAX_AUTH_FAILURES
+    gate = makeService(parse(*options, "--max-auth-failures", "2"), FakeReactor()).factory.gate
+    assert gate.max_auth_failures == 2
 
 
 def test_pool_threads_are_daemons() -> None:
