@@ -70,6 +70,20 @@ def op_stats(state: Dict[str, Any], name: str, token: str) -> Dict[str, Any]:
         return reply
 
 
+def during_load(state: Dict[str, Any], token: str, before: int,
+                seconds: float) -> Dict[str, Any]:
+    """
+    @return: Both orchestrators' op stats, taken once the load through
+        HAProxy has reached o1 (its task total rose past C{before}: the load
+        generator takes a while to start) and a moment into it.
+    """
+    deadline = time.monotonic() + seconds
+    while op_stats(state, "o1", token)["total"] <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(min(0.5, seconds / 4))
+    return {name: op_stats(state, name, token) for name in ("o1", "o2")}
+
+
 def measure(state: Dict[str, Any], seconds: float, rounds: int, connections: int,
             inflight: int) -> Dict[str, Any]:
     token = subprocess.run(
@@ -83,9 +97,9 @@ def measure(state: Dict[str, Any], seconds: float, rounds: int, connections: int
         for kind in order:
             endpoint = front if kind == "haproxy" else direct
             if kind == "haproxy" and not stats:
+                before = op_stats(state, "o1", token)["total"]
                 proc = bench(endpoint, token, seconds, connections, inflight, wait=False)
-                time.sleep(seconds / 2)
-                stats = {name: op_stats(state, name, token) for name in ("o1", "o2")}
+                stats = during_load(state, token, before, seconds)
                 out, err = proc.communicate(timeout=seconds + 60)
                 if proc.returncode != 0:
                     raise RuntimeError(f"pfo3-bench failed: {err}")
