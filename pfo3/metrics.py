@@ -61,6 +61,27 @@ def _tally_families(prefix: str, tally: Tally) -> Iterator[Metric]:
         buckets=buckets, sum_value=total)
 
 
+def _blob_families(policy: Any) -> Iterator[Metric]:
+    """
+    @param policy: The process's L{pfo3.blobs.requests.BlobPolicy}, or
+        L{None} without object storage (then nothing is reported).
+    """
+    if policy is None:
+        return
+    from pfo3.blobs import ERROR_KINDS
+
+    errors = policy.store.errors
+    family = CounterMetricFamily(
+        "pfo3_blob_errors",
+        "Failures of the object storage (--blobs), by kind: unavailable (down, unreachable, "
+        "timed out, failed), access_denied (credentials refused), bucket_missing; counted "
+        "for tasks, uploads and the background deletions and sweeps alike.",
+        labels=["kind"])
+    for kind in ERROR_KINDS:
+        family.add_metric([kind], errors[kind])
+    yield family
+
+
 def _broker_families(probe: BrokerProbe) -> Iterator[Metric]:
     yield GaugeMetricFamily("pfo3_broker_up", "1 while connected to the broker.",
                             value=1 if probe.connected else 0)
@@ -123,6 +144,7 @@ class ServerCollector(Collector):
                                 value=1 if counts.draining else 0)
         yield GaugeMetricFamily("pfo3_uptime_seconds", "Seconds since the server started.",
                                 value=stats.orchestrator.clock.seconds() - counts.started)
+        yield from _blob_families(stats.orchestrator.blobs)
         if stats.probe is not None:
             yield from _broker_families(stats.probe)
 
@@ -157,6 +179,9 @@ class WorkerCollector(Collector):
                                 value=w.executor.running)
         yield GaugeMetricFamily("pfo3_uptime_seconds", "Seconds since the worker started.",
                                 value=w.reactor.seconds() - w.started)
+        # A worker's executor is a BlobExecutor (pfo3.amqp.tap); its policy
+        # is None without --blobs.
+        yield from _blob_families(getattr(w.executor, "policy", None))
         if self.probe is not None:
             yield from _broker_families(self.probe)
 

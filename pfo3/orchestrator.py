@@ -108,7 +108,8 @@ class Orchestrator:
         @param rate: Tasks per second each identity may start when its
             token sets no C{tasa} (C{0}: unlimited).
         @param blobs: Object storage for large contents and results
-            (L{None}: off; C{docs/blobs.md}).
+            (L{None}: off; C{docs/blobs.md}).  With a C{store} too, the
+            objects a record holds are deleted when the store forgets it.
         """
         self.registry = registry
         self.executor = executor
@@ -123,6 +124,8 @@ class Orchestrator:
         self._authenticator: IAuthenticator = authenticator or OpenAuthenticator()
         self.limiter = RateLimiter(clock.seconds, rate)
         self.blobs = blobs
+        if store is not None and blobs is not None:
+            store.on_forget = blobs.forget
         # Durable tasks (sent with "esperar") of this orchestrator not yet
         # answered, by (owner, tarea_id): a resubmission attaches to them.
         self._jobs: Dict[Tuple[str, str], _Durable] = {}
@@ -782,7 +785,9 @@ def _in_use(tarea_id: str) -> TaskIdInUse:
 
 def replay(record: Record) -> Union[wire.TaskResult, Pfo3Error]:
     """
-    @return: The reply recorded for a finished task.
+    @return: The reply recorded for a finished task: the same shape as the
+        first reply (C{resultado}, or C{resultado_ref} for a result stored as
+        an object), from every store.
     """
     if record.estado == OK:
         return wire.TaskResult(record.tarea_id, record.resultado, record.worker)
@@ -861,7 +866,16 @@ class _Durable:
                 self._answer(_in_use(self.request.tarea_id))
                 return
             if record.estado in REPLAYABLE:
-                self._answer(replay(record))
+                reply = replay(record)
+                policy = self.orchestrator.blobs
+                if (policy is not None and type(reply) is wire.TaskResult
+                        and type(reply.resultado) is wire.ResultRef):
+                    # The recorded URL may have expired: sign it again.
+                    tarea_id, worker = reply.tarea_id, reply.worker
+                    d = policy.refresh(reply.resultado)
+                    d.addCallback(lambda ref: self._answer(wire.TaskResult(tarea_id, ref, worker)))
+                    return
+                self._answer(reply)
                 return
         self._run()
 

@@ -34,6 +34,7 @@ from pfo3.errors import (
     MissingType,
     NotAnObject,
     Pfo3Error,
+    ResultTooLarge,
     UnknownOperation,
     echo,
 )
@@ -41,6 +42,11 @@ from pfo3.tasks import MISSING, TaskRegistry, TaskType
 
 #: Longest C{tarea_id} accepted, in characters.
 MAX_TASK_ID = 256
+
+#: L{encode_reply}'s C{max_line} when the caller gives none: 1 GiB less a
+#: byte, more than any client takes in one line (and, as an integer of one
+#: machine digit, compared on the interpreter's fast path).
+NO_LIMIT = (1 << 30) - 1
 
 #: Control operations a request may name in its C{op} field.
 OPERATIONS = ("ping", "tipos", "estado", "auth", "stats", "subir")
@@ -281,13 +287,19 @@ def decode_request(line: bytes, registry: TaskRegistry) -> Request:
     return TaskRequest(tarea_id, tasktype, arg, esperar, token)
 
 
-def encode_reply(reply: Reply) -> bytes:
+def encode_reply(reply: Reply, max_line: int = NO_LIMIT) -> bytes:
     """
+    @param max_line: The longest task reply line allowed, in bytes, not
+        counting its C{\\n} (the server's C{--max-line}); a task's reply
+        longer than this is refused with L{ResultTooLarge} rather than
+        written, so that no client gets a line longer than it may read.
+        Control replies are the server's own and are not checked.
     @return: The line of a successful reply; a task's is
         C{{"estado": "ok", "resultado": ..., "tarea_id": ..., "worker": ...}},
         as the seed wrote it.
     @raise InternalError: if the result cannot be written as JSON (the
         offending exception is its C{__cause__}).
+    @raise ResultTooLarge: if a task's line is longer than C{max_line}.
     """
     try:
         if type(reply) is TaskResult:
@@ -299,24 +311,58 @@ def encode_reply(reply: Reply) -> bytes:
             elif type(resultado) is int:
                 res = int.__repr__(resultado)
             elif type(resultado) is ResultRef:
-                return encode_result_ref(reply.tarea_id, resultado, reply.worker)
+                return _within(encode_result_ref(reply.tarea_id, resultado, reply.worker),
+                               max_line, reply.tarea_id)
             else:
                 res = _dumps(resultado)
             tarea_id = reply.tarea_id
             tid = "null" if tarea_id is None else _quote(tarea_id)
             worker = reply.worker
             w = int.__repr__(worker) if type(worker) is int else _dumps(worker)
-            return (
+            line = (
                 '{"estado": "ok", "resultado": %s, "tarea_id": %s, "worker": %s}\n'
                 % (res, tid, w)
             ).encode("utf-8", "backslashreplace")
+            # The one check of a reply's length: on the line itself,
+            # whatever escaping made of the result (a "\n" takes two bytes,
+            # a control character six).  A line of usual size costs this
+            # one comparison.
+            if len(line) > max_line:
+                return _within(line, max_line, tarea_id)
+            return line
         if type(reply) is AcceptedResult:
             return encode_accepted(reply.tarea_id)
         return encode_control(reply.tarea_id, reply.resultado)  # type: ignore[union-attr]
+    except Pfo3Error:
+        raise
     except Exception as e:
         raise InternalError(
             "Error interno: el resultado no se puede enviar como JSON.", reply.tarea_id
         ) from e
+
+
+def _within(line: bytes, max_line: int, tarea_id: Optional[str]) -> bytes:
+    """
+    @return: C{line}, if it is not longer than C{max_line} without its
+        C{\\n}.
+    @raise ResultTooLarge: otherwise.
+    """
+    if len(line) - 1 > max_line:
+        raise result_too_large(len(line) - 1, max_line, tarea_id)
+    return line
+
+
+def result_too_large(size: int, max_line: int, tarea_id: Optional[str]) -> ResultTooLarge:
+    """
+    @param size: The reply line's length (or a length it would surely
+        exceed), in bytes.
+    @return: The error that replaces a reply longer than C{max_line}.
+    """
+    return ResultTooLarge(
+        f"El resultado no cabe en una línea: la respuesta ocuparía {size} bytes y el límite "
+        f"es {max_line} (--max-line). Envíe la tarea con \"refs\": true a un servidor con "
+        "almacén de objetos (--blobs) para recibirlo como referencia (resultado_ref).",
+        tarea_id)
 
 
 def encode_ok(tarea_id: Optional[str], resultado: Any, worker: Any) -> bytes:

@@ -342,17 +342,20 @@ def test_purge(store: IBlobStore) -> Any:
 
 def test_retention_sweeps_old_objects() -> None:
     """
-    L{Retention} deletes the objects older than the store's retention and
-    keeps the others; a storage that fails is logged, not fatal.
+    L{Retention} deletes orphans: the objects older than twice the store's
+    retention (a record's objects go with the record, sooner); it keeps
+    the others, even those older than one retention.  A storage that fails
+    is logged, not fatal.
     """
     from twisted.internet.defer import fail
     from twisted.internet.task import Clock
 
     from pfo3.blobs.options import Retention
 
-    ages = iter([time.time() - 7200, time.time()])
+    ages = iter([time.time() - 7300, time.time() - 5000, time.time()])
     store = MemoryBlobs(now=lambda: next(ages))
-    old, new = new_ref(), new_ref()
+    orphan, old, new = new_ref(), new_ref(), new_ref()
+    store.put(orphan, b"huerfano")
     store.put(old, b"viejo")
     store.put(new, b"nuevo")
     clock = Clock()
@@ -360,7 +363,7 @@ def test_retention_sweeps_old_objects() -> None:
     assert r.interval == 360
     r.start()
     clock.advance(360)
-    assert set(store.objects) == {new} and r.deleted == 1
+    assert set(store.objects) == {old, new} and r.deleted == 1
     store.purge = lambda before: fail(BlobStoreUnavailable("caído"))  # type: ignore[method-assign]
     clock.advance(360)
     assert r._loop.running

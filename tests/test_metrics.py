@@ -386,3 +386,132 @@ class MetricsLastTests(SynchronousTestCase):
         worker.stopping.callback(None)
         self.successResultOf(stopped)
         self.assertFalse(metrics.running)
+
+
+class BlobErrorMetricsTests(SynchronousTestCase):
+    """
+    C{pfo3_blob_errors_total{kind}}: failures of the object storage, counted
+    where they happen (the storage's own calls), for tasks and background
+    work alike, on the server's and on a worker's metrics.
+    """
+
+    def broken_storage(self) -> Any:
+        """
+        A C{file:} storage whose folder is a regular file: every call fails
+        with C{almacen_objetos_no_disponible}; its I/O runs synchronously.
+        """
+        import os
+        import tempfile
+
+        from pfo3.blobs import FileBlobs
+        from pfo3.testing import SynchronousThreadPool
+
+        fd, path = tempfile.mkstemp(prefix="pfo3-no-folder-")
+        os.write(fd, b"no soy una carpeta")
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        pool: Any = SynchronousThreadPool()
+        pool.started = True  # FileBlobs.start and stop leave it alone
+        return FileBlobs(path, FakeReactor(), threadpool=pool)
+
+    def blob_errors(self, registry: Any) -> Dict[str, float]:
+        return {dict(labels)["kind"]: v for (name, labels), v in scrape(registry).items()
+                if name == "pfo3_blob_errors_total"}
+
+    def test_server_counts_task_and_background_failures(self) -> None:
+        """
+        A task whose content the storage cannot read, the retention's sweep
+        and the deletion of a forgotten record's objects each count one
+        C{unavailable} failure; the scrape reports every kind, zeros too.
+        """
+        from pfo3 import blobs
+        from pfo3.blobs.executor import BlobExecutor
+        from pfo3.blobs.options import Retention
+        from pfo3.blobs.requests import BlobPolicy
+        from pfo3.executor import LocalExecutor
+        from pfo3.orchestrator import Orchestrator
+        from pfo3.protocol import TaskFactory
+        from pfo3.testing import SynchronousThreadPool
+
+        clock = FakeReactor()
+        storage = self.broken_storage()
+        policy = BlobPolicy(storage)
+        orch = Orchestrator(
+            TaskRegistry(BUILTINS), BlobExecutor(LocalExecutor(clock, SynchronousThreadPool()),
+                                                 policy), clock, blobs=policy)
+        registry = server_registry(ServerStats(TaskFactory(orch)))
+        self.assertEqual(self.blob_errors(registry),
+                         {"unavailable": 0, "access_denied": 0, "bucket_missing": 0})
+        proto, transport = connect_transport(TaskFactory(orch))
+        proto.dataReceived(json.dumps({"tipo": "uppercase", "contenido_ref": blobs.new_ref(),
+                                       "tarea_id": "c"}).encode() + b"\n")
+        [reply] = take_replies(transport)
+        self.assertEqual(reply["codigo"], "almacen_objetos_no_disponible")
+        self.assertEqual(self.blob_errors(registry)["unavailable"], 1)
+        retention = Retention(storage, clock, 3600)
+        retention.sweep()
+        self.assertEqual(self.blob_errors(registry)["unavailable"], 2)
+        policy.forget([blobs.new_ref()])
+        self.assertEqual(self.blob_errors(registry),
+                         {"unavailable": 3, "access_denied": 0, "bucket_missing": 0})
+
+    def test_kinds(self) -> None:
+        """
+        Refused credentials and a missing bucket count as their own kinds;
+        a missing object is no failure of the storage.
+        """
+        from collections import Counter
+
+        from twisted.internet.defer import fail
+
+        from pfo3 import blobs
+        from pfo3.errors import BlobAccessDenied, BlobBucketMissing, UnknownRef
+
+        errors: Counter[str] = Counter()
+        for error in (BlobAccessDenied("no"), BlobBucketMissing("no"), UnknownRef("no")):
+            d: Deferred[Any] = blobs.counted(fail(error), errors)
+            self.failureResultOf(d, type(error))
+        self.assertEqual(errors, {"access_denied": 1, "bucket_missing": 1})
+
+    def test_server_without_blobs_reports_none(self) -> None:
+        """
+        Without object storage there is no C{pfo3_blob_errors_total}.
+        """
+        registry = server_registry(ServerStats(make_server(reactor=FakeReactor())))
+        self.assertEqual(self.blob_errors(registry), {})
+
+    def test_worker_counts_failures(self) -> None:
+        """
+        In distributed mode the worker reads the objects: its storage's
+        failure is answered to the client and counted on the worker's
+        metrics.
+        """
+        from pfo3 import blobs
+        from pfo3.amqp.worker import WorkerService
+        from pfo3.blobs import MemoryBlobs
+        from pfo3.blobs.executor import BlobExecutor
+        from pfo3.blobs.requests import BlobPolicy
+        from pfo3.executor import LocalExecutor
+        from pfo3.testing import SynchronousThreadPool
+
+        cluster = Cluster(TaskRegistry(BUILTINS))
+        cluster.orchestrator.blobs = BlobPolicy(MemoryBlobs())
+        holder: List[WorkerService] = []
+        view = cluster.broker.view(lambda raw, ch: holder[0].setup(raw, ch), prefetch=8)
+        executor = BlobExecutor(LocalExecutor(cluster.clock, SynchronousThreadPool()),
+                                BlobPolicy(self.broken_storage()))
+        worker = WorkerService(cluster.clock, "amqp://unused", cluster.topology,
+                               cluster.registry, executor, "w1", capacity=8, timeout=20,
+                               broker=view)  # type: ignore[arg-type]
+        holder.append(worker)
+        worker.startService()
+        proto, transport = cluster.client()
+        proto.dataReceived(json.dumps({"tipo": "uppercase", "contenido_ref": blobs.new_ref(),
+                                       "tarea_id": "c"}).encode() + b"\n")
+        cluster.clock.advance(1)
+        [reply] = take_replies(transport)
+        self.assertEqual(reply["codigo"], "almacen_objetos_no_disponible")
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WorkerCollector(worker))
+        self.assertEqual(self.blob_errors(registry),
+                         {"unavailable": 1, "access_denied": 0, "bucket_missing": 0})

@@ -294,3 +294,72 @@ def test_every_error_code_is_documented() -> None:
     section = text.split("### Error codes", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.MULTILINE))
     assert documented == set(ERROR_CODES)
+
+
+# --- the line limit on replies -------------------------------------------------
+
+
+def _task_reply(resultado: Any, tarea_id: str = "t") -> wire.TaskResult:
+    return wire.TaskResult(tarea_id, resultado, 1)
+
+
+@pytest.mark.parametrize("resultado", [
+    # 1855 bytes of "ΐ" (2 bytes each), upper-cased: three letters of 2
+    # bytes each, 5464 bytes in the line.
+    ("ΐ" * (1855 // 2)).upper(),
+    # 1700 newlines: 1700 bytes of result, 3400 bytes escaped.
+    "\n" * 1700,
+    # A control character takes six bytes escaped.
+    "\x01" * 400,
+    ["\n"] * 400,
+])
+def test_reply_line_longer_than_the_limit_is_refused(resultado: Any) -> None:
+    """
+    A task's reply whose encoded line passes C{max_line} bytes raises
+    C{resultado_demasiado_grande}, naming the line's size and the limit,
+    whatever the result's own size: the check is on the line, after JSON
+    escaping.
+    """
+    from pfo3.errors import ResultTooLarge
+
+    line = wire.encode_reply(_task_reply(resultado))  # no limit: written
+    assert len(line) - 1 > 2000
+    with pytest.raises(ResultTooLarge) as e:
+        wire.encode_reply(_task_reply(resultado), 2000)
+    assert e.value.codigo == "resultado_demasiado_grande"
+    assert e.value.tarea_id == "t"
+    assert f"{len(line) - 1} bytes" in e.value.mensaje
+    assert "2000" in e.value.mensaje and '"refs": true' in e.value.mensaje
+    error_line = wire.encode_error(e.value)
+    assert len(error_line) < 2000
+    assert json.loads(error_line)["codigo"] == "resultado_demasiado_grande"
+
+
+def test_reply_line_up_to_the_limit_is_written() -> None:
+    """
+    A reply line of exactly C{max_line} bytes (its C{\\n} not counted) is
+    written; one byte more is refused.
+    """
+    from pfo3.errors import ResultTooLarge
+
+    base = len(wire.encode_reply(_task_reply(""))) - 1
+    exact = wire.encode_reply(_task_reply("x" * 100), base + 100)
+    assert len(exact) == base + 101 and json.loads(exact)["resultado"] == "x" * 100
+    with pytest.raises(ResultTooLarge):
+        wire.encode_reply(_task_reply("x" * 101), base + 100)
+
+
+def test_result_reference_lines_are_checked_too() -> None:
+    """
+    A C{resultado_ref} reply is held to the same limit (a presigned URL can
+    be long); control replies, the server's own, are not.
+    """
+    from pfo3.errors import ResultTooLarge
+
+    ref = wire.ResultRef(ref="r" + "0" * 32, bytes=10, sha256="0" * 64,
+                         url="http://s3.test/" + "q" * 3000, expira=1.0)
+    with pytest.raises(ResultTooLarge):
+        wire.encode_reply(_task_reply(ref), 2000)
+    assert "resultado_ref" in json.loads(wire.encode_reply(_task_reply(ref), 4000))
+    control = wire.encode_reply(wire.ControlResult("c", "x" * 3000), 2000)
+    assert json.loads(control)["resultado"] == "x" * 3000

@@ -25,14 +25,18 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from typing import IO, Any, Optional, Union
+from collections import Counter
+from typing import IO, Any, Optional, TypeVar, Union
 from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.python import usage
-from zope.interface import Interface
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
 
-from pfo3.errors import UnknownRef
+from pfo3.errors import BlobAccessDenied, BlobBucketMissing, BlobStoreUnavailable, UnknownRef
+
+T = TypeVar("T")
 
 #: What L{IBlobStore.put} stores: bytes, or a binary file open for reading
 #: (read in chunks, never whole, where the storage allows).
@@ -126,6 +130,11 @@ class IBlobStore(Interface):
     storage cannot make.
     """
 
+    errors: Counter[str] = Attribute(
+        "Failures of the storage itself since start, by kind (L{ERROR_KINDS}), counted "
+        "in the reactor's thread as they happen, whoever asked (a task, an upload, the "
+        "retention); a missing object is not a failure.")
+
     def start() -> None:
         """
         Get ready (start the I/O threads).
@@ -217,6 +226,43 @@ def sha256_of(source: IO[bytes]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+#: The kinds of storage failures L{IBlobStore.errors} counts (the C{kind}
+#: label of C{pfo3_blob_errors_total}): the storage did not answer or failed
+#: (C{almacen_objetos_no_disponible}), refused the server's credentials
+#: (C{almacen_objetos_denegado}), has no such bucket
+#: (C{almacen_objetos_sin_cubo}).
+ERROR_KINDS = ("unavailable", "access_denied", "bucket_missing")
+
+
+def error_kind(error: BaseException) -> Optional[str]:
+    """
+    @return: The kind (one of L{ERROR_KINDS}) of a storage failure, or
+        L{None} for an error that is not one (a missing object, a URL the
+        storage cannot make).
+    """
+    if isinstance(error, BlobBucketMissing):
+        return "bucket_missing"
+    if isinstance(error, BlobAccessDenied):
+        return "access_denied"
+    if isinstance(error, BlobStoreUnavailable):
+        return "unavailable"
+    return None
+
+
+def counted(d: Deferred[T], errors: Counter[str]) -> Deferred[T]:
+    """
+    @return: C{d}, counting its failure in C{errors} by kind when it is one
+        of the storage's own (L{error_kind}).
+    """
+    def count(failure: Failure) -> Failure:
+        kind = error_kind(failure.value)
+        if kind is not None:
+            errors[kind] += 1
+        return failure
+
+    return d.addErrback(count)
+
+
 #: How many threads an S3 storage uses by default: I/O waits, so more than
 #: the cores.
 DEFAULT_IO_THREADS = 16
@@ -288,6 +334,7 @@ from pfo3.blobs._file import FileBlobs  # noqa: E402
 from pfo3.blobs._memory import MemoryBlobs  # noqa: E402
 
 __all__ = [
-    "CHUNK", "REF_PATTERN", "RESULT", "UPLOAD", "BlobInfo", "FileBlobs", "IBlobStore",
-    "MemoryBlobs", "Presigned", "Source", "check_ref", "from_url", "new_ref", "sha256_of",
+    "CHUNK", "ERROR_KINDS", "REF_PATTERN", "RESULT", "UPLOAD", "BlobInfo", "FileBlobs",
+    "IBlobStore", "MemoryBlobs", "Presigned", "Source", "check_ref", "counted", "error_kind",
+    "from_url", "new_ref", "sha256_of",
 ]

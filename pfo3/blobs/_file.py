@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections import Counter
 from typing import IO, Any, Callable, Optional, TypeVar
 
 from twisted.internet.defer import Deferred, fail
@@ -41,6 +42,7 @@ class FileBlobs(OwnPool):
         self.path = os.path.abspath(path)
         self.reactor = reactor
         self.threadpool = threadpool or DaemonThreadPool(0, io_threads, "pfo3-blobs-file")
+        self.errors: Counter[str] = Counter()
 
     def _file(self, ref: str) -> str:
         return os.path.join(self.path, blobs.check_ref(ref))
@@ -55,7 +57,8 @@ class FileBlobs(OwnPool):
                 raise BlobStoreUnavailable(
                     f"El almacén de objetos ({self.path}) falló: {e.strerror or e}.") from e
 
-        return deferToThreadPool(self.reactor, self.threadpool, guarded)
+        return blobs.counted(deferToThreadPool(self.reactor, self.threadpool, guarded),
+                             self.errors)
 
     def put(self, ref: str, source: blobs.Source) -> Deferred[blobs.BlobInfo]:
         return self._defer(self._put, ref, source)

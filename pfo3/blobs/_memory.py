@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from typing import IO, Callable, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -32,6 +33,7 @@ class MemoryBlobs:
         """
         @param now: The clock that dates objects, for L{purge}.
         """
+        self.errors: Counter[str] = Counter()  # it never fails
         self.objects: Dict[str, Tuple[bytes, str]] = {}
         self.times: Dict[str, float] = {}
         self._now = now

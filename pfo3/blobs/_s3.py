@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from typing import IO, Any, Callable, Dict, List, Optional, TypeVar
 
 import boto3
@@ -73,6 +74,7 @@ class S3Blobs(OwnPool):
         self.reactor = reactor
         self.endpoint = endpoint
         self.threadpool = DaemonThreadPool(0, io_threads, "pfo3-blobs-s3")
+        self.errors: Counter[str] = Counter()
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if endpoint else "auto"},
@@ -103,7 +105,8 @@ class S3Blobs(OwnPool):
                     self._check_bucket()
                 raise error from e
 
-        return deferToThreadPool(self.reactor, self.threadpool, guarded)
+        return blobs.counted(deferToThreadPool(self.reactor, self.threadpool, guarded),
+                             self.errors)
 
     def _check_bucket(self) -> None:
         """

@@ -14,8 +14,11 @@ A task whose C{arg} is a L{pfo3.wire.RefArg}:
      JSON text is longer than the threshold, is stored as an object and
      replaced by a L{pfo3.wire.ResultRef} (reference, size, SHA-256 and a
      presigned GET URL when the storage makes them); a client that does not
-     understand references gets it inline up to the line limit and
-     C{resultado_demasiado_grande} beyond.
+     understand references gets it inline.  Whether that inline reply fits
+     in a line is checked once, on the line itself, where it is written
+     (L{pfo3.wire.encode_reply}); a result whose bytes alone pass the line
+     limit is refused here already (C{resultado_demasiado_grande}), so that
+     it never travels further.
 
 Any other C{arg} goes straight to the wrapped executor: plain tasks pay one
 call and one type check.
@@ -36,7 +39,6 @@ from pfo3.errors import (
     BlobsDisabled,
     InvalidContent,
     PresignUnsupported,
-    ResultTooLarge,
     UnknownRef,
 )
 from pfo3.executor import IExecutor, MaybeDeferredOutcome, Outcome
@@ -156,11 +158,11 @@ class BlobExecutor:
             return outcome  # short for sure, even as UTF-8 JSON
         data = result_bytes(resultado)
         if not refs:
-            if len(data) + 200 > policy.max_line:
-                raise ResultTooLarge(
-                    f"El resultado ocupa {len(data)} bytes, más que el límite de línea "
-                    f"({policy.max_line}); envíe la tarea con \"refs\": true para recibirlo "
-                    "como objeto (resultado_ref).")
+            if len(data) > policy.max_line:
+                # The reply line would be longer still: refused here rather
+                # than carried (through the broker, from a worker) to the
+                # line check that would refuse it (pfo3.wire.encode_reply).
+                raise wire.result_too_large(len(data), policy.max_line, None)
             return outcome
         if len(data) <= policy.threshold:
             return outcome

@@ -84,9 +84,17 @@ def blob_policy(options: usage.Options, reactor: Any,
 
 class Retention:
     """
-    Deletes the objects older than the results store's retention
-    (C{--store-max-age}), so that a task's objects go with its record: both
-    are kept that long after they were written.
+    Deletes orphans: objects no record will take with it.
+
+    A record's objects (its C{contenido_ref} and C{resultado_ref}) are
+    deleted when the results store forgets the record
+    (L{pfo3.blobs.requests.BlobPolicy.forget}, by age or by the memory
+    store's bound).  What is left is an upload never used, a result whose
+    record was never written (C{--store none}, a store that dropped it) or
+    an object whose deletion failed.  This sweep deletes objects written
+    more than twice the store's retention (C{--store-max-age}) ago: by then
+    the record of a task that ran within one retention of its upload is
+    gone, and its objects with it.
 
     @ivar interval: Seconds between sweeps: a tenth of the retention,
         within a minute and an hour.
@@ -96,6 +104,7 @@ class Retention:
         self.store = store
         self.clock = clock
         self.max_age = max_age
+        self.horizon = 2 * max_age
         self.interval = min(3600.0, max(60.0, max_age / 10))
         self.deleted = 0
         self._loop = LoopingCall(self.sweep)
@@ -110,15 +119,15 @@ class Retention:
 
     def sweep(self) -> Deferred[None]:
         """
-        Delete the objects written before the retention; a storage that
+        Delete the objects written before the horizon; a storage that
         fails is logged and tried again at the next sweep.
         """
-        d = self.store.purge(time.time() - self.max_age)
+        d = self.store.purge(time.time() - self.horizon)
 
         def done(n: int) -> None:
             self.deleted += n
             if n:
-                log.info("Object storage retention: deleted {n} objects", n=n)
+                log.info("Object storage retention: deleted {n} orphaned objects", n=n)
 
         def failed(f: Failure) -> None:
             log.warn("Object storage retention failed ({why}); trying again later",

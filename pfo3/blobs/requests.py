@@ -14,15 +14,19 @@ through the orchestrator.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, List, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pfo3 import blobs, wire
 from pfo3.errors import BlobsDisabled, ExceedsTimeout, InvalidUpload, Pfo3Error
 
 if TYPE_CHECKING:  # pragma: no cover
     from pfo3.orchestrator import Session
+
+log = Logger(namespace="pfo3.blobs")
 
 #: Default size past which a result is stored as an object (for clients that
 #: sent C{"refs": true}).
@@ -45,9 +49,10 @@ class BlobPolicy:
     @ivar max_bytes: Largest upload announced with C{op: subir}, and largest
         object a task may read.
     @ivar url_ttl: Seconds a presigned URL works.
-    @ivar max_line: The line limit: results longer than this for clients
-        that do not understand references are refused
-        (C{resultado_demasiado_grande}).
+    @ivar max_line: The line limit: a result whose bytes alone are longer
+        than this, for a client that does not understand references, is
+        refused where it is made (C{resultado_demasiado_grande}); the reply
+        line itself is checked where it is written (L{wire.encode_reply}).
     """
 
     def __init__(
@@ -60,6 +65,60 @@ class BlobPolicy:
         self.max_bytes = max_bytes
         self.url_ttl = url_ttl
         self.max_line = max_line
+
+    def forget(self, refs: List[str]) -> Deferred[None]:
+        """
+        Delete the objects of records the results store forgot
+        (L{pfo3.store.IStore.on_forget}).  A deletion that fails is logged
+        (and counted by the storage); that object is left to the age sweep
+        of orphans (L{pfo3.blobs.options.Retention}).
+
+        @return: A Deferred that fires once every deletion was tried.
+        """
+        store = self.store
+        failed: List[str] = []
+
+        def one(_: Any, ref: str) -> Deferred[None]:
+            # One at a time: a purge of many records does not fill the
+            # storage's I/O threads.
+            d = store.delete(ref)
+            d.addErrback(lambda f: failed.append(f.getErrorMessage()))
+            return d
+
+        def done(_: Any) -> None:
+            if failed:
+                log.warn("Object storage: {n} of the {total} objects of forgotten records "
+                         "could not be deleted ({why}); the age sweep will try again",
+                         n=len(failed), total=len(refs), why=failed[0])
+
+        d: Deferred[Any] = succeed(None)
+        for ref in refs:
+            d.addCallback(one, ref)
+        return d.addCallback(done)
+
+    def refresh(self, result: wire.ResultRef) -> Deferred[wire.ResultRef]:
+        """
+        @return: A Deferred of C{result} with a fresh presigned GET URL (for
+            a reply replayed from the results store, whose URL may have
+            expired); C{result} itself when it has no URL (C{memory:},
+            C{file:}) or when presigning fails (logged).
+        """
+        if result.get("url") is None:
+            return succeed(result)
+        d = self.store.presign_get(result["ref"], self.url_ttl)
+
+        def fresh(presigned: blobs.Presigned) -> wire.ResultRef:
+            out = wire.ResultRef(result)
+            out["url"] = presigned.url
+            out["expira"] = presigned.expira
+            return out
+
+        def stale(f: Failure) -> wire.ResultRef:
+            log.warn("Object storage: could not presign {ref} again ({why}); replaying "
+                     "the recorded URL", ref=result["ref"], why=f.getErrorMessage())
+            return result
+
+        return d.addCallbacks(fresh, stale)
 
 
 def _disabled(tarea_id: Any) -> BlobsDisabled:

@@ -18,12 +18,14 @@ identity never sees another's tasks (C{docs/store.md}).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 from zope.interface import Attribute, Interface
+
+from pfo3.wire import RefArg, ResultRef
 
 #: The owner of every task while pfo3 has no authentication: all anonymous
 #: clients share one namespace of C{tarea_id}s.  Authenticated identities
@@ -62,7 +64,9 @@ class Record:
         (sent with C{esperar}); L{None} for plain ones.
     @ivar estado: One of L{ACCEPTED}, L{RUNNING}, L{OK}, L{ERROR},
         L{TIMEOUT}, L{ABANDONED}.
-    @ivar resultado: What an C{ok} task returned.
+    @ivar resultado: What an C{ok} task returned: a
+        L{pfo3.wire.ResultRef} when it was stored as an object (read back as
+        one from every store).
     @ivar codigo: The error code of a task that did not end C{ok}.
     @ivar mensaje: Its error message.
     @ivar worker: Who ran it (as the reply says).
@@ -114,7 +118,10 @@ class Record:
         """
         out: Dict[str, Any] = {"estado": self.estado, "tipo": self.tipo}
         if self.estado == OK:
-            out["resultado"] = self.resultado
+            if type(self.resultado) is ResultRef:
+                out["resultado_ref"] = self.resultado
+            else:
+                out["resultado"] = self.resultado
         if self.codigo is not None:
             out["codigo"] = self.codigo
             out["mensaje"] = self.mensaje
@@ -127,6 +134,28 @@ class Record:
 
     def __repr__(self) -> str:
         return f"<Record {self.owner!r}/{self.tarea_id!r} {self.tipo} {self.estado}>"
+
+
+#: Called by a store with the object references (C{contenido_ref},
+#: C{resultado_ref}) of the records it forgets, so that their objects go
+#: with them (L{IStore.on_forget}).
+ForgetObjects = Callable[[List[str]], object]
+
+
+def objects_of(contenido: Any, resultado: Any) -> List[str]:
+    """
+    @return: The references of the objects a task's record holds: its
+        content's, when it came as C{contenido_ref}, and its result's, when
+        it was stored as an object.
+    """
+    refs = []
+    if type(contenido) is RefArg:
+        ref = contenido.ref
+        if ref is not None:
+            refs.append(ref)
+    if type(resultado) is ResultRef:
+        refs.append(resultado["ref"])
+    return refs
 
 
 def done_record(
@@ -153,6 +182,10 @@ class IStore(Interface):
     max_age: float = Attribute("Seconds a finished record is kept (purged after).")
     dropped: int = Attribute("Record updates that could not be written and were given up.")
     pending: int = Attribute("Record updates waiting to be written.")
+    on_forget: Optional[ForgetObjects] = Attribute(
+        "Called with the object references of the records the store forgets (purged by "
+        "age or, in memory, by its bound); L{None}: nobody to tell.  The orchestrator "
+        "sets it to delete those objects when it has object storage.")
 
     def start() -> Deferred[None]:  # noqa: N805
         """
@@ -190,7 +223,8 @@ class IStore(Interface):
     def purge(before: float) -> Deferred[int]:  # noqa: N805
         """
         Forget the tasks that ended (or, never ended, were accepted) before
-        C{before}.
+        C{before}, and hand the references of the objects they held to
+        C{on_forget}.
 
         @return: A Deferred of how many were forgotten (when known).
         """
@@ -262,5 +296,6 @@ from pfo3.store._sql import SQLStore  # noqa: E402
 
 __all__ = [
     "ABANDONED", "ACCEPTED", "ANONYMOUS", "ERROR", "FINISHED", "OK", "REPLAYABLE", "RUNNING",
-    "TIMEOUT", "IStore", "MemoryStore", "Record", "SQLStore", "done_record", "from_url",
+    "TIMEOUT", "ForgetObjects", "IStore", "MemoryStore", "Record", "SQLStore", "done_record",
+    "from_url", "objects_of",
 ]

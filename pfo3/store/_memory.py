@@ -4,14 +4,22 @@ The in-memory store: the default, and the test double of every other.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from pfo3.store import DEFAULT_MAX_AGE, DEFAULT_MAX_RECORDS, IStore, Record, done_record
+from pfo3.store import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_RECORDS,
+    ForgetObjects,
+    IStore,
+    Record,
+    done_record,
+    objects_of,
+)
 
 #: What the store holds for a task that ended C{ok} the moment it started
 #: (L{MemoryStore.record_done}): C{(tipo, contenido, resultado, worker,
@@ -38,6 +46,15 @@ def _expanded(key: _Key, held: _Held) -> Record:
     if type(held) is Record:
         return held
     return done_record(key[0], key[1], *held)  # type: ignore[misc]
+
+
+def _objects(held: _Held) -> List[str]:
+    """
+    @return: The object references the record C{held} stands for holds.
+    """
+    if type(held) is Record:
+        return objects_of(held.contenido, held.resultado)
+    return objects_of(held[1], held[2])  # type: ignore[index]
 
 
 def _ended(held: _Held) -> float:
@@ -67,6 +84,7 @@ class MemoryStore:
 
     dropped = 0
     pending = 0
+    on_forget: Optional[ForgetObjects] = None
 
     def __init__(
         self, clock: IReactorTime, max_age: float = DEFAULT_MAX_AGE,
@@ -104,9 +122,22 @@ class MemoryStore:
         The young generation is full: it becomes the old one, and the old
         one is forgotten.
         """
-        self.evicted += len(self._old)
-        self._old = self._young
+        gone, kept = self._old, self._young
+        self.evicted += len(gone)
+        self._old = kept
         self._young = {}
+        if self.on_forget is not None:
+            self._forget(held for key, held in gone.items() if key not in kept)
+
+    def _forget(self, forgotten: Iterable[_Held]) -> None:
+        """
+        Hand the object references of the C{forgotten} records to
+        C{on_forget}.
+        """
+        assert self.on_forget is not None
+        refs = list(dict.fromkeys(ref for held in forgotten for ref in _objects(held)))
+        if refs:
+            self.on_forget(refs)
 
     def record(self, record: Record) -> None:
         young = self._young
@@ -133,14 +164,16 @@ class MemoryStore:
         return succeed(_expanded(key, held))
 
     def purge(self, before: float) -> Deferred[int]:
-        forgotten = set()
+        forgotten: Dict[_Key, List[_Held]] = {}
         for records in (self._young, self._old):
             old = [key for key, held in records.items() if _ended(held) < before]
             for key in old:
-                del records[key]
-            forgotten.update(old)
+                forgotten.setdefault(key, []).append(records.pop(key))
         # An old version goes while a newer one stays: that task is kept.
-        return succeed(len(forgotten.difference(self._young)))
+        gone = [key for key in forgotten if key not in self._young and key not in self._old]
+        if self.on_forget is not None:
+            self._forget(held for key in gone for held in forgotten[key])
+        return succeed(len(gone))
 
     def flush(self) -> Deferred[None]:
         return succeed(None)

@@ -36,14 +36,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3.errors import StoreUnavailable
-from pfo3.store import DEFAULT_MAX_AGE, IStore, Record, done_record
+from pfo3.store import DEFAULT_MAX_AGE, ForgetObjects, IStore, Record, done_record, objects_of
 from pfo3.store._memory import purge_interval
+from pfo3.wire import RefArg, ResultRef
 
 log = Logger(namespace="pfo3.store")
 
 #: The schema version this code writes; L{MIGRATIONS} brings any older one
 #: up to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Longest C{contenido} kept, as JSON text; a longer one is cut and flagged.
 MAX_CONTENIDO = 4096
@@ -51,6 +52,7 @@ MAX_CONTENIDO = 4096
 COLUMNS = (
     "owner", "tarea_id", "tipo", "contenido", "contenido_truncado", "huella", "estado",
     "resultado", "codigo", "mensaje", "worker", "peer", "aceptada", "iniciada", "terminada",
+    "resultado_ref", "objetos",
 )
 
 #: Statements that take a schema from version N-1 to N, by N.  Each is
@@ -77,6 +79,13 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
         "CREATE INDEX IF NOT EXISTS pfo3_tareas_fin"
         " ON pfo3_tareas (COALESCE(terminada, aceptada))",
     ),
+    # A result stored as an object (its reference, size, SHA-256, URL) in
+    # a column of its own, so that it reads back as one; and the references
+    # of the objects a record holds, so that purging it deletes them.
+    2: (
+        "ALTER TABLE pfo3_tareas ADD COLUMN IF NOT EXISTS resultado_ref TEXT",
+        "ALTER TABLE pfo3_tareas ADD COLUMN IF NOT EXISTS objetos TEXT",
+    ),
 }
 
 _UPSERT = (
@@ -88,6 +97,12 @@ _SELECT = (
     "SELECT " + ", ".join(COLUMNS) + " FROM pfo3_tareas WHERE owner = %s AND tarea_id = %s"
 )
 _PURGE = "DELETE FROM pfo3_tareas WHERE COALESCE(terminada, aceptada) < %s"
+# Records that hold objects first, returning their references: one
+# statement, so the references are exactly those of the records deleted.
+_PURGE_OBJECTS = (
+    "DELETE FROM pfo3_tareas WHERE COALESCE(terminada, aceptada) < %s"
+    " AND objetos IS NOT NULL RETURNING objetos"
+)
 
 
 def _executemany(txn: Any, upsert: str, rows: List[Tuple[Any, ...]]) -> None:
@@ -143,6 +158,12 @@ class Dialect:
         self.schema_lock = schema_lock
         self.write = write
 
+    def migrate(self, txn: Any, statement: str) -> None:
+        """
+        Run one statement of L{MIGRATIONS}.
+        """
+        txn.execute(statement)
+
     def transient(self, error: BaseException) -> bool:
         """
         @return: Whether a failed batch is worth retrying: the database could
@@ -184,7 +205,26 @@ def _pg_args(url: str) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     return (url,), kwargs
 
 
-SQLITE = Dialect("sqlite", "sqlite3", _sqlite_args, lambda s: s.replace("%s", "?"), None)
+class _SQLiteDialect(Dialect):
+    """
+    SQLite has no C{ADD COLUMN IF NOT EXISTS}: the column is looked for
+    first.
+    """
+
+    def migrate(self, txn: Any, statement: str) -> None:
+        words = statement.split()
+        if words[:2] == ["ALTER", "TABLE"] and words[3:8] == ["ADD", "COLUMN", "IF", "NOT",
+                                                                "EXISTS"]:
+            table, column = words[2], words[8]
+            txn.execute(f"PRAGMA table_info({table})")
+            if any(row[1] == column for row in txn.fetchall()):
+                return
+            statement = statement.replace(" IF NOT EXISTS", "", 1)
+        txn.execute(statement)
+
+
+SQLITE = _SQLiteDialect("sqlite", "sqlite3", _sqlite_args, lambda s: s.replace("%s", "?"),
+                        None)
 POSTGRESQL = Dialect(
     "postgresql", "psycopg", _pg_args, lambda s: s,
     # Any constant key: orchestrators sharing a database upgrade one at a time.
@@ -230,21 +270,31 @@ def _row(r: Record) -> Tuple[Any, ...]:
     if contenido is not None and len(contenido) > MAX_CONTENIDO:
         contenido = contenido[:MAX_CONTENIDO]
         truncado = True
+    resultado = r.resultado if r.estado == "ok" else None
+    resultado_ref = None
+    objetos = None
+    if type(resultado) is ResultRef or type(r.contenido) is RefArg:
+        if type(resultado) is ResultRef:
+            resultado_ref, resultado = resultado, None
+        objetos = " ".join(objects_of(r.contenido, r.resultado)) or None
     return (
         _clean(r.owner), _clean(r.tarea_id), _clean(r.tipo), contenido, int(truncado),
-        r.huella, r.estado, _json(r.resultado) if r.estado == "ok" else None, r.codigo,
+        r.huella, r.estado, _json(resultado), r.codigo,
         _clean(r.mensaje), _json(r.worker), _clean(r.peer), r.aceptada, r.iniciada,
-        r.terminada,
+        r.terminada, _json(resultado_ref), objetos,
     )
 
 
 def _record(row: Sequence[Any]) -> Record:
     (owner, tarea_id, tipo, contenido, truncado, huella, estado, resultado, codigo,
-     mensaje, worker, peer, aceptada, iniciada, terminada) = row
+     mensaje, worker, peer, aceptada, iniciada, terminada, resultado_ref, _) = row
+    if resultado_ref is not None:
+        resultado = ResultRef(json.loads(resultado_ref))
+    elif resultado is not None:
+        resultado = json.loads(resultado)
     return Record(
         owner, tarea_id, tipo, contenido, estado, peer, aceptada, huella=huella,
-        resultado=None if resultado is None else json.loads(resultado),
-        codigo=codigo, mensaje=mensaje,
+        resultado=resultado, codigo=codigo, mensaje=mensaje,
         worker=None if worker is None else json.loads(worker),
         iniciada=iniciada, terminada=terminada, contenido_truncado=bool(truncado),
     )
@@ -259,6 +309,8 @@ class SQLStore:
     @ivar failures: Batches that failed since start (each is retried).
     @ivar written: Updates written since start.
     """
+
+    on_forget: Optional[ForgetObjects] = None
 
     def __init__(
         self, dialect: Dialect, target: str, clock: IReactorTime, *,
@@ -309,6 +361,7 @@ class SQLStore:
         self._upsert = dialect.sql(_UPSERT)
         self._select = dialect.sql(_SELECT)
         self._purge = dialect.sql(_PURGE)
+        self._purge_objects = dialect.sql(_PURGE_OBJECTS)
 
     def __repr__(self) -> str:
         return f"<SQLStore {self.dialect.name} {self.describe()}>"
@@ -454,7 +507,7 @@ class SQLStore:
                 f"pfo3's {SCHEMA_VERSION}")
         for version in range(current + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[version]:
-                txn.execute(statement)
+                self.dialect.migrate(txn, statement)
             txn.execute(sql("INSERT INTO pfo3_schema_version (version) VALUES (%s)"),
                         (version,))
         return int(current)
@@ -579,11 +632,20 @@ class SQLStore:
         if self._pool is None or not self.ready:
             return succeed(0)
 
-        def delete(txn: Any) -> int:
+        def delete(txn: Any) -> Tuple[int, List[str]]:
+            txn.execute(self._purge_objects, (before,))
+            held = txn.fetchall()
+            refs = [ref for (objetos,) in held for ref in objetos.split()]
             txn.execute(self._purge, (before,))
-            return int(txn.rowcount or 0)
+            return len(held) + int(txn.rowcount or 0), refs
 
-        d: Deferred[int] = self._pool.runInteraction(delete)
+        def forget(result: Tuple[int, List[str]]) -> int:
+            count, refs = result
+            if refs and self.on_forget is not None:
+                self.on_forget(refs)
+            return count
+
+        d: Deferred[int] = self._pool.runInteraction(delete).addCallback(forget)
         return d
 
     def _purge_old(self) -> Deferred[None]:
