@@ -284,7 +284,7 @@ class TaskProtocol(LineOnlyReceiver):
                     if type(reply) is Deferred:
                         reply.addCallbacks(self._reply, self._reply_failed)
                     else:
-                        out.append(encode(reply))  # type: ignore[arg-type]
+                        out.append(encode(reply, max_length))  # type: ignore[arg-type]
                 except Pfo3Error as e:
                     out.append(self._error_line(e))
         finally:
@@ -329,7 +329,7 @@ class TaskProtocol(LineOnlyReceiver):
 
     def _reply(self, reply: wire.Reply) -> None:
         try:
-            line = wire.encode_reply(reply)
+            line = wire.encode_reply(reply, self.MAX_LENGTH)
         except Pfo3Error as e:
             line = self._error_line(e)
         self._write(line)

@@ -796,3 +796,37 @@ class TLSWriteTests(SynchronousTestCase):
         clock.advance(1.0)
         later = [json.loads(line) for line in from_server().splitlines()]
         self.assertEqual([(r["tarea_id"], r["estado"]) for r in later], [("s", "ok")])
+
+
+class ReplyLineLimitTests(SynchronousTestCase):
+    """
+    No client gets a reply line longer than the server's C{--max-line}: a
+    seed client, which reads lines and knows nothing of references, gets
+    C{resultado_demasiado_grande} instead, whatever the path of the reply.
+    """
+
+    def limited(self, inline: bool) -> Tuple[TaskProtocol, StringTransport]:
+        return connect(make_server(max_line=2000, inline=inline))
+
+    def check(self, proto: TaskProtocol, transport: StringTransport) -> None:
+        # 600 "ΐ" make a request line of about 1,260 bytes of UTF-8;
+        # upper-cased, each becomes three code points of 6 bytes in all.
+        for tarea_id, text in (("big", "ΐ" * 600), ("small", "ΐ")):
+            line = {"tarea_id": tarea_id, "tipo": "uppercase", "contenido": text}
+            proto.dataReceived(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        lines = transport.value().splitlines()
+        self.assertTrue(all(len(line) <= 2000 for line in lines), [len(x) for x in lines])
+        got = {r["tarea_id"]: r for r in map(json.loads, lines)}
+        self.assertEqual(got["big"]["codigo"], "resultado_demasiado_grande")
+        self.assertIn("2000", got["big"]["mensaje"])
+        self.assertEqual(got["small"]["resultado"], "ΐ".upper())
+        self.assertFalse(transport.disconnecting)
+
+    def test_inline_reply(self) -> None:
+        self.check(*self.limited(inline=True))
+
+    def test_reply_ready_later(self) -> None:
+        """
+        A reply that comes after the read (from the pool here) is checked too.
+        """
+        self.check(*self.limited(inline=False))
