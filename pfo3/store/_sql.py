@@ -669,11 +669,28 @@ def _unavailable(tarea_id: str) -> Deferred[Optional[Record]]:
     return d
 
 
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection, which does not try to roll back on a connection the
+    driver already knows is broken (the server stopped or closed it): adbapi
+    would log a traceback for the failed rollback of every such connection
+    in the pool, for a failure the store reports once itself.
+    """
+
+    def rollback(self) -> None:
+        if getattr(self._connection, "broken", False):  # psycopg's flag
+            self._pool.disconnect(self._connection)
+            return
+        super().rollback()
+
+
 class _Pool(adbapi.ConnectionPool):
     """
     adbapi's pool with daemon threads, and a way to stop without waiting
     for a thread stuck in the database.
     """
+
+    connectionFactory = _Connection
 
     def start(self) -> None:
         # Before the pool starts its threads: a thread blocked on a silent
