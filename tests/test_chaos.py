@@ -57,17 +57,70 @@ def test_proxy_headers_are_well_formed() -> None:
 def test_fuzz_run_leaves_the_server_unharmed() -> None:
     """
     Twenty thousand fuzzed lines over TCP, TLS and PROXY-protocol TCP, in
-    batches, a byte at a time and cut off mid-line: every complete line is
-    answered once with a documented reply, and afterwards the server
-    answers a ping at once, holds no more file descriptors than before, is
-    back near its memory of before, and logged no traceback.
+    batches, a byte at a time and cut off mid-line, twice: the lines
+    counted are the lines sent (by kind, they add up; a connection whose
+    PROXY header was broken sent none), every complete line is answered
+    once with a documented reply, and afterwards the server runs real
+    tasks at once, holds no more file descriptors than before, is back
+    near its memory of before, grew by little in the second pass, and
+    logged no traceback.
     """
     figures = fuzz.fuzz(lines=20_000, seed=7)
     print(fuzz.report(figures))
     assert figures["ok"], figures["problems"]
     assert figures["lines"] >= 20_000
+    assert sum(figures["kinds"].values()) == figures["lines"]
+    assert figures["second_pass"]["lines"] >= 20_000
+    # Every line sent whole on a connection read to the end was answered:
+    # the replies are counted against the lines actually sent.
+    assert figures["replied"] == figures["expected_replies"] == sum(figures["replies"].values())
+    blank = figures["kinds"].get("blank", 0)
+    dropped = figures["modes"].get("drop", 0) + figures["modes"].get("reset", 0)
+    assert figures["lines"] - blank - 200 * dropped <= figures["expected_replies"]
+    assert figures["expected_replies"] <= figures["lines"] - blank
     assert set(figures["transports"]) == {"tcp", "tls", "proxy"}
     assert figures["replies"]["ok"] > 0 and figures["replies"]["utf8_invalido"] > 0
+    assert figures["probe_seconds"] < 1.0
+    rss = figures["rss_kib"]
+    assert rss["after"] - rss["first_pass"] <= 6 * 1024, rss
+
+
+def test_fuzz_counts_only_lines_it_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A connection behind a broken PROXY header sends no line, and one cut
+    mid-line sends only its whole lines: the tally counts those, by kind.
+    """
+    seen: List[bytes] = []
+
+    class Sock:
+        def sendall(self, data: bytes) -> None:
+            seen.append(data)
+
+        def shutdown(self, how: int) -> None:
+            pass
+
+        def setsockopt(self, *args: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(fuzz, "_connect", lambda *a: Sock())
+    monkeypatch.setattr(fuzz, "_read", lambda *a: (b"", "eof"))
+    target = fuzz.Target(1, 2, 3, Path("ca.pem"))
+    checked = {"bad PROXY header": 0, "dropped": 0}
+    for seed in range(3000):
+        seen.clear()
+        t = fuzz.run_connection(target, seed, 20)
+        if any(k.startswith("bad PROXY header") for k in t.closes):
+            checked["bad PROXY header"] += 1
+            assert t.lines == 0 and not t.kinds, (seed, t)
+        elif any(k.startswith("dropped") for k in t.closes):
+            checked["dropped"] += 1
+            # The batch went in one write, after the PROXY header if any.
+            assert t.lines == seen[-1].count(b"\n") < 21, (seed, t)
+        assert sum(t.kinds.values()) == t.lines
+    assert checked["bad PROXY header"] > 3 and checked["dropped"] > 50, checked
 
 
 # -- fault injection ----------------------------------------------------------------
