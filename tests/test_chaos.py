@@ -648,3 +648,75 @@ def test_sigterm_on_the_orchestrator_with_a_thousand_tasks_on_workers(
     print(f"1,000 tasks on workers at SIGTERM: {dict(codes)}")
     for name in ("o1.log", "w1.log", "w2.log"):
         no_tracebacks(cluster.tmp / name)
+
+
+def test_soak_checks_the_ledger_against_the_store_and_the_server(tmp_path: Path) -> None:
+    """
+    The soak checks its ledger against what the server says: a task
+    answered or recorded whose record is missing from the store, a record
+    that says something else than the reply, a record of a task never sent,
+    lives of the orchestrator that ran more tasks than the store holds, a
+    store that gave updates up, and a scheduled fault that no client
+    carried out each fail the run, although the client's ledger balances.
+    """
+    from pfo3.chaos.soak import Soak
+
+    def run(rows: Dict[str, Tuple[str, Optional[str]]], completed: List[int],
+            dropped: Tuple[str, ...] = (), fired: int = 1) -> Dict[str, Any]:
+        s = Soak(tmp_path, 1, 1, 1, broker=False)
+        tasks = [("0", [{"estado": "ok", "tarea_id": "0"}], {"estado": "ok"}),
+                 ("1", [{"estado": "aceptada"}], {"estado": "timeout", "codigo": "timeout"}),
+                 ("2", [{"estado": "error", "codigo": "ocupado"}],
+                  {"codigo": "tarea_desconocida"})]
+        for tarea_id, replies, record in tasks:
+            s.ledger.sent(tarea_id, "plain", _entry_conn())
+            s.ledger.entries[tarea_id].replies = replies
+            s.ledger.entries[tarea_id].record = record
+        s.faults["burst"] = 1
+        s.fired["burst"] = fired
+        s.server = {"stats": {"total": completed[-1]}, "lives": len(completed),
+                    "completed": completed, "dropped": list(dropped), "rows": rows}
+        figures = s._figures(1.0)
+        assert figures["balanced"], figures
+        s._check_server(figures)
+        return figures
+
+    good_rows = {"0": ("ok", None), "1": ("timeout", "timeout")}
+    good = run(good_rows, [1, 1])
+    assert good["ok"], good["problems"]
+    assert good["store"]["records"] == 2 and good["faults_fired"] == {"burst": 1}
+
+    def fails(figures: Dict[str, Any], why: str) -> None:
+        assert not figures["ok"] and any(why in p for p in figures["problems"]), figures
+
+    fails(run({"0": ("ok", None)}, [1]), "no record in the store for 1")
+    fails(run({**good_rows, "1": ("error", "broker_no_disponible")}, [2]),
+          "the client saw timeout")
+    fails(run({**good_rows, "1": ("en_curso", None)}, [2]), "is not finished")
+    fails(run({**good_rows, "2": ("en_curso", None)}, [3]), "a record for 2 (refused)")
+    fails(run({**good_rows, "zz": ("ok", None)}, [3]), "records of tasks never sent")
+    fails(run(good_rows, [2, 1]), "says it ran 3 tasks, the store holds 2")
+    fails(run(good_rows, [2], dropped=("... 3 updates dropped since start",)),
+          "gave record updates up")
+    fails(run(good_rows, [2], fired=0), "fault burst: scheduled 1 times, carried out 0")
+
+
+def test_soak_fails_a_fault_that_did_not_fire(tmp_path: Path) -> None:
+    """
+    A fault the scheduler asks of the clients, which none carries out
+    (here, there are none running), is not counted as injected: the run
+    gets a problem saying so, and the request is withdrawn.
+    """
+    from pfo3.chaos.soak import Soak
+
+    s = Soak(tmp_path, 1, 1, 1, broker=False)
+    s._schedule = lambda: [("burst", s._burst)]  # type: ignore[method-assign]
+    s._wait_fired = (  # type: ignore[method-assign]
+        lambda name, deadline=0.2, f=s._wait_fired: f(name, deadline))
+    thread = threading.Thread(target=s._injector, args=(0.05,))
+    thread.start()
+    time.sleep(0.5)
+    s.no_more_faults.set()
+    thread.join(5)
+    assert s.faults["burst"] == 0 and s.requests == [{}]
+    assert s.problems and all("burst" in p and "did not fire" in p for p in s.problems)

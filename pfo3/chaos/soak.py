@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -60,10 +61,22 @@ FINISHED = {"ok", "error", "timeout", "abandonada"}
 TEXTS = ["hola mundo", "ñandú café", "uno dos tres cuatro", "x" * 200, ""]
 
 
+#: Log lines of the results store giving record updates up (its C{dropped}
+#: counter, which C{op: stats} does not show).
+DROPPED_MARKERS = ("updates dropped since start", "record updates could not be written",
+                   "updates was refused", "did not finish writing",
+                   "stopping without it")
+
+#: The faults a client thread carries out when asked (the rest, the
+#: scheduler carries out itself).
+CLIENT_FAULTS = {"client_reset": "reset", "slow_reader": "slow", "burst": "burst"}
+
+
 class Skipped(Exception):
     """
     A fault could not be injected this time, for a reason outside pfo3 (a
-    slow C{rabbitmqctl}).
+    slow C{rabbitmqctl}).  The run fails with the reason: a schedule that
+    did not happen proves nothing.
     """
 
 
@@ -138,6 +151,13 @@ class Soak:
         self.ledger = Ledger()
         self.stopping = threading.Event()
         self.faults: Counter[str] = Counter()
+        #: Faults that a client thread carried out (of those it was asked).
+        self.fired: Counter[str] = Counter()
+        self.no_more_faults = threading.Event()
+        #: What the server and its store say, read after the load.
+        self.server: Dict[str, Any] = {}
+        #: What the ledger made of each task (L{_figures}).
+        self.verdicts: Dict[str, str] = {}
         self.fault_log: List[str] = []
         self.observed: Counter[str] = Counter()
         self.requests: List[Dict[str, str]] = [{} for _ in range(clients)]
@@ -189,20 +209,53 @@ class Soak:
     def _injector(self, interval: float) -> None:
         schedule = self._schedule()
         i = 0
-        while not self.stopping.wait(interval):
+        while not self.no_more_faults.wait(interval):
             name, fault = schedule[i % len(schedule)]
             i += 1
             at = time.monotonic() - self.started
             try:
                 fault()
+                if name in CLIENT_FAULTS:
+                    self._wait_fired(name)
             except Skipped as e:
                 self.fault_log.append(f"{at:6.1f}s {name} skipped: {e}")
+                self.problems.append(f"fault {name} at {at:.1f}s did not fire: {e}")
                 continue
             except Exception as e:
                 self.problems.append(f"fault {name} at {at:.1f}s failed: {e!r}")
                 continue
             self.faults[name] += 1
             self.fault_log.append(f"{at:6.1f}s {name}")
+
+    def _wait_fired(self, name: str, deadline: float = 15.0) -> None:
+        """
+        Wait until a client thread has carried out the fault C{name}.
+
+        @raise Skipped: if none did in time.
+        """
+        end = time.monotonic() + deadline
+        with self.ledger.lock:
+            want = self.faults[name] + 1
+        while time.monotonic() < end:
+            with self.ledger.lock:
+                if self.fired[name] >= want:
+                    return
+            time.sleep(0.05)
+        key = CLIENT_FAULTS[name]
+        for requests in self.requests:
+            requests.pop(key, None)
+        raise Skipped(f"no client carried it out within {deadline:g} s")
+
+    def _took(self, requests: Dict[str, str], key: str) -> Optional[str]:
+        """
+        Take the fault C{key} asked of a client, and count it fired.
+        """
+        value = requests.pop(key, None)
+        if value is not None:
+            name = next(n for n, k in CLIENT_FAULTS.items() if k == key)
+            with self.ledger.lock:
+                self.fired[name] += 1
+        return value
 
     def _client_reset(self) -> None:
         self.requests[self.rng.randrange(self.n_clients)]["reset"] = "1"
@@ -247,11 +300,17 @@ class Soak:
                 capture_output=True, text=True, timeout=60).stdout
         except subprocess.TimeoutExpired:
             raise Skipped("rabbitmqctl timed out")
+        closed = 0
         for line in listing.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[1] in ports:
-                subprocess.run(["rabbitmqctl", "-q", "close_connection", parts[0], "chaos soak"],
-                               capture_output=True, timeout=60)
+                done = subprocess.run(
+                    ["rabbitmqctl", "-q", "close_connection", parts[0], "chaos soak"],
+                    capture_output=True, timeout=60)
+                closed += done.returncode == 0
+        if not closed:
+            raise Skipped(f"no AMQP connection of the run's processes was found to close "
+                          f"(local ports {sorted(ports)})")
 
     # -- clients --------------------------------------------------------------
 
@@ -310,16 +369,16 @@ class Soak:
             reader = threading.Thread(target=self._read, args=(conn, slow), daemon=True)
             reader.start()
             while not self.stopping.is_set() and not conn.dead.is_set():
-                if requests.pop("reset", None):
+                if self._took(requests, "reset"):
                     conn.cut_by_client = True
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                          b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     conn.sock.close()
                     break
-                if requests.pop("slow", None):
+                if self._took(requests, "slow"):
                     slow.set()
                     threading.Timer(3.0, slow.clear).start()
-                count = int(requests.pop("burst", "1"))
+                count = int(self._took(requests, "burst") or "1")
                 lines = []
                 for _ in range(count):
                     req, kind = self._task(rng)
@@ -391,13 +450,19 @@ class Soak:
         for t in [*threads, injector]:
             t.start()
         time.sleep(self.duration)
+        # The faults stop first, so that each one scheduled is carried out
+        # while the clients still run.
+        self.no_more_faults.set()
+        injector.join(120)
         self.stopping.set()
-        injector.join(60)
         for t in threads:
             t.join(60)
         load_seconds = time.monotonic() - self.started
         self._reconcile()
-        return self._figures(load_seconds)
+        self._read_server()
+        figures = self._figures(load_seconds)
+        self._check_server(figures)
+        return figures
 
     def _reconcile(self) -> None:
         """
@@ -432,6 +497,134 @@ class Soak:
             if todo:
                 time.sleep(1.0)
 
+    def _read_server(self) -> None:
+        """
+        Read what the server says of the run: C{op: stats} of its last life
+        once nothing is in flight, then (after stopping it) the tasks each
+        life ran by its log, the store's given-up updates by its log, and
+        the records in C{soak.db}.
+        """
+        assert self.orchestrator is not None
+        stats: Optional[Dict[str, Any]] = None
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                reply = self._op({"op": "stats"})
+            except (OSError, ValueError) as e:
+                self.problems.append(f"op stats failed: {e}")
+                break
+            stats = reply.get("resultado")
+            if (isinstance(stats, dict) and stats.get("en_curso") == 0
+                    and (stats.get("store") or {}).get("pendientes") == 0):
+                break
+            time.sleep(0.5)
+        if self.orchestrator.stop(30) is None:
+            self.problems.append("the orchestrator did not stop within 30 s of SIGTERM")
+        log = self.orchestrator.log_text()
+        self.server = {
+            "stats": stats,
+            "lives": log.count("pfo3 started:"),
+            "completed": [int(n) for n in re.findall(r"pfo3 stopped after (\d+) task", log)],
+            "dropped": [line for line in log.splitlines()
+                        if any(m in line for m in DROPPED_MARKERS)],
+            "rows": read_records(self.workdir / "soak.db"),
+        }
+
+    def _op(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply: Dict[str, Any] = json.loads(data.split(b"\n")[0])
+        return reply
+
+    def _check_server(self, figures: Dict[str, Any]) -> None:
+        """
+        Check the ledger against the server's own figures (L{_read_server}):
+        the records in the store are those of the tasks accepted and not
+        refused, each finished and saying what the client saw; the tasks
+        each life of the orchestrator says it ran add up to the records;
+        its last C{op: stats} counts what that life ran; the store gave no
+        update up.  Adds the figures and any problem to C{figures}.
+        """
+        problems: List[str] = []
+        server = self.server
+        rows: Dict[str, Tuple[str, Optional[str]]] = server.get("rows", {})
+        missing = extra = unfinished = disagree = 0
+        for tarea_id, e in self.ledger.entries.items():
+            verdict = self.verdicts.get(tarea_id)
+            row = rows.get(tarea_id)
+            if verdict in ("duplicate", "lost"):
+                continue
+            if verdict == "not_accepted" or verdict == "refused":
+                if row is not None and (verdict == "not_accepted" or row[0] not in FINISHED):
+                    extra += 1
+                    problems.append(f"a record for {tarea_id} ({verdict}): {row}")
+                continue
+            if row is None:
+                missing += 1
+                if missing <= 5:
+                    problems.append(f"no record in the store for {tarea_id} ({verdict}, "
+                                    f"replies {e.replies}, estado said {e.record})")
+                continue
+            if row[0] not in FINISHED:
+                unfinished += 1
+                problems.append(f"the record of {tarea_id} is not finished: {row}")
+                continue
+            got = "ok" if row[0] == "ok" else row[1] or row[0]
+            final = [r for r in e.replies if r.get("estado") != "aceptada"]
+            if final:
+                want = "ok" if final[0].get("estado") == "ok" else final[0].get("codigo")
+            else:
+                rec = e.record or {}
+                want = "ok" if rec.get("estado") == "ok" else rec.get("codigo") or rec.get(
+                    "estado")
+            if got != want:
+                disagree += 1
+                if disagree <= 5:
+                    problems.append(f"the store says {row} for {tarea_id}, the client saw "
+                                    f"{want}")
+        strangers = set(rows) - set(self.ledger.entries)
+        if strangers:
+            problems.append(f"{len(strangers)} records of tasks never sent, e.g. "
+                            f"{sorted(strangers)[:3]}")
+        completed = server.get("completed", [])
+        lives = server.get("lives", 0)
+        if len(completed) != lives:
+            problems.append(f"the orchestrator started {lives} times but logged how many "
+                            f"tasks it ran {len(completed)} times")
+        if sum(completed) != len(rows):
+            problems.append(f"the orchestrator says it ran {sum(completed)} tasks, the store "
+                            f"holds {len(rows)} records")
+        stats = server.get("stats")
+        if not isinstance(stats, dict):
+            problems.append(f"no op stats at the end: {stats!r}")
+        elif completed and stats.get("total") != completed[-1]:
+            problems.append(f"op stats counted {stats.get('total')} tasks in the last life, "
+                            f"its log {completed[-1]}")
+        dropped = server.get("dropped", [])
+        if dropped:
+            problems.append(f"the store gave record updates up: {dropped[:3]}")
+        figures["store"] = {
+            "records": len(rows), "missing": missing, "unexpected": extra + len(strangers),
+            "unfinished": unfinished, "disagree": disagree, "dropped_lines": len(dropped),
+            "lives": lives, "ran_by_log": sum(completed),
+            "stats_total_last_life": stats.get("total") if isinstance(stats, dict) else None,
+        }
+        figures["faults_fired"] = {name: self.fired.get(name, self.faults[name])
+                                   for name in self.faults}
+        for name, n in self.faults.items():
+            if name in CLIENT_FAULTS and self.fired[name] < n:
+                problems.append(f"fault {name}: scheduled {n} times, carried out "
+                                f"{self.fired[name]} times")
+        figures["problems"].extend(problems)
+        figures["ok"] = figures["ok"] and not problems
+
     def _figures(self, load_seconds: float) -> Dict[str, Any]:
         answered: Counter[str] = Counter()
         recorded: Counter[str] = Counter()
@@ -444,6 +637,7 @@ class Soak:
             state = rec.get("estado")
             finished = state in FINISHED
             if len(e.replies) > 1:
+                self.verdicts[tarea_id] = "duplicate"
                 duplicates += 1
                 examples.append(f"answered twice: {tarea_id} {e.replies}")
                 continue
@@ -453,7 +647,9 @@ class Soak:
                 code = r.get("codigo") or r["estado"]
                 answered[code] += 1
                 if code in REFUSALS:
+                    self.verdicts[tarea_id] = "refused"
                     continue
+                self.verdicts[tarea_id] = "answered"
                 want = "ok" if code == "ok" else code
                 got = "ok" if state == "ok" else rec.get("codigo") or state
                 if got != want:
@@ -462,16 +658,20 @@ class Soak:
                         examples.append(f"reply {code} but record {rec} for {tarea_id}")
                 continue
             if finished:
+                self.verdicts[tarea_id] = "recorded"
                 code = rec.get("codigo")
                 recorded[f"{state} ({code})" if code else str(state)] += 1
             elif rec.get("codigo") == "tarea_desconocida" and e.conn.cut_by_client:
+                self.verdicts[tarea_id] = "not_accepted"
                 not_accepted += 1
             elif (rec.get("codigo") == "tarea_desconocida" and e.conn.dead.is_set()
                   and any(a <= e.conn.ended_at <= b for a, b in self.restarts)):
                 # The orchestrator, stopping, closed the connection before
                 # it read this line.
+                self.verdicts[tarea_id] = "not_accepted"
                 not_accepted += 1
             else:
+                self.verdicts[tarea_id] = "lost"
                 lost += 1
                 if len(examples) < 20:
                     examples.append(f"lost ({e.kind}, replies {e.replies}): {tarea_id} {rec}")
@@ -500,6 +700,21 @@ class Soak:
             "observed_estado": dict(self.observed.most_common()),
             "tracebacks": tracebacks, "problems": problems, "examples": examples[:20],
         }
+
+
+def read_records(path: Path) -> Dict[str, Tuple[str, Optional[str]]]:
+    """
+    @return: The C{(estado, codigo)} of every record in a SQLite store, by
+        C{tarea_id}.
+    """
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {str(t): (str(e), c) for t, e, c in db.execute(
+            "SELECT tarea_id, estado, codigo FROM pfo3_tareas")}
+    finally:
+        db.close()
 
 
 def soak(duration: float = 60.0, seed: int = 1, clients: int = 4, broker: bool = True,
@@ -543,6 +758,18 @@ def report(f: Dict[str, Any]) -> str:
             f"{k} {v}" for k, v in f["observed_estado"].items()),
         "  tracebacks in logs: " + ", ".join(f"{k} {v}" for k, v in f["tracebacks"].items()),
     ]
+    st = f.get("store")
+    if st is not None:
+        out += [
+            f"  the store (soak.db): {st['records']} records; missing {st['missing']}, "
+            f"unexpected {st['unexpected']}, unfinished {st['unfinished']}, "
+            f"disagreeing with the replies {st['disagree']}; updates given up: "
+            f"{st['dropped_lines']} log lines",
+            f"  the orchestrator: {st['lives']} lives, {st['ran_by_log']} tasks run by its "
+            f"log; op stats of the last life: {st['stats_total_last_life']} tasks",
+            "  faults carried out: " + ", ".join(
+                f"{k} {v}" for k, v in f.get("faults_fired", {}).items()),
+        ]
     for p in f["problems"]:
         out.append(f"  PROBLEM: {p}")
     for e in f["examples"]:
