@@ -720,3 +720,123 @@ def test_soak_fails_a_fault_that_did_not_fire(tmp_path: Path) -> None:
     thread.join(5)
     assert s.faults["burst"] == 0 and s.requests == [{}]
     assert s.problems and all("burst" in p and "did not fire" in p for p in s.problems)
+
+
+def test_object_storage_killed_mid_run_then_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A server with C{--blobs s3://} on a private SeaweedFS, under load of
+    plain tasks and object-storage requests (C{op: subir}, C{contenido_ref},
+    C{"refs": true}), when SeaweedFS is killed (C{kill -9}): the requests
+    that need the storage are answered C{almacen_objetos_no_disponible},
+    each once; every other task keeps being answered at once; the log
+    holds no traceback.  Once SeaweedFS is started again on the same ports
+    and data folder, the same requests work again, on the objects written
+    before the crash too.
+    """
+    import urllib.request
+
+    from .s3server import kill_weed, restart_weed, start_weed, weed_ports
+
+    s3 = start_weed(tmp_path / "weed", ports=weed_ports())
+    try:
+        for name, value in s3.env().items():
+            monkeypatch.setenv(name, value)
+        server = start_server(tmp_path, "--blobs", s3.url, "--blob-threshold", "1000")
+        try:
+            c = LineSocket(server.port, timeout=60)
+
+            def upload(text: bytes) -> str:
+                c.send_json({"op": "subir", "bytes": len(text), "tarea_id": "s"})
+                where = c.read_json()["resultado"]
+                request = urllib.request.Request(where["url"], data=text, method="PUT")
+                urllib.request.urlopen(request, timeout=10).close()
+                return str(where["ref"])
+
+            def blob_round(tag: str, ref: str) -> Dict[str, Dict[str, Any]]:
+                """
+                The three kinds of object-storage request, pipelined.
+                """
+                c.send(b"".join(json.dumps(r).encode() + b"\n" for r in [
+                    {"op": "subir", "bytes": 10, "tarea_id": f"{tag}-subir"},
+                    {"tipo": "uppercase", "contenido_ref": ref, "tarea_id": f"{tag}-ref"},
+                    {"tipo": "uppercase", "contenido": "b" * 2000, "refs": True,
+                     "tarea_id": f"{tag}-refs"}]))
+                replies = {r["tarea_id"]: r for r in c.read_many(3)}
+                assert set(replies) == {f"{tag}-subir", f"{tag}-ref", f"{tag}-refs"}
+                return replies
+
+            ref = upload(b"antes del fallo")
+            before = blob_round("antes", ref)
+            assert before["antes-ref"]["resultado"] == "ANTES DEL FALLO"
+            stored = before["antes-refs"]["resultado_ref"]
+            assert stored["bytes"] == 2000
+
+            # Plain tasks all along, on a connection of their own.
+            plain: List[Tuple[float, Dict[str, Any]]] = []
+            stop = threading.Event()
+
+            def plain_load() -> None:
+                p = LineSocket(server.port, timeout=10)
+                i = 0
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    p.send(b"".join(json.dumps(r).encode() + b"\n" for r in [
+                        {"tipo": "uppercase", "contenido": f"p{i}", "tarea_id": f"p{i}"},
+                        {"tipo": "sleep", "contenido": 0.01, "tarea_id": f"q{i}"}]))
+                    for r in p.read_many(2):
+                        plain.append((time.monotonic() - t0, r))
+                    i += 1
+                    time.sleep(0.01)
+                p.close()
+
+            loader = threading.Thread(target=plain_load, daemon=True)
+            loader.start()
+            time.sleep(0.5)
+            kill_weed(s3)
+            down: Dict[str, Dict[str, Any]] = {}
+            tags = []
+            ends = time.monotonic() + 2.0
+            while len(tags) < 3 or time.monotonic() < ends:
+                tags.append(f"caido{len(tags)}")
+                down.update(blob_round(tags[-1], ref))
+            stop.set()
+            loader.join(30)
+            assert not loader.is_alive()
+            for tag in tags:
+                for kind in ("ref", "refs"):
+                    reply = down[f"{tag}-{kind}"]
+                    assert reply["codigo"] == "almacen_objetos_no_disponible", reply
+                    assert reply["mensaje"]
+                # Presigning asks nothing of the storage: the upload itself
+                # is what fails (docs/protocol.md).
+                assert down[f"{tag}-subir"]["estado"] == "ok"
+            assert len(plain) > 50
+            assert {r["estado"] for _, r in plain} == {"ok"}
+            assert max(t for t, _ in plain) < 1.0, max(t for t, _ in plain)
+            ids = [r["tarea_id"] for _, r in plain]
+            assert len(ids) == len(set(ids))
+
+            print(f"storage down: {len(tags)} rounds of object-storage requests, "
+                  f"{len(plain)} plain tasks answered, the slowest in "
+                  f"{max(t for t, _ in plain) * 1000:.0f} ms")
+            restarted = time.monotonic()
+            s3 = restart_weed(s3)
+            print(f"weed answered again {time.monotonic() - restarted:.1f} s after its restart")
+            after = blob_round("despues", ref)
+            assert after["despues-ref"]["resultado"] == "ANTES DEL FALLO"
+            assert after["despues-refs"]["resultado_ref"]["bytes"] == 2000
+            with urllib.request.urlopen(stored["url"], timeout=10) as got:
+                assert got.read() == b"B" * 2000
+            new = upload(b"despues del fallo")
+            c.send_json({"tipo": "word_count", "contenido_ref": new, "tarea_id": "nuevo"})
+            assert c.read_json()["resultado"] == 3
+            c.close()
+        finally:
+            server.stop()
+        no_tracebacks(server.log)
+    finally:
+        from .s3server import stop_weed
+
+        stop_weed(s3.proc)
