@@ -622,6 +622,11 @@ def test_command_line_writes_figures_into_the_doc(tmp_path: Path) -> None:
     assert figures["ok"] and figures["lines"] >= 2000
     text = doc.read_text()
     assert text.startswith("before\n<!-- chaos:fuzz -->\nRun of ")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    assert f" UTC, at commit `{head}" in text.splitlines()[2]
+    assert text.splitlines()[2].endswith(
+        " (`python -m pfo3.chaos fuzz --lines 2000 --seed 1 --concurrency 6 --batch 200`):")
     assert text.endswith("fuzz: PASS\n```\n<!-- /chaos:fuzz -->\nafter\n")
     assert "old" not in text and f"fuzz (local mode): {figures['lines']} lines" in text
 
