@@ -36,6 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--clients", type=int, default=4, help="client connections at once (4)")
     s.add_argument("--no-broker", action="store_true",
                    help="run without RabbitMQ and workers (local mode only)")
+    s.add_argument("--no-blobs", action="store_true",
+                   help="without object storage (by default a SeaweedFS started for the "
+                   "run serves tasks that use it, and is killed in the fault schedule)")
     s.add_argument("--json", type=Path, help="also write the figures to this file")
     s.add_argument("--doc", type=Path, help="put the ledger in this Markdown file "
                    "(docs/reliability.md), between its chaos:soak markers")
@@ -53,10 +56,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from pfo3.chaos import soak
 
         figures = soak.soak(duration=args.duration, seed=args.seed, clients=args.clients,
-                            broker=not args.no_broker)
+                            broker=not args.no_broker, blobs=not args.no_blobs)
         text = soak.report(figures)
         command = (f"soak --duration {args.duration:g} --seed {args.seed} "
-                   f"--clients {args.clients}" + (" --no-broker" if args.no_broker else ""))
+                   f"--clients {args.clients}" + (" --no-broker" if args.no_broker else "")
+                   + (" --no-blobs" if args.no_blobs else ""))
     print(text, flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")

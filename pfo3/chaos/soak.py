@@ -10,7 +10,10 @@ seconds, in turn: a client resets its connection with tasks in flight, a
 client stops reading for a while, a burst of tasks, the orchestrator is
 stopped (SIGTERM) and started again; with a broker, also C{kill -9} of a
 worker mid-task (started again a second later) and the broker closing the
-AMQP connections of this run's processes.
+AMQP connections of this run's processes; with object storage (a SeaweedFS
+started for the run, which some tasks use for their content or result),
+C{kill -9} of the storage, started again three seconds later.  A fault that
+was not carried out fails the run.
 
 Once the load stops and the replies are in, every task is reconciled with
 its record in the results store (SQLite, so records outlive the restarts):
@@ -26,12 +29,16 @@ its record in the results store (SQLite, so records outlive the restarts):
 
 The ledger balances when accepted = answered + recorded, and none is lost
 or answered twice; an answered task whose record says otherwise is a
-problem too.
+problem too.  Then it is checked against the server's own figures: the
+records in C{soak.db}, the tasks each life of the orchestrator logged it
+ran, C{op: stats} of its last life, and the store's log of given-up
+updates (L{Soak._check_server}).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -53,6 +60,10 @@ from pfo3.chaos._process import (
     free_port,
     wait_for_port,
 )
+
+#: The identity of the soak's object storage (SeaweedFS, started for the run).
+WEED_ACCESS = "PFO3SOAKACCESSKEY"
+WEED_SECRET = "pfo3-soak-secret-key-0123456789"
 
 #: Replies that refuse a task before it runs: the store has no record.
 REFUSALS = {"ocupado", "apagando", "broker_no_disponible", "buffer_lleno"}
@@ -139,8 +150,15 @@ class Soak:
     """
 
     def __init__(self, workdir: Path, duration: float, seed: int, clients: int,
-                 broker: bool) -> None:
+                 broker: bool, blobs: bool = False) -> None:
         self.workdir = workdir
+        self.blobs = blobs
+        #: The object storage (SeaweedFS) of a run with C{blobs}, its ports,
+        #: and the reference of an object uploaded at the start.
+        self.weed: Any = None
+        self.weed_ports: List[int] = []
+        self.ref = ""
+        self.restarts_of_storage = 0
         self.duration = duration
         self.rng = random.Random(seed)
         self.seed = seed
@@ -174,21 +192,52 @@ class Soak:
         args = ["--port", f"tcp:{self.port}:interface=127.0.0.1",
                 "--store", f"sqlite:{self.workdir / 'soak.db'}",
                 "--timeout", "5", "--shutdown-timeout", "3", "--max-tasks", "2000"]
+        blob_args: List[str] = []
+        env: Dict[str, str] = {}
+        if self.blobs:
+            from pfo3.blobs import seaweed
+
+            while len(self.weed_ports) < len(seaweed.PORTS):
+                port = free_port()
+                if port not in self.weed_ports:
+                    self.weed_ports.append(port)
+            self.weed = seaweed.start(self.workdir / "weed", WEED_ACCESS, WEED_SECRET,
+                                      "pfo3-soak", ports=self.weed_ports)
+            blob_args = ["--blobs", self.weed.url, "--blob-threshold", "1000"]
+            env = self.weed.env()
         if self.broker:
             args += ["--broker", BROKER, "--broker-prefix", self.prefix, "--name", "o1"]
             for i in (1, 2):
                 self.workers.append(Process(
                     self.workdir, f"w{i}", "pfo3-worker",
-                    ["--broker", BROKER, "--broker-prefix", self.prefix, "--name", f"w{i}"],
-                    wait_log="Connected to the broker"))
+                    ["--broker", BROKER, "--broker-prefix", self.prefix, "--name", f"w{i}",
+                     *blob_args], wait_log="Connected to the broker", env=env))
         self.orchestrator = Process(
-            self.workdir, "o1", "pfo3", args, wait_port=self.port,
-            wait_log="Connected to the broker" if self.broker else None)
+            self.workdir, "o1", "pfo3", [*args, *blob_args], wait_port=self.port,
+            wait_log="Connected to the broker" if self.broker else None, env=env)
+        if self.blobs:
+            self.ref = self._upload(b"uno dos tres cuatro cinco " * 40)
+
+    def _upload(self, data: bytes) -> str:
+        """
+        Upload C{data} as a client does (C{op: subir}, then a presigned
+        C{PUT}).
+
+        @return: Its reference.
+        """
+        import urllib.request
+
+        where = self._op({"op": "subir", "bytes": len(data)})["resultado"]
+        request = urllib.request.Request(where["url"], data=data, method="PUT")
+        urllib.request.urlopen(request, timeout=30).close()
+        return str(where["ref"])
 
     def stop(self) -> None:
         for p in [self.orchestrator, *self.workers]:
             if p is not None:
                 p.stop()
+        if self.weed is not None:
+            self.weed.stop()
         if self.broker:
             why = delete_broker_objects(self.prefix, ["o1"])
             if why:
@@ -204,6 +253,8 @@ class Soak:
         if self.broker:
             faults[1:1] = [("worker_kill9", self._kill_worker)]
             faults[3:3] = [("broker_connections_closed", self._close_broker_connections)]
+        if self.blobs:
+            faults[2:2] = [("object_storage_kill9", self._kill_storage)]
         return faults
 
     def _injector(self, interval: float) -> None:
@@ -284,6 +335,23 @@ class Soak:
         finally:
             self.restarts.append((began, time.monotonic()))
 
+    def _kill_storage(self) -> None:
+        """
+        C{kill -9} the object storage (SeaweedFS), and start it again three
+        seconds later on the same ports and data folder.
+        """
+        from pfo3.blobs import seaweed
+
+        os.killpg(self.weed.proc.pid, signal.SIGKILL)
+        self.weed.proc.wait(10)
+        time.sleep(3.0)
+        # A bucket of its own tells when it answers again.
+        self.restarts_of_storage += 1
+        restarted = seaweed.start(self.workdir / "weed", WEED_ACCESS, WEED_SECRET,
+                                  f"pfo3-soak-{self.restarts_of_storage}",
+                                  ports=self.weed_ports)
+        self.weed.proc = restarted.proc
+
     def _close_broker_connections(self) -> None:
         """
         Have RabbitMQ close the AMQP connections of this soak's processes
@@ -348,6 +416,14 @@ class Soak:
         req: Dict[str, Any] = {"tarea_id": str(uuid.uuid4()), "tipo": tipo}
         req["contenido"] = (round(rng.uniform(0.02, 0.8), 2) if tipo == "sleep"
                             else rng.choice(TEXTS))
+        if self.blobs and tipo != "sleep" and rng.random() < 0.3:
+            # Object storage: the content an object, or the result one.
+            if rng.random() < 0.5:
+                del req["contenido"]
+                req["contenido_ref"] = self.ref
+            else:
+                req["contenido"] = "ab " * 500
+                req["refs"] = True
         r = rng.random()
         if r < 0.25:
             req["esperar"] = False
@@ -691,7 +767,7 @@ class Soak:
         return {
             "ok": balanced and not problems, "balanced": balanced, "seed": self.seed,
             "duration": self.duration, "seconds": round(load_seconds, 1),
-            "broker": self.broker, "sent": sent, "kinds": dict(kinds),
+            "broker": self.broker, "blobs": self.blobs, "sent": sent, "kinds": dict(kinds),
             "not_accepted": not_accepted, "accepted": accepted,
             "answered": dict(answered.most_common()),
             "recorded": dict(recorded.most_common()),
@@ -718,16 +794,19 @@ def read_records(path: Path) -> Dict[str, Tuple[str, Optional[str]]]:
 
 
 def soak(duration: float = 60.0, seed: int = 1, clients: int = 4, broker: bool = True,
-         workdir: Optional[Path] = None) -> Dict[str, Any]:
+         workdir: Optional[Path] = None, blobs: bool = True) -> Dict[str, Any]:
     """
     Run a soak of C{duration} seconds.
 
     @param broker: Run in distributed mode (RabbitMQ, two workers).
+    @param blobs: Give the server and the workers an object storage
+        (SeaweedFS's C{weed mini}, started for the run), send tasks that use
+        it, and kill it (then start it again) in the fault schedule.
     @return: The figures, with C{"ok"} telling whether the ledger balanced
         and no other check failed.
     """
     with tempfile.TemporaryDirectory(prefix="pfo3-soak-") as tmp:
-        s = Soak(workdir or Path(tmp), duration, seed, clients, broker)
+        s = Soak(workdir or Path(tmp), duration, seed, clients, broker, blobs)
         try:
             return s.run()
         finally:
@@ -739,7 +818,8 @@ def report(f: Dict[str, Any]) -> str:
     @return: The ledger of a soak, for people.
     """
     out = [
-        f"soak: {f['seconds']} s of load ({'distributed' if f['broker'] else 'local'} mode), "
+        f"soak: {f['seconds']} s of load ({'distributed' if f['broker'] else 'local'} mode"
+        f"{', object storage' if f.get('blobs') else ''}), "
         f"seed {f['seed']}",
         "  faults injected: " + ", ".join(f"{k} {v}" for k, v in f["faults"].items()),
         f"  tasks sent                 {f['sent']:>8}   "
