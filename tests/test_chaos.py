@@ -123,6 +123,23 @@ def test_fuzz_counts_only_lines_it_sends(monkeypatch: pytest.MonkeyPatch) -> Non
     assert checked["bad PROXY header"] > 3 and checked["dropped"] > 50, checked
 
 
+def test_fuzz_notes_an_id_answered_more_often_than_lines_name_it() -> None:
+    """
+    A reply more for an id than the lines sent name it (an extra reply that
+    a missing one could hide from a count) is a problem; ids named by two
+    lines, and the closing ping's, may come as often as that.
+    """
+    lines = [b'{"tarea_id": "a", "tipo": 1, "contenido": "x"}',
+             b'{"tarea_id": "b", "tipo": 1}', b'{"tarea_id": "b", "tipo": 9}', b"{"]
+    ok = (b'{"estado": "ok", "tarea_id": "a"}\n{"estado": "error", "tarea_id": "b"}\n'
+          b'{"estado": "error", "tarea_id": "b"}\n{"estado": "error", "tarea_id": null}\n')
+    tally = fuzz.Tally()
+    fuzz._check_ids(ok + b'{"estado": "ok", "tarea_id": "fin-1"}\n', lines, tally, "w", "fin-1")
+    assert tally.problems == []
+    fuzz._check_ids(ok.replace(b'null', b'"a"'), lines, tally, "w", "fin-1")
+    assert tally.problems == ["w: 'a' answered 2 times, named by 1 lines"]
+
+
 # -- fault injection ----------------------------------------------------------------
 
 

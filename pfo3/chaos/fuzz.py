@@ -344,8 +344,9 @@ def _check_ids(data: bytes, lines: List[bytes], tally: Tally, where: str,
     for tarea_id, n in seen.items():
         if n == 1:
             continue
-        forms = {tarea_id.encode("utf-8", "backslashreplace"),
-                 json.dumps(tarea_id)[1:-1].encode()}
+        # As the lines may write it: a JSON string, escaped or not.
+        forms = {json.dumps(tarea_id, ensure_ascii=False).encode("utf-8", "backslashreplace"),
+                 json.dumps(tarea_id).encode()}
         named = 1 if tarea_id == sentinel else sum(
             1 for x in lines if any(f in x for f in forms))
         if n > max(named, 1):
