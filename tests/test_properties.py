@@ -225,6 +225,147 @@ def test_client_request_round_trips(
     assert (req.tarea_id, req.arg, req.esperar) == (tarea_id, contenido, esperar)
 
 
+# -- object storage (docs/blobs.md) and tokens -----------------------------------
+
+#: References as the server hands them out.
+server_refs = st.builds(lambda k, h: k + h, st.sampled_from(["u", "r"]),
+                        st.text(alphabet="0123456789abcdef", min_size=32, max_size=32))
+
+#: Texts that JSON gives back as they were (no surrogate, paired or not).
+plain_texts = st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1)
+
+#: References as the server hands them out, and ones it does not.
+refs_ = st.one_of(
+    server_refs,
+    st.sampled_from(["", "u", "../etc/passwd", "u" + "0" * 31, "x" * 33]),
+    field_values,
+)
+
+#: Requests that involve object storage or a token: C{op: subir} with
+#: C{bytes}, tasks with C{contenido_ref} and C{refs}, and any of the
+#: protocol's fields beside them, right or wrong.
+blob_requests = st.one_of(
+    st.fixed_dictionaries(
+        {"op": st.just("subir")},
+        optional={"bytes": st.integers(-5, 2**64) | field_values, "tarea_id": field_values,
+                  "token": field_values}),
+    st.fixed_dictionaries(
+        {"tipo": st.sampled_from(["uppercase", "reverse", "word_count", "sleep", 1, 4])
+         | field_values},
+        optional={"contenido_ref": refs_, "refs": st.booleans() | field_values,
+                  "contenido": field_values, "esperar": st.booleans() | field_values,
+                  "tarea_id": field_values, "token": st.text(min_size=1) | field_values}),
+    st.dictionaries(st.sampled_from(
+        FIELDS + ["contenido_ref", "refs", "bytes", "token"]), field_values | refs_,
+        max_size=7),
+)
+
+
+def _check_blob_request(obj: Dict[str, Any], req: Optional[wire.Request]) -> None:
+    """
+    What a request that decoded must hold, given the object it came from.
+    """
+    if req is None:
+        return
+    token = obj.get("token")
+    assert req.token == token and (token is None or (type(token) is str and token))
+    if isinstance(req, wire.UploadRequest):
+        assert obj["op"] == "subir" and req.op == "subir"
+        assert type(obj["bytes"]) is int and req.size == obj["bytes"] >= 1
+    elif isinstance(req, wire.RefTaskRequest):
+        assert "contenido_ref" in obj or "refs" in obj
+        arg = req.arg
+        assert isinstance(arg, wire.RefArg)
+        if "contenido_ref" in obj:
+            assert "contenido" not in obj and "contenido" not in arg
+            assert type(obj["contenido_ref"]) is str and arg.ref == obj["contenido_ref"]
+        else:
+            assert arg.ref is None and "contenido" in arg
+        assert arg.refs is (obj.get("refs") is True)
+        assert obj.get("refs") in (None, True, False)
+    elif isinstance(req, wire.TaskRequest):
+        assert "contenido_ref" not in obj and "refs" not in obj
+
+
+@given(blob_requests)
+def test_object_storage_requests_decode_or_fail_typed(obj: Dict[str, Any]) -> None:
+    """
+    Any object with the object-storage fields (C{op: subir} and C{bytes},
+    C{contenido_ref}, C{refs}) and a C{token}, holding any values, decodes
+    to the request they describe, each field carried over as sent, or
+    raises a registered L{Pfo3Error}.
+    """
+    _check_blob_request(obj, _decode_or_typed_error(_line(obj)))
+
+
+@given(blob_requests, st.data())
+def test_mutated_object_storage_requests_decode_or_fail_typed(
+    obj: Dict[str, Any], data: st.DataObject
+) -> None:
+    """
+    The same requests with bytes flipped, inserted, deleted or cut off
+    decode or raise a registered L{Pfo3Error}, never another exception.
+    """
+    _decode_or_typed_error(_mutate(_line(obj), data))
+
+
+@given(size=st.integers(1, 2**63), tarea_id=st.none() | tarea_ids,
+       token=st.none() | st.text(min_size=1))
+def test_upload_request_round_trips(size: int, tarea_id: Optional[str],
+                                    token: Optional[str]) -> None:
+    """
+    C{{"op": "subir", "bytes": N}}, with any id and token, decodes to an
+    upload of N bytes with them.
+    """
+    obj: Dict[str, Any] = {"op": "subir", "bytes": size}
+    if tarea_id is not None:
+        obj["tarea_id"] = tarea_id
+    if token is not None:
+        obj["token"] = token
+    req = wire.decode_request(_line(obj), REGISTRY)
+    assert isinstance(req, wire.UploadRequest)
+    assert (req.size, req.tarea_id, req.token) == (size, tarea_id, token)
+
+
+@given(ref=server_refs | plain_texts, refs=st.none() | st.booleans(),
+       tarea_id=tarea_ids, esperar=st.none() | st.booleans(),
+       token=st.none() | st.text(min_size=1))
+def test_content_reference_round_trips(ref: str, refs: Optional[bool], tarea_id: str,
+                                       esperar: Optional[bool], token: Optional[str]) -> None:
+    """
+    A task with C{contenido_ref} (any text: the shape is checked where the
+    object is read) and C{refs} decodes to a reference task carrying them.
+    """
+    obj: Dict[str, Any] = {"tipo": "uppercase", "contenido_ref": ref, "tarea_id": tarea_id}
+    for name, value in (("refs", refs), ("esperar", esperar), ("token", token)):
+        if value is not None:
+            obj[name] = value
+    req = wire.decode_request(_line(obj), REGISTRY)
+    assert isinstance(req, wire.RefTaskRequest)
+    assert (req.tarea_id, req.arg.ref, req.arg.refs, req.esperar, req.token) == (
+        tarea_id, ref, bool(refs), esperar, token)
+
+
+@given(tarea_id=st.none() | tarea_ids, worker=st.integers(0, 64) | st.text(),
+       ref=server_refs, size=st.integers(0, 2**63),
+       sha256=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+       url=st.none() | st.text(), expira=st.none() | st.floats(0, 4e9))
+def test_result_ref_round_trips(tarea_id: Optional[str], worker: Any, ref: Any, size: int,
+                                sha256: str, url: Optional[str],
+                                expira: Optional[float]) -> None:
+    """
+    A result stored as an object (C{resultado_ref}), encoded and decoded as
+    a client does, gives back its reference, size, SHA-256, URL and
+    expiry, its id and worker, on one valid UTF-8 line.
+    """
+    stored = wire.ResultRef(ref=ref, bytes=size, sha256=sha256, url=url, expira=expira)
+    line = wire.encode_result_ref(tarea_id, stored, worker)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    line.decode("utf-8")
+    assert wire.decode_reply(line) == {
+        "estado": "ok", "resultado_ref": dict(stored), "tarea_id": tarea_id, "worker": worker}
+
+
 # -- the server protocol, fed any bytes in any pieces --------------------------
 
 stream_lines = st.one_of(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pfo3
 
@@ -82,8 +82,10 @@ class Process:
     """
 
     def __init__(self, workdir: Path, name: str, plugin: str, args: Sequence[str],
-                 wait_port: Optional[int] = None, wait_log: Optional[str] = None) -> None:
+                 wait_port: Optional[int] = None, wait_log: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None) -> None:
         self.workdir = workdir
+        self.env = {**twistd_env(), **(env or {})}
         self.name = name
         self.log = workdir / f"{name}.log"
         self.plugin = plugin
@@ -101,7 +103,7 @@ class Process:
     def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:
             return subprocess.Popen(
-                twistd_command(self.plugin, *self.args), cwd=self.workdir, env=twistd_env(),
+                twistd_command(self.plugin, *self.args), cwd=self.workdir, env=self.env,
                 stdout=out, stderr=subprocess.STDOUT)
 
     @property

@@ -241,6 +241,10 @@ class Tally:
 
     lines: int = 0
     bytes: int = 0
+    #: Complete non-blank lines on connections read to the end, and the
+    #: replies they got.
+    expected: int = 0
+    replied: int = 0
     connections: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     replies: Counter[str] = field(default_factory=Counter)
@@ -252,6 +256,8 @@ class Tally:
     def add(self, other: Tally) -> None:
         self.lines += other.lines
         self.bytes += other.bytes
+        self.expected += other.expected
+        self.replied += other.replied
         self.connections += other.connections
         self.kinds.update(other.kinds)
         self.replies.update(other.replies)
@@ -306,6 +312,48 @@ def _read(sock: socket.socket, want: Optional[int], deadline: float) -> Tuple[by
     return data, "enough"
 
 
+def _read_until(sock: socket.socket, marker: bytes, deadline: float) -> Tuple[bytes, str]:
+    """
+    Read until a complete line holding C{marker} has come.
+
+    @return: What was read, and how the reading ended (as L{_read}).
+    """
+    data = b""
+    while True:
+        more, how = _read(sock, data.count(b"\n") + 1, deadline)
+        data += more
+        if how != "enough" or any(marker in x for x in data.split(b"\n")[:-1]):
+            return data, how
+
+
+def _check_ids(data: bytes, lines: List[bytes], tally: Tally, where: str,
+               sentinel: str) -> None:
+    """
+    Note a C{tarea_id} answered more often than the lines sent could name
+    it (once, for an id the server made up): an extra reply that a count
+    alone could hide behind a missing one.
+    """
+    seen: Counter[str] = Counter()
+    for raw in data.split(b"\n")[:-1]:
+        try:
+            tarea_id = json.loads(raw).get("tarea_id")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(tarea_id, str):
+            seen[tarea_id] += 1
+    for tarea_id, n in seen.items():
+        if n == 1:
+            continue
+        # As the lines may write it: a JSON string, escaped or not.
+        forms = {json.dumps(tarea_id, ensure_ascii=False).encode("utf-8", "backslashreplace"),
+                 json.dumps(tarea_id).encode()}
+        named = 1 if tarea_id == sentinel else sum(
+            1 for x in lines if any(f in x for f in forms))
+        if n > max(named, 1):
+            tally.problems.append(
+                f"{where}: {tarea_id!r} answered {n} times, named by {named} lines")
+
+
 def _check_replies(data: bytes, tally: Tally, where: str) -> int:
     """
     Count the replies by code; note any that is not a documented reply.
@@ -351,14 +399,10 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
     tally.transports[transport] += 1
     tally.modes[mode] += 1
     where = f"seed {seed} ({transport}, {mode})"
-    lines = []
-    for _ in range(size):
-        kind, line = maker.make()
-        tally.kinds[kind] += 1
-        lines.append(line)
+    made = [maker.make() for _ in range(size)]
     if rng.random() < 0.01:
-        lines.append(maker.too_long())
-        tally.kinds["too_long"] += 1
+        made.append(("too_long", maker.too_long()))
+    lines = [line for _, line in made]
     expected = sum(1 for x in lines if not _blank(x))
     payload = b"".join(x + b"\n" for x in lines)
     header = b""
@@ -371,9 +415,15 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
         payload = payload[:cut]
         if payload.endswith(b"\n"):
             payload += b'{"tipo": "1", "conte'
-    # Lines sent whole: a connection dropped mid-line sends only some.
-    tally.lines += payload.count(b"\n")
-    tally.bytes += len(header) + len(payload)
+
+    def written(data: bytes) -> None:
+        # Count what went out whole: the complete lines of C{data}, which
+        # are the first lines of the batch, and their kinds.
+        n = data.count(b"\n")
+        tally.lines += n
+        tally.kinds.update(kind for kind, _ in made[:n])
+        tally.bytes += len(data)
+
     try:
         sock = _connect(target, transport, 20.0)
     except (OSError, ssl.SSLError) as e:
@@ -382,9 +432,11 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
     try:
         if header:
             sock.sendall(header)
+            tally.bytes += len(header)
             if bad_header:
                 # A header cut short may be waiting for its end: end the
-                # input, after which the server must close at once.
+                # input, after which the server must close at once.  The
+                # batch is not sent: it counts for nothing.
                 sock.shutdown(socket.SHUT_WR)
                 data, how = _read(sock, None, 10.0)
                 tally.closes[f"bad PROXY header: closed by the server ({how})"] += 1
@@ -399,19 +451,35 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
             sock.sendall(payload[slow:])
         else:
             sock.sendall(payload)
+        written(payload)
         if mode in ("drop", "reset"):
             if mode == "reset":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             tally.closes[f"dropped by the client mid-line ({mode})"] += 1
             return tally
+        sentinel = f"fin-{seed}"
         if transport == "tls":
+            # TLS has no half-close: after the expected replies, a ping
+            # with an id of its own, and everything up to its pong.  An
+            # extra reply shows as one line too many before it.
             data, how = _read(sock, expected, 20.0)
+            sock.sendall(b'{"op": "ping", "tarea_id": "%s"}\n' % sentinel.encode())
+            more, how = _read_until(sock, sentinel.encode(), 10.0)
+            data += more
+            mark = b'"tarea_id": "%s"' % sentinel.encode()
+            kept = [x for x in data.split(b"\n") if mark not in x]
+            if data.count(b"\n") - len(kept) + 1 != 1:
+                tally.problems.append(f"{where}: the closing ping was not answered once")
+            data = b"\n".join(kept)
         else:
             sock.shutdown(socket.SHUT_WR)
             data, how = _read(sock, None, 20.0)
         got = _check_replies(data, tally, where)
+        tally.replied += got
+        tally.expected += expected
         if got != expected:
             tally.problems.append(f"{where}: {expected} lines, {got} replies ({how})")
+        _check_ids(data, lines, tally, where, sentinel)
         if transport == "tls":
             tally.closes["TLS: closed by the client once every reply came"] += 1
         elif how == "eof":
@@ -425,18 +493,32 @@ def run_connection(target: Target, seed: int, size: int) -> Tally:
     return tally
 
 
-def ping(target: Target) -> float:
+def probe(target: Target) -> float:
     """
-    @return: Seconds a fresh TCP connection takes to get C{pong}.
+    Ask a fresh TCP connection for real work: an C{uppercase}, a C{sleep}
+    of 0 seconds (through the reactor's timers) and a ping.
+
+    @return: Seconds until all three were answered, each once, rightly.
     @raise RuntimeError: on any other answer.
     """
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", target.tcp), timeout=5) as sock:
-        sock.sendall(b'{"op": "ping", "tarea_id": "p"}\n')
-        data, _ = _read(sock, 1, 5.0)
-    reply = json.loads(data.split(b"\n")[0])
-    if reply.get("resultado") != "pong":
-        raise RuntimeError(f"ping answered {reply!r}")
+        sock.sendall(b'{"tarea_id": "probe-u", "tipo": "uppercase", "contenido": "vivo"}\n'
+                     b'{"tarea_id": "probe-s", "tipo": "sleep", "contenido": 0}\n'
+                     b'{"op": "ping", "tarea_id": "probe-p"}\n')
+        sock.shutdown(socket.SHUT_WR)
+        data, how = _read(sock, None, 5.0)
+    replies = {}
+    for raw in data.split(b"\n")[:-1]:
+        reply = json.loads(raw)
+        if reply.get("tarea_id") in replies:
+            raise RuntimeError(f"answered twice: {reply!r}")
+        replies[reply.get("tarea_id")] = reply
+    want = {"probe-u": "VIVO", "probe-p": "pong"}
+    if (set(replies) != {"probe-u", "probe-s", "probe-p"}
+            or any(replies[k].get("resultado") != v for k, v in want.items())
+            or replies["probe-s"].get("estado") != "ok"):
+        raise RuntimeError(f"a valid request answered wrongly ({how}): {data[:600]!r}")
     return time.monotonic() - started
 
 
@@ -471,11 +553,17 @@ def _settle(read: Callable[[], int], want: int, deadline: float) -> int:
 
 
 def fuzz(lines: int = 100_000, seed: int = 1, concurrency: int = 6, batch: int = 200,
-         rss_slack_kib: int = 32 * 1024, workdir: Optional[Path] = None,
-         broker: bool = False) -> Dict[str, Any]:
+         rss_slack_kib: int = 32 * 1024, rss_growth_kib: int = 6 * 1024,
+         workdir: Optional[Path] = None, broker: bool = False) -> Dict[str, Any]:
     """
-    Run the fuzz against a server of its own.
+    Run the fuzz against a server of its own: two equal passes of at least
+    C{lines} lines sent each.
 
+    @param rss_slack_kib: How far over its baseline (after a warm-up) the
+        server's resident memory may be after the first pass, which grows
+        the heap once.
+    @param rss_growth_kib: How much more it may grow in the second pass:
+        a leak of a few bytes per request shows there.
     @param broker: Run the server in distributed mode, with one
         C{pfo3-worker}, on RabbitMQ (L{BROKER}); the worker's log must hold
         no traceback either.
@@ -493,7 +581,8 @@ def fuzz(lines: int = 100_000, seed: int = 1, concurrency: int = 6, batch: int =
                     "--timeout", str(TIMEOUT)], wait_log="Connected to the broker")
             proc, target = start_server(directory, prefix)
             try:
-                figures = _fuzz(proc, target, lines, seed, concurrency, batch, rss_slack_kib)
+                figures = _fuzz(proc, target, lines, seed, concurrency, batch, rss_slack_kib,
+                                rss_growth_kib)
             finally:
                 proc.stop()
             figures["mode"] = "distributed" if broker else "local"
@@ -509,8 +598,34 @@ def fuzz(lines: int = 100_000, seed: int = 1, concurrency: int = 6, batch: int =
                 delete_broker_objects(prefix, ["o1"])
 
 
+def run_pass(target: Target, lines: int, seed: int, concurrency: int, batch: int) -> Tally:
+    """
+    Fuzzed connections, C{concurrency} at a time, until at least C{lines}
+    lines have been sent.
+    """
+    tally = Tally()
+    lock = threading.Lock()
+    count = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if tally.lines >= lines:
+                    return
+                i = count[0]
+                count[0] += 1
+            t = run_connection(target, seed * 1_000_003 + i, batch)
+            with lock:
+                tally.add(t)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    return tally
+
+
 def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int,
-          batch: int, rss_slack_kib: int) -> Dict[str, Any]:
+          batch: int, rss_slack_kib: int, rss_growth_kib: int) -> Dict[str, Any]:
     # Warm up with valid traffic on every transport, so that the baseline
     # counts what any server holds once it has served (caches, TLS context).
     warm = Tally()
@@ -524,38 +639,39 @@ def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int
         s.close()
     time.sleep(0.5)
     rss_before, fds_before = proc.rss_kib(), proc.fd_count()
-    tally = Tally()
-    lock = threading.Lock()
+    problems = list(warm.problems)
     started = time.monotonic()
-    count = [0]
-
-    def worker(k: int) -> None:
-        # Each thread opens connections until the lines sent reach the target.
-        while True:
-            with lock:
-                if tally.lines >= lines:
-                    return
-                i = count[0]
-                count[0] += 1
-            t = run_connection(target, seed * 1_000_003 + i, batch)
-            with lock:
-                tally.add(t)
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(worker, k) for k in range(concurrency)]:
-            f.result()
+    tally = run_pass(target, lines, seed, concurrency, batch)
     elapsed = time.monotonic() - started
-    ping_s = ping(target)
+    rss_first = _settle(proc.rss_kib, rss_before + rss_slack_kib, 5.0)
+    # The same pass again: the heap has grown to what it needs, so what
+    # it grows now is kept per request.
+    second = run_pass(target, lines, seed, concurrency, batch)
+    rss_after = _settle(proc.rss_kib, rss_first + rss_growth_kib, 5.0)
+    problems += tally.problems + second.problems
+    try:
+        probe_s: Optional[float] = probe(target)
+    except (OSError, ValueError, RuntimeError) as e:
+        probe_s = None
+        problems.append(f"afterwards, a valid request: {e}")
     fds_after = _settle(proc.fd_count, fds_before, 10.0)
-    rss_after = _settle(proc.rss_kib, rss_before + rss_slack_kib, 5.0)
     tracebacks = proc.tracebacks()
-    problems = warm.problems + tally.problems
-    if ping_s > 1.0:
-        problems.append(f"the server took {ping_s:.2f}s to answer a ping afterwards")
+    for t in (tally, second):
+        if sum(t.kinds.values()) != t.lines:
+            problems.append(f"lines by kind add up to {sum(t.kinds.values())}, "
+                            f"not to the {t.lines} lines sent")
+        if t.lines < lines:
+            problems.append(f"a pass sent {t.lines} lines, fewer than {lines}")
+    if probe_s is not None and probe_s > 1.0:
+        problems.append(f"the server took {probe_s:.2f}s to answer valid requests afterwards")
     if fds_after > fds_before:
         problems.append(f"file descriptors: {fds_before} before, {fds_after} after")
-    if rss_after > rss_before + rss_slack_kib:
-        problems.append(f"resident memory: {rss_before} KiB before, {rss_after} KiB after")
+    if rss_first > rss_before + rss_slack_kib:
+        problems.append(f"resident memory: {rss_before} KiB before, {rss_first} KiB after "
+                        f"the first pass (more than {rss_slack_kib} KiB over)")
+    if rss_after > rss_first + rss_growth_kib:
+        problems.append(f"resident memory grew in the second pass: {rss_first} -> "
+                        f"{rss_after} KiB (more than {rss_growth_kib} KiB): a leak per request")
     if tracebacks:
         problems.append(f"{len(tracebacks)} traceback lines in the log: {tracebacks[:3]}")
     if not proc.alive():
@@ -564,13 +680,16 @@ def _fuzz(proc: Process, target: Target, lines: int, seed: int, concurrency: int
         "ok": not problems, "seed": seed, "lines": tally.lines, "bytes": tally.bytes,
         "connections": tally.connections, "seconds": round(elapsed, 2),
         "lines_per_second": round(tally.lines / elapsed) if elapsed else 0,
+        "expected_replies": tally.expected, "replied": tally.replied,
         "kinds": dict(tally.kinds.most_common()),
         "replies": dict(tally.replies.most_common()),
         "transports": dict(tally.transports.most_common()),
         "modes": dict(tally.modes.most_common()),
         "closes": dict(tally.closes.most_common()),
-        "ping_seconds": round(ping_s, 4),
-        "rss_kib": {"before": rss_before, "after": rss_after},
+        "second_pass": {"lines": second.lines, "replied": second.replied,
+                        "expected_replies": second.expected},
+        "probe_seconds": None if probe_s is None else round(probe_s, 4),
+        "rss_kib": {"before": rss_before, "first_pass": rss_first, "after": rss_after},
         "fds": {"before": fds_before, "after": fds_after},
         "tracebacks": len(tracebacks), "problems": problems[:50],
     }
@@ -580,22 +699,29 @@ def report(figures: Dict[str, Any]) -> str:
     """
     @return: The figures of a fuzz run, for people.
     """
+    probe_s = figures["probe_seconds"]
+    rss = figures["rss_kib"]
     out = [
-        f"fuzz ({figures.get('mode', 'local')} mode): {figures['lines']} lines "
+        f"fuzz ({figures.get('mode', 'local')} mode): {figures['lines']} lines sent "
         f"({figures['bytes']} bytes) on "
         f"{figures['connections']} connections in {figures['seconds']} s "
         f"({figures['lines_per_second']} lines/s), seed {figures['seed']}",
         "  transports: " + ", ".join(f"{k} {v}" for k, v in figures["transports"].items()),
         "  writes: " + ", ".join(f"{k} {v}" for k, v in figures["modes"].items()),
-        "  lines by kind: " + ", ".join(f"{k} {v}" for k, v in figures["kinds"].items()),
-        "  replies by code:",
+        "  lines sent by kind: " + ", ".join(f"{k} {v}" for k, v in figures["kinds"].items()),
+        f"  replies by code (to the {figures['expected_replies']} complete non-blank lines "
+        "of the connections read to the end):",
         *(f"    {k:<24} {v}" for k, v in figures["replies"].items()),
         f"    {'(total)':<24} {sum(figures['replies'].values())}",
         "  connections ended:",
         *(f"    {v:>6}  {k}" for k, v in figures["closes"].items()),
-        f"  afterwards: ping answered in {figures['ping_seconds'] * 1000:.1f} ms; "
-        f"RSS {figures['rss_kib']['before']} -> {figures['rss_kib']['after']} KiB; "
-        f"fds {figures['fds']['before']} -> {figures['fds']['after']}; "
+        f"  second, equal pass: {figures['second_pass']['lines']} lines sent, "
+        f"{figures['second_pass']['replied']} replies of "
+        f"{figures['second_pass']['expected_replies']} expected",
+        "  afterwards: uppercase, sleep 0 and ping answered in "
+        + ("(failed)" if probe_s is None else f"{probe_s * 1000:.1f} ms")
+        + f"; RSS {rss['before']} -> {rss['first_pass']} (first pass) -> {rss['after']} KiB "
+        f"(second pass); fds {figures['fds']['before']} -> {figures['fds']['after']}; "
         f"tracebacks in the log: {figures['tracebacks']}",
     ]
     if figures["problems"]:
