@@ -717,7 +717,7 @@ class Session:
             "tarea {tarea_id} tipo={tipo} worker={worker} estado={estado} "
             "duracion={duration:.6f}s peer={peer} identidad={identity}",
             tarea_id=request.tarea_id, tipo=request.tasktype.name, worker=worker,
-            estado=estado, duration=self.orchestrator.clock.seconds() - started,
+            estado=estado, duration=max(0.0, self.orchestrator.clock.seconds() - started),
             peer=self.peer, identity=owner or "-",
         )
 

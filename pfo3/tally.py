@@ -79,8 +79,11 @@ class Tally:
 
     def ended(self, tipo: str, estado: str, duration: float, now: float) -> None:
         """
-        Count a task that was not answered inline, with its duration.
+        Count a task that was not answered inline, with its duration (none
+        below zero: the wall clock may have been set back while it ran).
         """
+        if duration < 0.0:
+            duration = 0.0
         self.other[(tipo, estado)] += 1
         self.buckets[bisect_left(self.bounds, duration)] += 1
         self.timed += 1

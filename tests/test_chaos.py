@@ -939,10 +939,6 @@ def backward_jump() -> Any:
     return factory
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pfo3/orchestrator.py times a task as clock.seconds() - task.started, negative "
-    "when the wall clock went back while it ran; clamp it at 0 (there or in "
-    "Tally.ended) and remove this mark"))
 def test_clock_jumping_backward_leaves_no_negative_duration() -> None:
     """
     After the backward jump of
