@@ -140,6 +140,11 @@ class ServerCollector(Collector):
             yield GaugeMetricFamily("pfo3_store_pending",
                                     "Record updates waiting to be written to the store.",
                                     value=counts.store_pending)
+        if counts.store_dropped is not None:
+            yield CounterMetricFamily(
+                "pfo3_store_dropped",
+                "Record updates given up (the store's queue full, or unwritten at stop).",
+                value=counts.store_dropped)
         yield GaugeMetricFamily("pfo3_draining", "1 while the server stops and drains.",
                                 value=1 if counts.draining else 0)
         yield GaugeMetricFamily("pfo3_uptime_seconds", "Seconds since the server started.",

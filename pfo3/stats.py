@@ -48,6 +48,7 @@ class Counts:
     running: int
     abandoned: int
     store_pending: Optional[int]
+    store_dropped: Optional[int]
     draining: bool
     started: float
 
@@ -62,6 +63,7 @@ def counts_of(orch: Orchestrator, connections: Optional[int] = None) -> Counts:
         tally=orch.tally, in_flight=orch.active, connections=connections,
         threads=executor.workers, running=executor.running, abandoned=executor.abandoned,
         store_pending=None if store is None else store.pending,
+        store_dropped=None if store is None else store.dropped,
         draining=orch.draining, started=orch.started,
     )
 
@@ -90,7 +92,8 @@ def summary_of(counts: Counts, now: float) -> Dict[str, Any]:
             "ocupados": counts.running,
             "abandonadas": counts.abandoned,
         },
-        "store": None if counts.store_pending is None else {"pendientes": counts.store_pending},
+        "store": None if counts.store_pending is None else {
+            "pendientes": counts.store_pending, "descartadas": counts.store_dropped or 0},
     }
 
 

@@ -126,6 +126,7 @@ class ServerMetricsTests(SynchronousTestCase):
         self.assertEqual(samples[("pfo3_tasks_in_flight", ())], 0)
         self.assertEqual(samples[("pfo3_connections", ())], 1)
         self.assertEqual(samples[("pfo3_store_pending", ())], 0)
+        self.assertEqual(samples[("pfo3_store_dropped_total", ())], 0)
         self.assertEqual(samples[("pfo3_draining", ())], 0)
         self.assertEqual(samples[("pfo3_uptime_seconds", ())], 10)
         self.assertEqual(samples[("pfo3_executor_threads", ())], 1)

@@ -189,7 +189,7 @@ def test_binder_opens_one_reuseport_socket_per_child_on_one_port(tmp_path: Path)
 def _counts(tally: Tally, **levels: Any) -> Counts:
     values: Dict[str, Any] = dict(
         in_flight=0, connections=0, threads=4, running=0, abandoned=0, store_pending=0,
-        draining=False, started=100.0)
+        store_dropped=0, draining=False, started=100.0)
     values.update(levels)
     return Counts(tally=tally, **values)
 
@@ -208,8 +208,9 @@ def test_add_up_sums_every_count_exactly() -> None:
     b.ended("sleep", "timeout", 30.5, 111.0)
     b.errors["timeout"] += 1
     total = add_up([
-        counts_as_json(_counts(a, in_flight=2, connections=3), 1, 112.0),
-        counts_as_json(_counts(b, in_flight=1, connections=4, started=90.0), 2, 112.0),
+        counts_as_json(_counts(a, in_flight=2, connections=3, store_dropped=2), 1, 112.0),
+        counts_as_json(_counts(b, in_flight=1, connections=4, started=90.0, store_pending=6,
+                               store_dropped=3), 2, 112.0),
     ])
     t = total.tally
     assert t.by_outcome() == {("uppercase", "ok"): 12, ("sleep", "ok"): 1,
@@ -218,6 +219,7 @@ def test_add_up_sums_every_count_exactly() -> None:
     assert t.timed == 2 and t.total_seconds == pytest.approx(30.7)
     assert sum(t.buckets) == 2 and t.histogram()[1] == 14
     assert (total.in_flight, total.connections, total.threads) == (3, 7, 8)
+    assert (total.store_pending, total.store_dropped) == (6, 5)
     assert total.started == 90.0
     assert t.percentiles(112.0)["tareas"] == 2
 

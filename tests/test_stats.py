@@ -101,9 +101,18 @@ class StatsTests(SynchronousTestCase):
             "ventana": 60.0, "tareas": 2, "p50": 2.0, "p90": 10.0, "p99": 10.0, "max": 10.0})
         self.assertEqual(stats["segundos_activo"], 10.0)
         self.assertEqual(stats["ejecutor"], {"hilos": 1, "ocupados": 0, "abandonadas": 0})
-        self.assertEqual(stats["store"], {"pendientes": 0})
+        self.assertEqual(stats["store"], {"pendientes": 0, "descartadas": 0})
         self.assertFalse(stats["apagando"])
         self.assertNotIn("broker", stats)
+
+    def test_store_dropped_updates(self) -> None:
+        """
+        The store's given-up updates show in the summary, for an operator to
+        see that records are missing.
+        """
+        self.factory.orchestrator.store.dropped = 7  # type: ignore[union-attr]
+        stats = ask_stats(self.proto, self.transport)["resultado"]
+        self.assertEqual(stats["store"], {"pendientes": 0, "descartadas": 7})
 
     def test_in_flight_and_window(self) -> None:
         """

@@ -50,6 +50,7 @@ def counts_as_json(counts: Counts, pid: int, now: float) -> Dict[str, Any]:
         "ocupados": counts.running,
         "abandonadas": counts.abandoned,
         "store": counts.store_pending,
+        "store_descartadas": counts.store_dropped,
         "apagando": counts.draining,
         "started": counts.started,
     }
@@ -64,6 +65,8 @@ def add_up(snapshots: List[Dict[str, Any]]) -> Counts:
     tally = Tally()
     tally.recent = deque()  # every process's recent durations, for percentiles
     stores = [s["store"] for s in snapshots if s["store"] is not None]
+    dropped = [s["store_descartadas"] for s in snapshots
+               if s.get("store_descartadas") is not None]
     for s in snapshots:
         tally.add_json(s["tally"])
     return Counts(
@@ -74,6 +77,7 @@ def add_up(snapshots: List[Dict[str, Any]]) -> Counts:
         running=sum(s["ocupados"] for s in snapshots),
         abandoned=sum(s["abandonadas"] for s in snapshots),
         store_pending=sum(stores) if stores else None,
+        store_dropped=sum(dropped) if dropped else None,
         draining=any(s["apagando"] for s in snapshots),
         started=min(s["started"] for s in snapshots),
     )
