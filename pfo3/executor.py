@@ -49,7 +49,7 @@ class IExecutor(Interface):
 
     def run(
         tasktype: TaskType, arg: Any, identity: str = "",  # noqa: N805
-        tarea_id: Optional[str] = None,
+        tarea_id: Optional[str] = None, accepted: Optional[Callable[[], None]] = None,
     ) -> MaybeDeferredOutcome:
         """
         Run one task.
@@ -62,6 +62,11 @@ class IExecutor(Interface):
             its record: an executor whose caller may die before the outcome
             comes back (distributed mode) sends it along, so that another
             process can record the outcome.
+        @param accepted: Called once, when the task is in the executor's
+            safekeeping: at once (before C{run} returns) by an executor that
+            runs it in this process; once the broker confirmed it by the
+            distributed one.  Not called if the task is refused first (the
+            Deferred fails, or C{run} raises).
         @return: C{(resultado, worker)}, or a Deferred of it.  Cancelling the
             Deferred gives up on the task.  Exceptions of a task run
             synchronously propagate to the caller.
@@ -145,7 +150,10 @@ class LocalExecutor:
 
     def run(
         self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+        accepted: Optional[Callable[[], None]] = None,
     ) -> MaybeDeferredOutcome:
+        if accepted is not None:
+            accepted()
         mode = tasktype.mode
         if mode == INLINE and self.inline:
             return tasktype.run(arg), REACTOR_WORKER

@@ -476,7 +476,8 @@ class Session:
             started = orch.clock.seconds()
         try:
             outcome = orch.executor.run(
-                tasktype, request.arg, owner, None if store is None else tarea_id)
+                tasktype, request.arg, owner, None if store is None else tarea_id,
+                None if durable is None else durable.taken)
         except Exception:
             orch.completed += 1
             error = self._as_error(Failure(), request)
@@ -816,6 +817,7 @@ class _Durable:
         self.peer = peer
         self.huella = huella
         self.ran = False
+        self.safe = False
         self.record: Optional[Record] = None
         self._accepted: List[Deferred[wire.Reply]] = []
         self._final: List[Deferred[wire.Reply]] = []
@@ -838,7 +840,7 @@ class _Durable:
         d: Deferred[wire.Reply] = Deferred()
         if esperar:
             self._final.append(d)
-        elif self.ran:
+        elif self.safe:
             d.callback(wire.AcceptedResult(self.request.tarea_id))
         else:
             self._accepted.append(d)
@@ -893,10 +895,18 @@ class _Durable:
             return
         task = session._pending.get(request.tarea_id)
         self.record = task.record if task is not None else None
+        reply.addCallbacks(self._answer, self._failed)
+
+    def taken(self) -> None:
+        """
+        The executor has the task in its safekeeping (in distributed mode:
+        the broker confirmed it): the clients that asked not to wait are
+        answered C{aceptada} now, not before.
+        """
+        self.safe = True
         accepted, self._accepted = self._accepted, []
         for d in accepted:
-            d.callback(wire.AcceptedResult(request.tarea_id))
-        reply.addCallbacks(self._answer, self._failed)
+            d.callback(wire.AcceptedResult(self.request.tarea_id))
 
     def admitted(self, session: Session) -> None:
         """
@@ -916,9 +926,10 @@ class _Durable:
 
     def _answer(self, reply: Union[wire.Reply, Pfo3Error]) -> None:
         """
-        Answer every client of this task: those that asked not to wait get
-        C{aceptada} if it ran here (even if it is already over), the
-        recorded reply or the refusal otherwise; the others get its reply.
+        Answer every client of this task: those that asked not to wait and
+        are still waiting (the executor never said it had the task) get
+        C{aceptada} if it ran here and succeeded, the recorded reply or the
+        refusal otherwise; the others get its reply.
         """
         orch = self.orchestrator
         if orch._jobs.get(self.key) is self:
@@ -929,7 +940,7 @@ class _Durable:
         final, self._final = self._final, []
         tarea_id = self.request.tarea_id
         for d in accepted:
-            if self.ran:
+            if self.ran and not isinstance(reply, Pfo3Error):
                 d.callback(wire.AcceptedResult(tarea_id))
             else:
                 _give(d, reply)

@@ -530,6 +530,50 @@ class OrphanReplyTests(SynchronousTestCase):
                          b'{"v":1,"tipo":"uppercase","contenido":"a","tarea_id":"t1"}')
 
 
+class AcceptedTests(SynchronousTestCase):
+    """
+    A background task (C{"esperar": false}) is answered C{aceptada} only once
+    the broker confirmed it: a client told so may go away, the task is
+    queued durably.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(TaskRegistry(BUILTINS))
+        self.proto, self.transport = self.cluster.client()
+
+    def submit(self, tarea_id: str) -> None:
+        self.proto.dataReceived(json.dumps({
+            "tarea_id": tarea_id, "tipo": "uppercase", "contenido": "a", "esperar": False,
+        }).encode() + b"\n")
+
+    def test_aceptada_waits_for_the_confirmation(self) -> None:
+        self.cluster.broker.hold_confirms = True
+        self.submit("a")
+        self.assertEqual(replies(self.transport), [])
+        self.cluster.broker.release_confirms()
+        self.assertEqual([r["estado"] for r in replies(self.transport)], ["aceptada"])
+        self.cluster.worker("w1")
+        self.cluster.clock.advance(0)
+        self.assertEqual(replies(self.transport), [])  # its result is recorded, not sent
+
+    def test_refused_by_the_broker_is_not_aceptada(self) -> None:
+        """
+        A task the broker refuses (its queue full) is answered the refusal,
+        never C{aceptada}.
+        """
+        self.cluster.broker.max_length[self.cluster.topology.tasks] = 0
+        self.submit("a")
+        [reply] = replies(self.transport)
+        self.assertEqual((reply["estado"], reply["codigo"]), ("error", "ocupado"))
+
+    def test_connection_lost_before_the_confirmation(self) -> None:
+        self.cluster.broker.hold_confirms = True
+        self.submit("a")
+        self.cluster.view.lose()
+        [reply] = replies(self.transport)
+        self.assertEqual(reply["codigo"], "broker_no_disponible")
+
+
 class _AckRecorder:
     """
     The acknowledgements a channel was asked for, as C{(tag, multiple)}.

@@ -7,6 +7,7 @@ counts against the server's limits.
 from __future__ import annotations
 
 import json
+import functools
 from typing import Any, Callable, List, Tuple
 
 from twisted.internet.defer import CancelledError
@@ -196,3 +197,18 @@ class AbandonedWorkLimitTests(SynchronousTestCase):
         self.assertEqual(ran, ["f"])
         self.assertEqual(json.loads(transport.value())["resultado"], "f")
         self.assertEqual(factory.orchestrator.active, 0)
+
+
+def test_local_executor_accepts_before_it_returns() -> None:
+    """
+    LocalExecutor has a task in its keeping as soon as run is called: it
+    calls C{accepted} before returning, whatever the task's mode.
+    """
+    from pfo3.tasks import BUILTINS
+    from pfo3.testing import FakeReactor, SynchronousThreadPool
+
+    for inline in (True, False):
+        executor = LocalExecutor(FakeReactor(), SynchronousThreadPool(), inline=inline)
+        calls: List[str] = []
+        executor.run(BUILTINS[0], "a", accepted=functools.partial(calls.append, "accepted"))
+        assert calls == ["accepted"]

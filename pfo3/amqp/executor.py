@@ -30,7 +30,7 @@ import itertools
 import os
 import socket
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -158,6 +158,7 @@ class AMQPExecutor:
 
     def run(
         self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+        accepted: Optional[Callable[[], None]] = None,
     ) -> MaybeDeferredOutcome:
         channel = self.broker.channel
         if channel is None:
@@ -177,11 +178,16 @@ class AMQPExecutor:
             self.topology.tasks, body, correlation_id, reply_to=self.reply_queue,
             expiration=self.task_ttl)
         confirmed.addCallbacks(self._confirmed, self._refused,
-                               callbackArgs=(correlation_id,), errbackArgs=(correlation_id,))
+                               callbackArgs=(correlation_id, accepted),
+                               errbackArgs=(correlation_id,))
         return d
 
-    def _confirmed(self, ignored: None, correlation_id: str) -> None:
+    def _confirmed(
+        self, ignored: None, correlation_id: str, accepted: Optional[Callable[[], None]],
+    ) -> None:
         self._unconfirmed.discard(correlation_id)
+        if accepted is not None:
+            accepted()
 
     def _refused(self, failure: Failure, correlation_id: str) -> None:
         self._unconfirmed.discard(correlation_id)

@@ -27,7 +27,7 @@ call and one type check.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
@@ -97,9 +97,10 @@ class BlobExecutor:
 
     def run(
         self, tasktype: TaskType, arg: Any, identity: str = "", tarea_id: Optional[str] = None,
+        accepted: Optional[Callable[[], None]] = None,
     ) -> MaybeDeferredOutcome:
         if type(arg) is not wire.RefArg:
-            return self.inner.run(tasktype, arg, identity, tarea_id)
+            return self.inner.run(tasktype, arg, identity, tarea_id, accepted)
         policy = self.policy
         ref = arg.ref
         if policy is None:
@@ -107,13 +108,14 @@ class BlobExecutor:
                 raise BlobsDisabled(
                     "Este worker no tiene almacén de objetos (--blobs) y la tarea llegó "
                     "con 'contenido_ref'.")
-            return self.inner.run(tasktype, arg.inline, identity, tarea_id)
+            return self.inner.run(tasktype, arg.inline, identity, tarea_id, accepted)
         if ref is None:
             d: Deferred[Any] = maybeDeferred(
-                self.inner.run, tasktype, arg.inline, identity, tarea_id)
+                self.inner.run, tasktype, arg.inline, identity, tarea_id, accepted)
         else:
             d = self._content(tasktype, ref, policy)
-            d.addCallback(lambda value: self.inner.run(tasktype, value, identity, tarea_id))
+            d.addCallback(
+                lambda value: self.inner.run(tasktype, value, identity, tarea_id, accepted))
         return d.addCallback(self._result, arg.refs, policy)
 
     def _content(self, tasktype: TaskType, ref: str, policy: BlobPolicy) -> Deferred[Any]:
