@@ -6,8 +6,8 @@ counts against the server's limits.
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 from typing import Any, Callable, List, Tuple
 
 from twisted.internet.defer import CancelledError
