@@ -78,7 +78,8 @@ def during_load(state: Dict[str, Any], token: str, before: int,
         generator takes a while to start) and a moment into it.
     """
     deadline = time.monotonic() + seconds
-    while op_stats(state, "o1", token)["total"] <= before and time.monotonic() < deadline:
+    while (op_stats(state, "o1", token)["resultado"]["total"] <= before
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     time.sleep(min(0.5, seconds / 4))
     return {name: op_stats(state, name, token) for name in ("o1", "o2")}
@@ -97,7 +98,7 @@ def measure(state: Dict[str, Any], seconds: float, rounds: int, connections: int
         for kind in order:
             endpoint = front if kind == "haproxy" else direct
             if kind == "haproxy" and not stats:
-                before = op_stats(state, "o1", token)["total"]
+                before = op_stats(state, "o1", token)["resultado"]["total"]
                 proc = bench(endpoint, token, seconds, connections, inflight, wait=False)
                 stats = during_load(state, token, before, seconds)
                 out, err = proc.communicate(timeout=seconds + 60)
