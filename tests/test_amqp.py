@@ -515,6 +515,49 @@ class OrphanReplyTests(SynchronousTestCase):
         self.assertEqual((self.cluster.broker.unacked,
                           len(self.cluster.broker.queues[reply_queue])), ({}, 0))
 
+    def test_no_ack_covers_an_orphan_waiting_to_be_retried(self) -> None:
+        """
+        While an orphan reply waits for its retry, the replies of the
+        orchestrator's own tasks are acknowledged one by one, never with a
+        multiple ack that would cover the orphan's delivery too (and make
+        its later reject an error that closes the channel).
+        """
+        self.accept_then_crash(["a"])
+        self.clock.advance(1)
+        get = self.store.get
+        self.store.get = lambda *key: fail(StoreUnavailable("abajo"))  # type: ignore
+        self.cluster.orchestrator_named("o1")
+        self.clock.advance(0)
+        [orphan] = self.cluster.broker.unacked
+        self.store.get = get  # type: ignore[method-assign]
+        proto, transport = self.cluster.client()
+        proto.dataReceived(b'{"tarea_id": "n", "tipo": 1, "contenido": "hola"}\n')
+        self.cluster.worker("w9")
+        self.clock.advance(0)
+        self.assertEqual([r["resultado"] for r in replies(transport)], ["HOLA"])
+        self.assertEqual(list(self.cluster.broker.unacked), [orphan])
+        self.clock.advance(ORPHAN_RETRY)
+        self.assertEqual(self.record("a").estado, OK)
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_an_outcome_not_written_is_not_acknowledged(self) -> None:
+        """
+        The orphan reply is acknowledged only once the store wrote its
+        outcome: a write that fails leaves it unacknowledged, to be tried
+        again.
+        """
+        self.accept_then_crash(["a"])
+        self.clock.advance(1)
+        flush = self.store.flush
+        self.store.flush = lambda: fail(StoreUnavailable("abajo"))  # type: ignore
+        self.cluster.orchestrator_named("o1")
+        self.clock.advance(0)
+        self.assertEqual(len(self.cluster.broker.unacked), 1)
+        self.store.flush = flush  # type: ignore[method-assign]
+        self.clock.advance(ORPHAN_RETRY)
+        self.assertEqual(self.record("a").estado, OK)
+        self.assertEqual(self.cluster.broker.unacked, {})
+
     def test_tasks_without_a_store_name_no_record(self) -> None:
         """
         An executor without a store (none, or one that dies with the

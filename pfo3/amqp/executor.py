@@ -254,24 +254,32 @@ class AMQPExecutor:
         d = store.get(*key)
         d.addCallback(self._record_orphan, store, delivery)
 
+        def settle() -> None:
+            # Until here no multiple ack may cover this delivery, nor may
+            # another delivery of the same task be taken for a duplicate.
+            self._recovering.discard(key)
+            self._orphans -= 1
+
         def recorded(_: Any) -> None:
             channel.ack(delivery.tag)
+            settle()
+
+        def again() -> None:
+            settle()
+            if channel is self.broker.channel:
+                channel.reject(delivery.tag, requeue=True)
+            # else: the channel is gone, and the broker delivers it again.
 
         def not_recorded(f: Failure) -> None:
             log.warn("Could not record the outcome of task {tarea_id} ({why}); trying again "
                      "in {retry:g} s", tarea_id=key[1], why=f.getErrorMessage(),
                      retry=ORPHAN_RETRY)
             if self._clock is None:
-                channel.reject(delivery.tag, requeue=True)
+                again()
             else:
-                self._clock.callLater(ORPHAN_RETRY, channel.reject, delivery.tag, True)
-
-        def settled(_: Any) -> None:
-            self._recovering.discard(key)
-            self._orphans -= 1
+                self._clock.callLater(ORPHAN_RETRY, again)
 
         d.addCallbacks(recorded, not_recorded)
-        d.addBoth(settled)
 
     def _record_orphan(
         self, record: Optional[Record], store: IStore, delivery: Delivery,
@@ -281,10 +289,15 @@ class AMQPExecutor:
         has none (purged, or never written) or a finished one (a late
         duplicate, a task given up on): those stay as they are.
 
-        @return: A Deferred firing once the store wrote it, or L{None}.
+        @return: A Deferred firing once the store wrote it (failing if it
+            could not), or L{None}.
         """
-        if record is None or record.estado != RUNNING:
+        if record is None:
             return None
+        if record.estado != RUNNING:
+            # Finished: by a reply before this one, or by this very one on
+            # an earlier attempt whose write may still be queued.
+            return store.flush()
         try:
             outcome = messages.decode_reply(delivery.body)
         except messages.BadMessage as e:

@@ -232,7 +232,8 @@ class IStore(Interface):
     def flush() -> Deferred[None]:  # noqa: N805
         """
         @return: A Deferred firing once every update recorded so far was
-            written or given up.
+            written, or failing if an attempt to write them failed (they are
+            queued again, or dropped if the database refused them).
         """
 
     def stop() -> Deferred[None]:  # noqa: N805

@@ -28,7 +28,7 @@ from json.encoder import encode_basestring as _quote
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -392,7 +392,9 @@ class SQLStore:
         self._purger.clock = self.clock
         self._purger.start(purge_interval(self.max_age), now=False)
         d = self.flush()  # creates or upgrades the schema first
-        return d
+        # A database that cannot be reached yet is not an error of the
+        # start: the store logs it and tries again until it answers.
+        return d.addErrback(lambda f: None)
 
     def stop(self) -> Deferred[None]:
         if self._purger is not None and self._purger.running:
@@ -425,6 +427,8 @@ class SQLStore:
                     log.error("Results store {store}: a write is still waiting for the "
                               "database; stopping without it", store=self.describe())
                     self._pool.abandon()
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                return None  # the last write failed: logged, and counted above
             return result
 
         return d.addBoth(close)
@@ -554,7 +558,7 @@ class SQLStore:
                 "dropped", store=self.describe(), n=len(batch),
                 error=failure.getErrorMessage() or failure.type.__name__,
             )
-            self._wake()
+            self._wake(failure)
             self._next()
             return
         self._streak += 1
@@ -580,17 +584,24 @@ class SQLStore:
             error=failure.getErrorMessage() or failure.type.__name__,
             pending=len(pending), delay=delay,
         )
-        self._wake()
+        self._wake(failure)
         readers, self._readers = self._readers, []
         for d in readers:
             d.errback(failure)
         if not self._stopping:
             self._timer = self.clock.callLater(delay, self._attempt)
 
-    def _wake(self) -> None:
+    def _wake(self, failure: Optional[Failure] = None) -> None:
+        """
+        Answer the callers of L{flush}: the updates were written, or (with
+        C{failure}) the attempt failed and they are queued again or dropped.
+        """
         waiters, self._waiters = self._waiters, []
         for d in waiters:
-            d.callback(None)
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
 
     # -- reads -----------------------------------------------------------------
 
