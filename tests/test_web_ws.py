@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
@@ -419,6 +419,38 @@ class WebSocketAuthTests(SynchronousTestCase):
         self.assertEqual(json.loads(frames[0][1])["codigo"], "token_faltante")
         self.assertEqual(int.from_bytes(frames[1][1][:2], "big"), 1008)
         self.assertEqual(len(authed.replies()), 10)
+
+    def test_panel_feed_closes_after_refused_tokens(self) -> None:
+        """
+        The gate's limit of refused tokens holds on /panel/ws as elsewhere:
+        each refusal is answered, the last one is the connection's last
+        message, lines after it are not answered, and nothing is logged as
+        an unexpected error.
+        """
+        from twisted.logger import LogEvent, globalLogPublisher
+
+        errors: List[LogEvent] = []
+
+        def observe(event: LogEvent) -> None:
+            if event.get("log_failure") is not None or event.get("isError"):
+                errors.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            ws = WebSocket(self.site, "/panel/ws")
+            forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, b"f" * 32,
+                                algorithm="HS256")
+            for _ in range(7):
+                ws.send_json({"op": "auth", "token": forged})
+            self.clock.advance(0)
+            frames = ws.frames()
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        texts = [json.loads(payload) for opcode, payload in frames if opcode == 1]
+        self.assertEqual([t["codigo"] for t in texts], ["token_invalido"] * 5)
+        self.assertIn("se cierra la conexión", texts[-1]["mensaje"])
+        self.assertEqual(frames[-1][0], 8)  # then the close frame
+        self.assertEqual(errors, [])
 
     def test_panel_feed_with_a_bearer_header(self) -> None:
         """

@@ -165,7 +165,12 @@ class PanelProtocol(TaskWebSocketProtocol):
                 raise UnknownOperation(
                     'El canal del panel solo acepta {"op": "auth", "token": ...} y '
                     '{"op": "ping"}.', getattr(request, "tarea_id", None))
-            line = wire.encode_reply(cast(wire.Reply, session.handle(request)))
+            reply = session.handle(request)
+            if type(reply) is Deferred:
+                # No reply to give: the connection is closing (the gate's
+                # limit of refused tokens was reached on an earlier line).
+                return
+            line = wire.encode_reply(cast(wire.Reply, reply))
         except Pfo3Error as e:
             line = wire.encode_error(e)
         self._send_line(line)
