@@ -86,15 +86,13 @@ class Retention:
     """
     Deletes orphans: objects no record will take with it.
 
-    A record's objects (its C{contenido_ref} and C{resultado_ref}) are
-    deleted when the results store forgets the record
-    (L{pfo3.blobs.requests.BlobPolicy.forget}, by age or by the memory
-    store's bound).  What is left is an upload never used, a result whose
+    A record's result object (its C{resultado_ref}) is deleted when the
+    results store forgets the record (L{pfo3.blobs.requests.BlobPolicy.forget},
+    by age or by the memory store's bound).  What is left is uploads (any
+    number of tasks may use one, so none goes with a record), a result whose
     record was never written (C{--store none}, a store that dropped it) or
     an object whose deletion failed.  This sweep deletes objects written
-    more than twice the store's retention (C{--store-max-age}) ago: by then
-    the record of a task that ran within one retention of its upload is
-    gone, and its objects with it.
+    more than twice the store's retention (C{--store-max-age}) ago.
 
     @ivar interval: Seconds between sweeps: a tenth of the retention,
         within a minute and an hour.

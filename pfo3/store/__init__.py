@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 from zope.interface import Attribute, Interface
 
-from pfo3.wire import RefArg, ResultRef
+from pfo3.wire import ResultRef
 
 #: The owner of every task while pfo3 has no authentication: all anonymous
 #: clients share one namespace of C{tarea_id}s.  Authenticated identities
@@ -144,18 +144,15 @@ ForgetObjects = Callable[[List[str]], object]
 
 def objects_of(contenido: Any, resultado: Any) -> List[str]:
     """
-    @return: The references of the objects a task's record holds: its
-        content's, when it came as C{contenido_ref}, and its result's, when
-        it was stored as an object.
+    @return: The references of the objects that belong to a task's record
+        alone, deleted with it: its result's, when it was stored as an
+        object.  Not its content's (C{contenido_ref}): an upload may serve
+        any number of tasks, so uploads go by age
+        (L{pfo3.blobs.options.Retention}), never with one record.
     """
-    refs = []
-    if type(contenido) is RefArg:
-        ref = contenido.ref
-        if ref is not None:
-            refs.append(ref)
     if type(resultado) is ResultRef:
-        refs.append(resultado["ref"])
-    return refs
+        return [resultado["ref"]]
+    return []
 
 
 def done_record(
