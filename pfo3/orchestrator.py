@@ -561,7 +561,7 @@ class Session:
         orch = self.orchestrator
         job = orch._jobs.get((owner, tarea_id))
         if job is not None:
-            return wire.ControlResult(tarea_id, job.describe())
+            return wire.StateResult(tarea_id, job.describe())
         store = orch.store
         if store is None:
             raise _not_found(tarea_id)
@@ -569,7 +569,7 @@ class Session:
         def found(record: Optional[Record]) -> wire.Reply:
             if record is None:
                 raise _not_found(tarea_id)
-            return wire.ControlResult(tarea_id, record.describe())
+            return wire.StateResult(tarea_id, record.describe())
 
         d: Deferred[Any] = store.get(owner, tarea_id)
         d.addCallback(found)

@@ -168,6 +168,15 @@ class ControlResult:
         return f"ControlResult({self.tarea_id!r}, {self.resultado!r})"
 
 
+class StateResult(ControlResult):
+    """
+    The reply to C{op: estado}: a task's recorded state, which holds its
+    result, so its line is held to the same limit as the task's own reply.
+    """
+
+    __slots__ = ()
+
+
 class AcceptedResult:
     """
     The reply to a task sent with C{"esperar": false}: accepted, running in
@@ -293,7 +302,8 @@ def encode_reply(reply: Reply, max_line: int = NO_LIMIT) -> bytes:
         counting its C{\\n} (the server's C{--max-line}); a task's reply
         longer than this is refused with L{ResultTooLarge} rather than
         written, so that no client gets a line longer than it may read.
-        Control replies are the server's own and are not checked.
+        Control replies are the server's own and are not checked, but for
+        C{op: estado}'s (L{StateResult}), which carries a task's result.
     @return: The line of a successful reply; a task's is
         C{{"estado": "ok", "resultado": ..., "tarea_id": ..., "worker": ...}},
         as the seed wrote it.
@@ -332,6 +342,9 @@ def encode_reply(reply: Reply, max_line: int = NO_LIMIT) -> bytes:
             return line
         if type(reply) is AcceptedResult:
             return encode_accepted(reply.tarea_id)
+        if type(reply) is StateResult:
+            return _within(encode_control(reply.tarea_id, reply.resultado), max_line,
+                           reply.tarea_id)
         return encode_control(reply.tarea_id, reply.resultado)  # type: ignore[union-attr]
     except Pfo3Error:
         raise

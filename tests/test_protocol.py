@@ -830,3 +830,27 @@ class ReplyLineLimitTests(SynchronousTestCase):
         A reply that comes after the read (from the pool here) is checked too.
         """
         self.check(*self.limited(inline=False))
+
+    def test_estado_of_a_large_result(self) -> None:
+        """
+        C{op: estado} carries the task's recorded result: its line is held
+        to the same limit.
+        """
+        from pfo3.store import MemoryStore
+
+        reactor = FakeReactor()
+        proto, transport = connect(make_server(max_line=2000, reactor=reactor,
+                                               store=MemoryStore(reactor)))
+        for tarea_id, text in (("big", "ΐ" * 600), ("small", "ΐ")):
+            line = {"tarea_id": tarea_id, "tipo": "uppercase", "contenido": text}
+            proto.dataReceived(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        transport.clear()
+        for tarea_id in ("big", "small"):
+            proto.dataReceived(json.dumps({"op": "estado", "tarea_id": tarea_id}).encode()
+                               + b"\n")
+        lines = transport.value().splitlines()
+        self.assertTrue(all(len(line) <= 2000 for line in lines), [len(x) for x in lines])
+        got = {r["tarea_id"]: r for r in map(json.loads, lines)}
+        self.assertEqual(got["big"]["codigo"], "resultado_demasiado_grande")
+        self.assertEqual(got["small"]["resultado"]["resultado"], "ΐ".upper())
+
