@@ -350,7 +350,9 @@ def test_unattributed_error_fails_every_pending_request() -> None:
     forever), the connection stays usable, and their late replies are
     dropped.
     """
-    reactor, client, pump = connected(max_line=64)
+    # The sleep's reply (86 bytes) fits the server's line limit; the long
+    # request does not.
+    reactor, client, pump = connected(max_line=120)
     slow = client.submit("sleep", 1, tarea_id="slow")
     long = client.submit("uppercase", "x" * 200, tarea_id="long")
     pump.flush()
