@@ -11,14 +11,18 @@ workers and HAProxy in front, with TLS and JWT on.
     python deploy/cluster.py start --dir DIR PART    # start it again, as 'up' did
     python deploy/cluster.py down --dir DIR
 
-Everything the cluster writes lives in DIR: DIR/cluster.json (process ids,
-ports, URLs, command lines), DIR/logs/, DIR/run/ (pid files, HAProxy's stats
-socket), DIR/tls/, DIR/jwt.secret, DIR/rabbitmq/, DIR/postgresql/, DIR/s3/.
+Everything the cluster writes lives in DIR: DIR/cluster.json (process ids
+and start times, ports, URLs, command lines), DIR/logs/, DIR/run/ (pid
+files, HAProxy's stats socket), DIR/tls/, DIR/jwt.secret, DIR/rabbitmq/,
+DIR/postgresql/, DIR/s3/.
 The RabbitMQ node and the PostgreSQL server are the cluster's own (their own
 ports and data), never the machine's shared ones; set PFO3_CLUSTER_PG to a
 server's URL (without database) to use a database on that server instead.
 When run as root, PostgreSQL runs as the postgres system user (it refuses
-root): DIR and the folders above it must be reachable by that user.
+root): DIR and the folders above it must be reachable by that user.  Its
+superuser's password is in the libpq password file DIR/postgresql/pgpass
+(mode 0600), which the orchestrators get as PGPASSFILE; no URL or command
+line holds it.
 docs/deploy.md describes the same cluster across machines.
 
 Only the standard library and pfo3 (with its PostgreSQL extra, psycopg) are
@@ -207,17 +211,22 @@ def rabbitmqctl(state: Dict[str, Any], *args: str, timeout: float = 60) -> int:
         return -1
 
 
-def pg_admin(server: str, sql: str) -> None:
+def pg_admin(server: str, sql: str, passfile: Optional[str] = None) -> None:
     """
     Run one statement on the postgres database of the PostgreSQL server
     C{server}, outside a transaction.
+
+    @param passfile: The libpq password file to read the password from
+        (the cluster's own server's); libpq's default otherwise.
     """
     try:
         import psycopg
     except ImportError as e:
         raise ClusterError("psycopg is missing: pip install 'pfo3[postgresql]'") from e
     try:
-        with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5) as c:
+        extra: Dict[str, Any] = {} if passfile is None else {"passfile": passfile}
+        with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5,
+                             **extra) as c:
             c.execute(sql)
     except psycopg.Error as e:
         raise ClusterError(f"PostgreSQL at {server}: {e}") from e
@@ -228,6 +237,65 @@ def pg_server(state: Dict[str, Any]) -> pgserver.Server:
     @return: The cluster's own PostgreSQL server, in DIR/postgresql.
     """
     return pgserver.Server(Path(state["dir"]) / "postgresql", state["ports"]["pg"])
+
+
+def pg_passfile(state: Dict[str, Any]) -> Optional[str]:
+    """
+    @return: The password file of the cluster's own PostgreSQL server, or
+        C{None} on an external one (PFO3_CLUSTER_PG).
+    """
+    if not state.get("postgresql", {}).get("own"):
+        return None
+    return str(pg_server(state).passfile)
+
+
+def boot_id() -> str:
+    """
+    @return: This boot's id: process ids and start times recorded before a
+        reboot name nothing of the cluster after it.
+    """
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> Optional[int]:
+    """
+    @return: When process C{pid} started (clock ticks since boot, from
+        C{/proc/PID/stat}), or C{None} when there is no such process.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def record(state: Dict[str, Any], name: str, pid: int) -> None:
+    """
+    Remember the process C{pid} as the part C{name}: its pid, its start
+    time and this boot's id (see L{pid_of}).
+    """
+    state["pids"][name] = pid
+    state.setdefault("started_at", {})[name] = start_time(pid)
+    state["boot_id"] = boot_id()
+
+
+def pid_of(state: Dict[str, Any], name: str) -> Optional[int]:
+    """
+    @return: The recorded pid of the part C{name} while that process runs,
+        else C{None}.  A pid counts only if the process has the start time
+        recorded with it, in this boot: after a reboot or once it exited,
+        the same pid may name an unrelated process, never to be signalled.
+    """
+    pid = state.get("pids", {}).get(name)
+    if not pid or state.get("boot_id") != boot_id():
+        return None
+    started = state.get("started_at", {}).get(name)
+    if started is None or start_time(pid) != started:
+        return None
+    return pid if alive(pid) else None
 
 
 def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str],
@@ -245,7 +313,7 @@ def spawn(state: Dict[str, Any], name: str, cmd: List[str], env: Dict[str, str],
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=state["dir"],
                                 start_new_session=True)
-    state["pids"][name] = proc.pid
+    record(state, name, proc.pid)
     save(state)
     return proc.pid
 
@@ -261,6 +329,7 @@ def environment(state: Dict[str, Any], kind: str) -> Dict[str, str]:
     if kind == "plain":
         return dict(os.environ)
     env = pfo3_env()
+    env.update(pg_environ(state))
     credentials = Path(state["dir"]) / "s3" / "credentials"
     if state.get("own_storage") and credentials.exists():
         for line in credentials.read_text().splitlines():
@@ -269,11 +338,30 @@ def environment(state: Dict[str, Any], kind: str) -> Dict[str, str]:
     return env
 
 
-def session(sid: int) -> List[int]:
+def pg_environ(state: Dict[str, Any]) -> Dict[str, str]:
     """
-    @return: The live processes of the session C{sid} (a part started by
-        L{spawn} leads one, and whatever it starts stays in it).
+    @return: What a client of the cluster's own PostgreSQL server needs in
+        its environment (C{PGPASSFILE}); nothing on an external one.
     """
+    if not state.get("postgresql", {}).get("own"):
+        return {}
+    return pg_server(state).environ
+
+
+def session(state: Dict[str, Any], name: str) -> List[int]:
+    """
+    @return: The live processes of the session the part C{name} leads (a
+        part started by L{spawn} leads one, and whatever it starts stays in
+        it).  None once the boot changed, nor while its pid names another
+        process (L{pid_of}), nor any process older than the part.
+    """
+    sid = state.get("pids", {}).get(name)
+    started = state.get("started_at", {}).get(name)
+    if not sid or started is None or state.get("boot_id") != boot_id():
+        return []
+    now = start_time(sid)
+    if now is not None and now != started:
+        return []  # the pid is another process's now, and so is its session
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -281,7 +369,8 @@ def session(sid: int) -> List[int]:
                 fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            if fields[3] == str(sid) and fields[0] != "Z":
+            if (fields[3] == str(sid) and fields[0] != "Z"
+                    and int(fields[19]) >= started):
                 found.append(int(entry.name))
     return found
 
@@ -292,9 +381,8 @@ def leftovers(state: Dict[str, Any]) -> List[int]:
         parts it spawned, and its PostgreSQL server's processes.
     """
     pids: List[int] = []
-    for pid in state.get("pids", {}).values():
-        if pid:
-            pids += session(pid)
+    for name in state.get("pids", {}):
+        pids += session(state, name)
     if state.get("postgresql", {}).get("own"):
         pids += pg_server(state).processes()
     return sorted(set(pids))
@@ -339,7 +427,7 @@ def wait_until(what: str, check: Callable[[], bool], deadline: float,
             pass
         for name in pids or []:
             assert state is not None
-            if not alive(state["pids"].get(name)):
+            if pid_of(state, name) is None:
                 raise ClusterError(f"{name} exited while waiting for {what}; "
                                    f"see {state['dir']}/logs/{name}.log")
         if time.monotonic() > end:
@@ -420,7 +508,7 @@ def up(args: argparse.Namespace) -> Dict[str, Any]:
     directory = Path(args.dir).resolve()
     if (directory / "cluster.json").exists():
         old = load(directory)
-        if any(alive(p) for p in old.get("pids", {}).values()):
+        if any(pid_of(old, name) for name in old.get("pids", {})):
             raise ClusterError(f"a cluster already runs from {directory}: run 'down' first")
         if old.get("database_created") or leftovers(old):
             log("stopping what a cluster that was not stopped left")
@@ -495,7 +583,7 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
         except pgserver.PostgreSQLError as e:
             raise ClusterError(str(e)) from e
     log(f"PostgreSQL database {state['database']} on {pg['server']}")
-    pg_admin(pg["server"], f'CREATE DATABASE "{state["database"]}"')
+    pg_admin(pg["server"], f'CREATE DATABASE "{state["database"]}"', pg_passfile(state))
     state["database_created"] = True
     state["store"] = f"{pg['server']}/{state['database']}"
     save(state)
@@ -503,12 +591,13 @@ def _start(state: Dict[str, Any], haproxy: str) -> None:
     # 2b. Object storage: an S3 of its own, its keys in the environment of
     # the orchestrators and workers only (never on a command line).
     env = pfo3_env()
+    env.update(pg_environ(state))
     if state["own_storage"]:
         access, secret_key = "pfo3" + secrets.token_hex(8), secrets.token_urlsafe(24)
         log("object storage (SeaweedFS, S3)")
         weed = seaweed.start(directory / "s3", access, secret_key, "pfo3",
                              ports=[ports[f"s3_{n}"] for n in seaweed.PORTS])
-        state["pids"]["s3"] = weed.proc.pid
+        record(state, "s3", weed.proc.pid)
         state["blobs"] = weed.url
         save(state)
         env.update(weed.env())
@@ -625,17 +714,17 @@ def stop_pid(state: Dict[str, Any], name: str, timeout: float) -> None:
     SIGTERM the process C{name} and wait up to C{timeout} seconds for it to
     exit (an orchestrator drains its tasks in that time), then SIGKILL it.
     """
-    pid = state.get("pids", {}).get(name)
-    if not alive(pid):
+    pid = pid_of(state, name)
+    if pid is None:
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     end = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < end:
+    while pid_of(state, name) is not None and time.monotonic() < end:
         time.sleep(0.1)
-    if alive(pid):
+    if pid_of(state, name) is not None:
         log(f"{name} (pid {pid}) did not stop in {timeout:.0f}s: SIGKILL")
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -651,8 +740,8 @@ def terminate(state: Dict[str, Any], names: Any) -> None:
     SIGTERM the processes C{names} at once, so that they drain together.
     """
     for name in names:
-        pid = state.get("pids", {}).get(name)
-        if alive(pid):
+        pid = pid_of(state, name)
+        if pid is not None:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -664,7 +753,7 @@ def stop_rabbitmq(state: Dict[str, Any]) -> None:
     Stop the cluster's RabbitMQ node: C{rabbitmqctl stop} (the Erlang VM
     exits), then its process as L{stop_pid} does.
     """
-    if alive(state.get("pids", {}).get("rabbitmq")):
+    if pid_of(state, "rabbitmq") is not None:
         rabbitmqctl(state, "stop", timeout=60)
         stop_pid(state, "rabbitmq", 30)
 
@@ -694,8 +783,8 @@ def down_state(state: Dict[str, Any]) -> List[str]:
     terminate(state, WORKERS)
     for name in WORKERS:
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
-    storage = state.get("pids", {}).get("s3")
-    if alive(storage):
+    storage = pid_of(state, "s3")
+    if storage is not None:
         seaweed.stop_pid(storage)
     stop_rabbitmq(state)
     problem = stop_epmd(state)
@@ -711,7 +800,8 @@ def down_state(state: Dict[str, Any]) -> List[str]:
     elif state.get("database_created"):
         try:
             pg_admin(pg.get("server", ""),
-                     f'DROP DATABASE IF EXISTS "{state["database"]}" WITH (FORCE)')
+                     f'DROP DATABASE IF EXISTS "{state["database"]}" WITH (FORCE)',
+                     pg_passfile(state))
             state["database_created"] = False
         except ClusterError as e:
             problems.append(f"could not drop {state['database']}: {e}")
@@ -762,8 +852,8 @@ def stop_part(args: argparse.Namespace) -> int:
     else:
         terminate(state, [name])
         stop_pid(state, name, SHUTDOWN_TIMEOUT + 10)
-        if session(state["pids"][name]):
-            raise ClusterError(f"{name} did not stop: {session(state['pids'][name])}")
+        if session(state, name):
+            raise ClusterError(f"{name} did not stop: {session(state, name)}")
     log(f"{name} stopped")
     return 0
 
@@ -784,14 +874,14 @@ def start_part(args: argparse.Namespace) -> int:
             raise ClusterError(str(e)) from e
         log("postgresql started")
         return 0
-    if alive(state["pids"].get(name)):
+    if pid_of(state, name) is not None:
         raise ClusterError(f"{name} is running (pid {state['pids'][name]}): stop it first")
     command = state["commands"][name]
     spawn(state, name, command["cmd"], environment(state, command["env"]), command["env"])
     if name == "rabbitmq":
         wait_rabbitmq(state)
     elif name == "haproxy":
-        want = {o: "UP" for o in ORCHESTRATORS if alive(state["pids"].get(o))}
+        want = {o: "UP" for o in ORCHESTRATORS if pid_of(state, o) is not None}
         wait_until("HAProxy to see the running orchestrators UP",
                    lambda: {k: v for k, v in haproxy_status(state).items() if k in want}
                    == want, 30, ["haproxy"], state)
@@ -809,7 +899,7 @@ def status(args: argparse.Namespace) -> int:
     state = load(Path(args.dir).resolve())
     ok = True
     for name, pid in state.get("pids", {}).items():
-        up_ = alive(pid)
+        up_ = pid_of(state, name) is not None
         ok &= up_
         extra = ""
         port = state["ports"].get(f"{name}_metrics")
@@ -824,7 +914,7 @@ def status(args: argparse.Namespace) -> int:
         ok &= pid is not None
         print(f"{'postgres':9} pid {pid or '-':<8} {'running' if pid else 'stopped'}"
               f" port {pg.port}")
-    if alive(state.get("pids", {}).get("haproxy")):
+    if pid_of(state, "haproxy") is not None:
         try:
             view = haproxy_status(state)
         except OSError as e:

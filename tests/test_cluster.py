@@ -15,6 +15,7 @@ tests; it never skips them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -34,12 +35,14 @@ from typing import Any, Callable, Dict, Iterator, List, Set
 import pytest
 
 from .conftest import ROOT, LineSocket
+from .test_pgserver import command_lines_with
 
 pytestmark = pytest.mark.integration
 
 SCRIPT = ROOT / "deploy" / "cluster.py"
 BIN = Path(sys.executable).parent
 FINISHED = ("ok", "error", "timeout")
+ORCHESTRATORS = ("o1", "o2")
 # Replies of tasks refused before they ran (never recorded: docs/protocol.md).
 REFUSED = ("apagando", "ocupado", "excede_timeout", "tasa_excedida")
 
@@ -285,6 +288,30 @@ def test_status_is_healthy(cluster: Cluster) -> None:
     assert "o1 UP, o2 UP" in out.stdout
 
 
+def test_postgresql_password_only_in_its_file(cluster: Cluster) -> None:
+    """
+    The cluster's PostgreSQL server lets no one in without its password,
+    which is in DIR/postgresql/pgpass (mode 0600) only: the store's URL has
+    none, the orchestrators get the file as C{PGPASSFILE}, and no process of
+    the machine has the password on its command line.
+    """
+    import psycopg
+
+    passfile = cluster.dir / "postgresql" / "pgpass"
+    assert os.stat(passfile).st_mode & 0o777 == 0o600
+    secret = passfile.read_text().strip().rsplit(":", 1)[1]
+    store = cluster.state["store"]
+    assert store.startswith("postgresql://postgres@127.0.0.1:") and secret not in store
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(store, connect_timeout=5, passfile=str(cluster.dir / "missing"))
+    with psycopg.connect(store, connect_timeout=5, passfile=str(passfile)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    for name in ORCHESTRATORS:
+        environ = Path(f"/proc/{cluster.state['pids'][name]}/environ").read_bytes()
+        assert f"PGPASSFILE={passfile}".encode() in environ.split(b"\0"), name
+    assert command_lines_with(secret) == []
+
+
 def test_tasks_reach_both_orchestrators_and_workers(cluster: Cluster) -> None:
     """
     Tasks sent through HAProxy over several TLS connections with a token are
@@ -517,3 +544,58 @@ def test_postgresql_stop_and_start_loses_nothing(cluster: Cluster) -> None:
         cluster.part("start", "postgresql")
     states = cluster.records(accepted, deadline=90)
     assert {t: s["estado"] for t, s in states.items()} == {t: "ok" for t in accepted}
+
+
+def cluster_module() -> Any:
+    """
+    @return: C{deploy/cluster.py}, imported as a module.
+    """
+    spec = importlib.util.spec_from_file_location("pfo3_cluster_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_time(pid: int) -> int:
+    """
+    @return: When process C{pid} started, in clock ticks since boot.
+    """
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19])
+
+
+def test_recorded_pids_of_other_processes_are_left_alone(tmp_path: Path) -> None:
+    """
+    A cluster.json whose pids name live processes the cluster did not start
+    (a pid reused after its part exited, or after a reboot): an orchestrator
+    pid that leads the session of an unrelated C{sleep}, and a PostgreSQL
+    C{postmaster.pid} naming it too.  Neither C{leftovers} nor C{down} takes
+    them for the cluster's, nor signals them; only the start time recorded
+    with the pid in this boot makes it the cluster's.
+    """
+    cluster = cluster_module()
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = start_time(sleeper.pid)
+        (tmp_path / "postgresql" / "data").mkdir(parents=True)
+        (tmp_path / "postgresql" / "data" / "postmaster.pid").write_text(f"{sleeper.pid}\n")
+        state: Dict[str, Any] = {
+            "dir": str(tmp_path), "ports": {"pg": 1}, "postgresql": {"own": True},
+            "pids": {"o1": sleeper.pid}, "started_at": {"o1": started - 1},
+            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
+        assert cluster.leftovers(state) == []
+        for other in ({"started_at": {"o1": started}, "boot_id": "another boot"},
+                      {"started_at": {}}):  # a cluster.json without start times
+            assert cluster.leftovers({**state, **other}) == [], other
+        assert cluster.down_state(state) == []
+        assert sleeper.poll() is None
+        assert json.loads((tmp_path / "cluster.json").read_text())["pids"] == state["pids"]
+
+        state["started_at"]["o1"] = started
+        assert cluster.leftovers(state) == [sleeper.pid]
+        assert cluster.down_state(state) == []
+        sleeper.wait(10)  # (cluster.alive, a parent's check, may have reaped it)
+        assert not Path(f"/proc/{sleeper.pid}").exists() or start_time(sleeper.pid) != started
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)

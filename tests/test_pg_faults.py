@@ -22,6 +22,7 @@ import pytest
 from pfo3.store import pgserver
 
 from .conftest import LineSocket, free_port, start_server
+from .test_pgserver import command_lines_with
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +48,16 @@ def pg() -> Iterator[pgserver.Server]:
 
 
 def query(server: pgserver.Server, sql: str) -> List[Any]:
-    import psycopg
+    with server.connect("pfo3", connect_timeout=5) as conn:
+        rows: List[Any] = conn.execute(sql).fetchall()
+        return rows
 
-    with psycopg.connect(f"{server.url}/pfo3", connect_timeout=5) as conn:
-        return conn.execute(sql).fetchall()
+
+def environment(pid: int) -> str:
+    """
+    @return: The environment of process C{pid}, one C{NAME=VALUE} a line.
+    """
+    return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode()
 
 
 class Load(threading.Thread):
@@ -134,20 +141,28 @@ def test_folder_closed_to_postgres(tmp_path: Path) -> None:
         shutil.rmtree(closed)
 
 
-def test_postgresql_stop_and_start_under_load(tmp_path: Path, pg: pgserver.Server) -> None:
+def test_postgresql_stop_and_start_under_load(
+        tmp_path: Path, pg: pgserver.Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    PostgreSQL is stopped (C{pg_ctl stop -m fast}: its sessions are ended)
+    The server reaches PostgreSQL with its URL (no password) and the
+    password file in its environment (C{PGPASSFILE}), the password on no
+    command line.  PostgreSQL is stopped (C{pg_ctl stop -m fast}: its sessions are ended)
     for three seconds while plain and background tasks keep coming, then
     started again: every task is answered (plain ones ok with their result,
     background ones aceptada), every task's record is in the database
     afterwards, finished ok (the ids compared one by one), and the server
     logged no traceback.
     """
+    for name, value in pg.environ.items():
+        monkeypatch.setenv(name, value)
     server = start_server(tmp_path, "--store", f"{pg.url}/pfo3")
     try:
         load = Load(server.port)
         load.start()
         time.sleep(1.0)
+        secret = pg.passfile.read_text().strip().rsplit(":", 1)[1]
+        assert command_lines_with(secret) == []
+        assert str(pg.passfile) in environment(server.proc.pid)
         before = len(load.sent)
         pg.stop()
         time.sleep(3.0)

@@ -2,8 +2,11 @@
 A private PostgreSQL server on one machine, for development, the tests and
 C{deploy/cluster.py}: Debian's binaries (C{/usr/lib/postgresql/N/bin}, the
 newest N), a cluster of its own in a folder, listening on one loopback port
-only (no Unix socket), trust authentication for the C{postgres} user on
-loopback.
+only (no Unix socket).  Its superuser C{postgres} has a password generated
+when the cluster is created (SCRAM-SHA-256 on loopback; no other local user
+can connect as it), kept only in a libpq password file in the server's
+folder (C{pgpass}, mode 0600): every client gets it as C{PGPASSFILE} in its
+environment (L{Server.environ}), never in a URL or on a command line.
 
 PostgreSQL refuses to run as root: when this runs as root, the folder is
 given to the C{postgres} system user and every PostgreSQL command runs as
@@ -15,8 +18,10 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -72,7 +77,9 @@ class Server:
     @ivar directory: Its folder: C{data/} (the cluster) and C{postgresql.log}.
     @ivar port: Its loopback TCP port.
     @ivar url: The server's URL without a database, as C{--store} takes it
-        with C{/DBNAME} appended.
+        with C{/DBNAME} appended.  It holds no password: a client finds it in
+        L{passfile} (libpq reads the file C{PGPASSFILE} names: give every
+        client L{environ}).
     """
 
     def __init__(self, directory: Path, port: int, binaries: Optional[Path] = None,
@@ -98,6 +105,32 @@ class Server:
     @property
     def log(self) -> Path:
         return self.directory / "postgresql.log"
+
+    @property
+    def passfile(self) -> Path:
+        """
+        The libpq password file of the C{postgres} user (mode 0600, owned by
+        whoever runs this, not by PostgreSQL's user).
+        """
+        return self.directory / "pgpass"
+
+    @property
+    def environ(self) -> Dict[str, str]:
+        """
+        What a client's environment needs to connect to L{url}: its
+        password file in C{PGPASSFILE}.
+        """
+        return {"PGPASSFILE": str(self.passfile)}
+
+    def connect(self, database: str = "postgres", **kwargs: Any) -> Any:
+        """
+        @return: A psycopg connection to C{database} as C{postgres}, its
+            password read from L{passfile}.
+        """
+        import psycopg
+
+        return psycopg.connect(f"{self.url}/{database}", passfile=str(self.passfile),
+                               **kwargs)
 
     def __repr__(self) -> str:
         return f"<pgserver.Server {self.url} in {self.directory}>"
@@ -137,7 +170,8 @@ class Server:
         entry = pwd.getpwnam(self.user)
         for root, dirs, files in os.walk(self.directory):
             for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                os.chown(name, entry.pw_uid, entry.pw_gid)
+                if name != str(self.passfile):  # the clients', not the server's
+                    os.chown(name, entry.pw_uid, entry.pw_gid)
         probe = subprocess.run(["test", "-w", str(self.directory)], **self._identity())
         if probe.returncode != 0:
             blocked = [str(p) for p in reversed(self.directory.parents)
@@ -150,28 +184,104 @@ class Server:
     def initialize(self) -> None:
         """
         Create the cluster (C{initdb}) unless it exists: superuser
-        C{postgres}, trust authentication (on loopback only, since it
-        listens nowhere else), UTF-8.
+        C{postgres} with a new random password (given to C{initdb} in a
+        file removed afterwards, and written to L{passfile}), SCRAM-SHA-256
+        authentication on loopback, peer authentication on the Unix socket
+        (there is none: it listens on loopback only), UTF-8.
+
+        @raise PostgreSQLError: when the folder holds a cluster created
+            with trust authentication (by an older version of this module:
+            any local user could connect to it as superuser), or one whose
+            password file is missing.  Neither is changed: the message says
+            to remove the folder, and its databases with it.
         """
         self._own()
         if (self.data / "PG_VERSION").exists():
+            if _trusting(self.data / "pg_hba.conf"):
+                raise PostgreSQLError(
+                    f"the PostgreSQL cluster in {self.data} was created with trust "
+                    "authentication (any local user may connect to it as superuser); "
+                    f"it is not used: remove {self.directory} (its databases go with it) "
+                    "to create it again with a password")
+            if not self.passfile.exists():
+                raise PostgreSQLError(
+                    f"the password of the PostgreSQL cluster in {self.data} is lost "
+                    f"({self.passfile} is missing): remove {self.directory} (its "
+                    "databases go with it) to create it again")
             return
-        out = self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                        "-E", "UTF8", "--locale=C", "--no-sync")
+        password = secrets.token_urlsafe(32)
+        fd, pwfile = tempfile.mkstemp(prefix="initdb-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            if self.user is not None:
+                entry = pwd.getpwnam(self.user)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            out = self._run("initdb", "-D", str(self.data), "-U", "postgres",
+                            "--auth-host=scram-sha-256", "--auth-local=peer",
+                            f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C", "--no-sync")
+        finally:
+            os.unlink(pwfile)
         if out.returncode != 0:
             raise PostgreSQLError(f"initdb failed in {self.data}:\n{out.stdout}{out.stderr}")
         with (self.data / "postgresql.conf").open("a") as f:
             f.write(_SETTINGS.format(port=self.port))
+        tmp = self.passfile.with_name("pgpass.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"127.0.0.1:{self.port}:*:postgres:{password}\n")
+        tmp.replace(self.passfile)
 
     def pid(self) -> Optional[int]:
         """
         @return: The postmaster's process id while it runs, else C{None}.
+            The pid C{postmaster.pid} names counts only while it is a live
+            PostgreSQL server of this data folder (C{postgres -D DATA}, as
+            C{pg_ctl} starts it): a file left by a server that did not stop
+            (a crash, a reboot) may name a process that reuses its pid.
         """
         try:
             pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if _alive(pid) and self._serves(pid) else None
+
+    def _forget_stale_pid(self) -> None:
+        """
+        Remove a C{postmaster.pid} that names a live process other than a
+        server of this folder (its pid reused since the server ended):
+        PostgreSQL would refuse to start, taking that process for a server.
+        One naming no live process stays, for PostgreSQL to check that no
+        process of the old server still holds its shared memory.
+        """
+        lock = self.data / "postmaster.pid"
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        if _alive(pid) and not self._serves(pid):
+            lock.unlink()
+
+    def _serves(self, pid: int) -> bool:
+        """
+        @return: Whether process C{pid} is a PostgreSQL server of this data
+            folder: C{postgres} (of any version) with C{-D} naming it.
+        """
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        args = [a.decode(errors="replace") for a in argv if a]
+        if not args or os.path.basename(args[0]) != "postgres":
+            return False
+        for flag, value in zip(args, args[1:]):
+            if flag == "-D":
+                try:  # a relative folder is the server's working directory's
+                    cwd = os.readlink(f"/proc/{pid}/cwd")
+                    return Path(cwd, value).resolve() == self.data
+                except OSError:
+                    return False
+        return False
 
     def processes(self) -> List[int]:
         """
@@ -200,6 +310,7 @@ class Server:
         self.initialize()
         if self.pid() is not None:
             return
+        self._forget_stale_pid()
         out = self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log),
                         "-w", "-t", str(int(deadline)), timeout=deadline + 10)
         if out.returncode != 0:
@@ -217,7 +328,7 @@ class Server:
         end = time.monotonic() + deadline
         while True:
             try:
-                with psycopg.connect(f"{self.url}/postgres", connect_timeout=2) as conn:
+                with self.connect(connect_timeout=2) as conn:
                     conn.execute("SELECT 1")
                 return
             except psycopg.Error as e:
@@ -268,11 +379,9 @@ class Server:
 
         @return: Its URL, as C{--store} takes it.
         """
-        import psycopg
         from psycopg import sql
 
-        with psycopg.connect(f"{self.url}/postgres", autocommit=True,
-                             connect_timeout=5) as conn:
+        with self.connect(autocommit=True, connect_timeout=5) as conn:
             found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
                                  (name,)).fetchone()
             if found is None:
@@ -296,6 +405,18 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _trusting(hba: Path) -> bool:
+    """
+    @return: Whether the C{pg_hba.conf} C{hba} lets anyone in with the
+        C{trust} method (or cannot be read).
+    """
+    try:
+        lines = hba.read_text().splitlines()
+    except OSError:
+        return True
+    return any(line.split("#", 1)[0].split()[-1:] == ["trust"] for line in lines)
 
 
 def _tail(path: Path, n: int = 2000) -> str:
