@@ -227,7 +227,7 @@ class Node:
                 [s.rabbit_tool("rabbitmq-server")], env=s.rabbit_env(self.state),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
-        self.state["pids"]["rabbitmq"] = self.proc.pid
+        s.record(self.state, "rabbitmq", self.proc.pid)
         s.wait_until(
             "the RabbitMQ node",
             lambda: s.rabbitmqctl(self.state, "await_startup", "--timeout", "30",
