@@ -287,3 +287,22 @@ def handmade_token(header: Dict[str, Any], claims: Dict[str, Any], key: Optional
     signing = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
     sig = "" if key is None else b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
     return signing + "." + sig
+
+
+def stop_processes(procs: Sequence[Any], grace: float) -> None:
+    """
+    Ask every one of C{procs} (L{subprocess.Popen}s) to stop (SIGTERM),
+    give each C{grace} seconds to exit, then kill those still running.
+    """
+    import subprocess
+
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+

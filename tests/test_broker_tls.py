@@ -31,7 +31,7 @@ from pfo3.amqp import tap as worker_tap
 from pfo3.amqp.connection import broker_url, client_tls, parameters
 from pfo3.certs import KeyPairFiles, make_ca, make_client, make_server
 
-from .conftest import ROOT, LineSocket, free_port, server_env, wait_for_port
+from .conftest import ROOT, LineSocket, free_port, server_env, stop_processes, wait_for_port
 
 SCRIPT = ROOT / "deploy" / "cluster.py"
 
@@ -302,15 +302,7 @@ class Processes:
         return (self.dir / f"{name}.log").read_text()
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_processes(self.procs, 20)
 
 
 @pytest.fixture

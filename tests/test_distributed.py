@@ -21,7 +21,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
-from .conftest import LineSocket, free_port, read_to_end, server_env, wait_for_port
+from .conftest import (
+    LineSocket,
+    free_port,
+    read_to_end,
+    server_env,
+    stop_processes,
+    wait_for_port,
+)
 from .pgdb import Database, pg_database  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -93,15 +100,7 @@ class Cluster:
                              + (log.read_text() if log.exists() else "(no log)"))
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_processes(self.procs, 15)
         connection, channel = _blocking_channel()
         try:
             for queue in [f"{self.prefix}.tareas", f"{self.prefix}.muertas",

@@ -26,13 +26,13 @@ from pfo3.blobs.requests import BlobPolicy
 from pfo3.executor import LocalExecutor
 from pfo3.orchestrator import Orchestrator, replay
 from pfo3.store import ANONYMOUS, IStore, MemoryStore, Record, SQLStore
-from pfo3.store._sql import POSTGRESQL, SQLITE
+from pfo3.store._sql import SQLITE
 from pfo3.tasks import default_registry
 from pfo3.testing import SynchronousThreadPool
 
 from .pgdb import Database, pg_database  # noqa: F401
 from .test_blobs_protocol import PresigningBlobs
-from .test_store import _POSTGRESQL, _SQLITE, Make, _builder, _sleep, rec
+from .test_store import _POSTGRESQL, _SQLITE, Make, _builder, _sleep, clocked, rec  # noqa: F401
 
 
 @pytest.fixture(params=["memory", _SQLITE, _POSTGRESQL])
@@ -42,25 +42,6 @@ def make(request: Any, tmp_path: Path) -> Iterator[Make]:
     """
     yield from _builder(request, tmp_path)
 
-
-@pytest.fixture(params=["memory", _SQLITE, _POSTGRESQL])
-def clocked(request: Any, tmp_path: Path) -> Iterator[Tuple[IStore, Clock]]:
-    """
-    A store of each kind whose purges run on a fake clock, retention 100 s.
-    """
-    clock = Clock()
-    store: IStore
-    if request.param == "memory":
-        store = MemoryStore(clock, max_age=100)
-    elif request.param == "sqlite":
-        store = SQLStore(SQLITE, str(tmp_path / "s.db"), clock, max_age=100, reactor=reactor)
-    else:
-        db: Database = request.getfixturevalue("pg_database")
-        store = SQLStore(POSTGRESQL, db.url, clock, max_age=100, reactor=reactor)
-    yield store, clock
-    pool = getattr(store, "_pool", None)
-    if pool is not None and pool.running:
-        pool.close()
 
 UPLOAD = "u" + "1" * 32
 RESULT = "r" + "2" * 32
@@ -154,7 +135,7 @@ def test_memory_bound_hands_over_the_objects_of_evicted_records() -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_orchestrator_deletes_objects_with_records_and_replays_refs(
-        clocked: Tuple[IStore, Clock]) -> Any:
+        clocked: Tuple[IStore, Clock]) -> Any:  # noqa: F811
     """
     On every store, through the orchestrator: a durable task with
     C{contenido_ref} and C{"refs": true} answers C{resultado_ref}; its
