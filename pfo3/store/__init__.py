@@ -136,14 +136,15 @@ class Record:
         return f"<Record {self.owner!r}/{self.tarea_id!r} {self.tipo} {self.estado}>"
 
 
-#: Called by a store with the object references (C{contenido_ref},
-#: C{resultado_ref}) of the records it forgets, so that their objects go
-#: with them (L{IStore.on_forget}).
+#: Called by a store with the references of the result objects of the
+#: records it forgets, so that those objects go with them
+#: (L{IStore.on_forget}).
 ForgetObjects = Callable[[List[str]], object]
 
 
-def objects_of(contenido: Any, resultado: Any) -> List[str]:
+def objects_of(resultado: Any) -> List[str]:
     """
+    @param resultado: A record's result.
     @return: The references of the objects that belong to a task's record
         alone, deleted with it: its result's, when it was stored as an
         object.  Not its content's (C{contenido_ref}): an upload may serve
@@ -180,7 +181,7 @@ class IStore(Interface):
     dropped: int = Attribute("Record updates that could not be written and were given up.")
     pending: int = Attribute("Record updates waiting to be written.")
     on_forget: Optional[ForgetObjects] = Attribute(
-        "Called with the object references of the records the store forgets (purged by "
+        "Called with the result objects' references of the records the store forgets (purged by "
         "age or, in memory, by its bound); L{None}: nobody to tell.  The orchestrator "
         "sets it to delete those objects when it has object storage.")
 

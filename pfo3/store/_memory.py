@@ -50,11 +50,12 @@ def _expanded(key: _Key, held: _Held) -> Record:
 
 def _objects(held: _Held) -> List[str]:
     """
-    @return: The object references the record C{held} stands for holds.
+    @return: The references of the objects that go with the record C{held}
+        stands for (L{objects_of}).
     """
     if type(held) is Record:
-        return objects_of(held.contenido, held.resultado)
-    return objects_of(held[1], held[2])  # type: ignore[index]
+        return objects_of(held.resultado)
+    return objects_of(held[2])  # type: ignore[index]
 
 
 def _ended(held: _Held) -> float:

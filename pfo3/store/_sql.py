@@ -38,7 +38,7 @@ from zope.interface import implementer
 from pfo3.errors import StoreUnavailable
 from pfo3.store import DEFAULT_MAX_AGE, ForgetObjects, IStore, Record, done_record, objects_of
 from pfo3.store._memory import purge_interval
-from pfo3.wire import RefArg, ResultRef
+from pfo3.wire import ResultRef
 
 log = Logger(namespace="pfo3.store")
 
@@ -81,7 +81,7 @@ MIGRATIONS: Dict[int, Sequence[str]] = {
     ),
     # A result stored as an object (its reference, size, SHA-256, URL) in
     # a column of its own, so that it reads back as one; and the references
-    # of the objects a record holds, so that purging it deletes them.
+    # of the objects that go with a record, so that purging it deletes them.
     2: (
         "ALTER TABLE pfo3_tareas ADD COLUMN IF NOT EXISTS resultado_ref TEXT",
         "ALTER TABLE pfo3_tareas ADD COLUMN IF NOT EXISTS objetos TEXT",
@@ -273,10 +273,9 @@ def _row(r: Record) -> Tuple[Any, ...]:
     resultado = r.resultado if r.estado == "ok" else None
     resultado_ref = None
     objetos = None
-    if type(resultado) is ResultRef or type(r.contenido) is RefArg:
-        if type(resultado) is ResultRef:
-            resultado_ref, resultado = resultado, None
-        objetos = " ".join(objects_of(r.contenido, r.resultado)) or None
+    if type(resultado) is ResultRef:
+        resultado_ref, resultado = resultado, None
+        objetos = " ".join(objects_of(resultado_ref))
     return (
         _clean(r.owner), _clean(r.tarea_id), _clean(r.tipo), contenido, int(truncado),
         r.huella, r.estado, _json(resultado), r.codigo,
