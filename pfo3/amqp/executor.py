@@ -218,12 +218,7 @@ class AMQPExecutor:
             self._orphan(channel, delivery)
             return
         self._ack(channel, delivery.tag)
-        try:
-            outcome = messages.decode_reply(delivery.body)
-        except messages.BadMessage as e:
-            log.error("Unreadable reply for {id}: {why}", id=delivery.correlation_id, why=e)
-            d.errback(InternalError("Error interno: respuesta ilegible de un worker."))
-            return
+        outcome = _outcome(delivery)
         if isinstance(outcome, Pfo3Error):
             d.errback(outcome)
         else:
@@ -298,11 +293,7 @@ class AMQPExecutor:
             # Finished: by a reply before this one, or by this very one on
             # an earlier attempt whose write may still be queued.
             return store.flush()
-        try:
-            outcome = messages.decode_reply(delivery.body)
-        except messages.BadMessage as e:
-            log.error("Unreadable reply for {id}: {why}", id=delivery.correlation_id, why=e)
-            outcome = InternalError("Error interno: respuesta ilegible de un worker.")
+        outcome = _outcome(delivery)
         record.terminada = self._clock.seconds() if self._clock is not None else time.time()
         if isinstance(outcome, Pfo3Error):
             record.estado = estado_of(outcome)
@@ -333,3 +324,17 @@ class AMQPExecutor:
         if self._unconfirmed:
             log.warn("{n} tasks not confirmed by the broker when the connection was lost",
                      n=len(self._unconfirmed))
+
+
+def _outcome(delivery: Delivery) -> Any:
+    """
+    @return: What a reply says: C{(resultado, worker)}, or the task's
+        L{Pfo3Error}, or L{InternalError} for a reply that cannot be read
+        (logged).
+    """
+    try:
+        return messages.decode_reply(delivery.body)
+    except messages.BadMessage as e:
+        log.error("Unreadable reply for {id}: {why}", id=delivery.correlation_id, why=e)
+        return InternalError("Error interno: respuesta ilegible de un worker.")
+
