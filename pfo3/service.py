@@ -133,7 +133,8 @@ class TaskServerService(JSONLogsOnParent, MultiService):
     def stopService(self) -> Deferred[None]:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
-        self._take_signals()
+        if self.handle_signals:
+            self._second_signal.take()  # a second signal hurries the stop
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._drain())
         d.addBoth(self._stop_store)
@@ -217,7 +218,7 @@ class TaskServerService(JSONLogsOnParent, MultiService):
         return d.addBoth(self._stopped, result)
 
     def _stopped(self, ignored: Any, result: Any) -> Any:
-        self._give_back_signals()
+        self._second_signal.give_back()
         completed = self.orchestrator.completed
         log.info("pfo3 stopped after {tasks}", completed=completed,
                  tasks=count(completed, "task"))
@@ -231,13 +232,6 @@ class TaskServerService(JSONLogsOnParent, MultiService):
         return d.addBoth(lambda _: result)
 
     # -- a second SIGTERM/SIGINT while stopping ----------------------------------
-
-    def _take_signals(self) -> None:
-        if self.handle_signals:
-            self._second_signal.take()
-
-    def _give_back_signals(self) -> None:
-        self._second_signal.give_back()
 
     @staticmethod
     def _call_from_thread(f: Callable[[], None]) -> None:
