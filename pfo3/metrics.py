@@ -87,7 +87,9 @@ def _broker_families(probe: BrokerProbe) -> Iterator[Metric]:
                             value=1 if probe.connected else 0)
     if probe.depth is not None:
         yield GaugeMetricFamily(
-            "pfo3_broker_queue_depth", "Tasks waiting in the broker's task queue.",
+            "pfo3_broker_queue_depth",
+            "Messages waiting in the broker's task queue (each one task, or a batch of "
+            "inline tasks sent together).",
             value=probe.depth)
     if probe.consumers is not None:
         yield GaugeMetricFamily(

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pfo3.amqp import messages
-from pfo3.amqp.connection import AckBatch, Delivery, OrderedAcks
+from pfo3.amqp.batches import Batcher, ChannelGone
+from pfo3.amqp.connection import AckBatch, Delivery, OrderedAcks, Refused
 from pfo3.amqp.executor import ORPHAN_RETRY, AMQPExecutor
-from pfo3.amqp.topology import Topology
+from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.amqp.worker import WorkerService
 from pfo3.auth import Identity
 from pfo3.errors import (
@@ -128,6 +129,43 @@ class MessageTests(SynchronousTestCase):
                 else:
                     messages.decode_task(body)
 
+    def test_batches(self) -> None:
+        """
+        A batch carries each message under its own correlation id, and each
+        item, its id taken out, is the message it carries; a message that is
+        no batch is one item under the message's correlation id.
+        """
+        tasks = [("c1", messages.encode_task("upper", "a")),
+                 ("c2", messages.encode_task("sleep", 1, "ana", "t2"))]
+        items, batch = messages.items_of(messages.encode_batch(tasks), "lote.c1")
+        self.assertTrue(batch)
+        self.assertEqual([(c, messages.task_of(item)) for c, item in items],
+                         [("c1", ("upper", "a", "", None)), ("c2", ("sleep", 1, "ana", "t2"))])
+        self.assertEqual([messages.encode_item(item) for _, item in items],  # type: ignore
+                         [body for _, body in tasks])
+        self.assertEqual(messages.items_of(tasks[0][1], "c1"),
+                         ([("c1", {"v": 1, "tipo": "upper", "contenido": "a"})], False))
+
+    def test_bad_batches(self) -> None:
+        """
+        What is wrong with a body, or with an item of a batch, is its item's
+        L{messages.BadMessage}, under the id it can be answered by.
+        """
+        [(c, bad)], batch = messages.items_of(b"\x80", "c9")
+        self.assertEqual((c, batch), ("c9", False))
+        self.assertIsInstance(bad, messages.BadMessage)
+        [(c, bad)], _ = messages.items_of(b'{"v":1,"lote":3}', "c9")
+        self.assertEqual(c, "c9")
+        self.assertIsInstance(bad, messages.BadMessage)
+        items, batch = messages.items_of(
+            b'{"v":1,"lote":[7,{"id":"a","v":2},{"id":"b","v":1,"tipo":"x","contenido":1}]}', "")
+        self.assertTrue(batch)
+        self.assertEqual([c for c, _ in items], ["", "a", "b"])
+        self.assertIsInstance(items[0][1], messages.BadMessage)
+        self.assertIsInstance(items[1][1], messages.BadMessage)
+        self.assertRaises(messages.BadMessage, messages.task_of, items[1][1])
+        self.assertEqual(messages.task_of(items[2][1]), ("x", 1, "", None))
+
 
 TOPOLOGY = Topology("t", delivery_limit=1)
 
@@ -219,6 +257,7 @@ class ExecutorTests(SynchronousTestCase):
         proto, transport = self.cluster.client()
         proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n'
                            b'{"tarea_id": "s", "tipo": "sleep", "contenido": 2}\n')
+        self.cluster.clock.advance(0)
         self.assertEqual(replies(transport), [
             {"estado": "ok", "resultado": "HOLA", "tarea_id": "a", "worker": "w1/0"}])
         self.cluster.clock.advance(2)
@@ -242,6 +281,7 @@ class ExecutorTests(SynchronousTestCase):
         proto, transport = self.cluster.client()
         proto.session.set_identity(Identity("alice"))
         proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+        self.cluster.clock.advance(0)
         self.assertEqual(replies(transport)[0]["resultado"], "HOLA")
         self.assertEqual(seen, ["alice"])
 
@@ -259,6 +299,7 @@ class ExecutorTests(SynchronousTestCase):
         """
         self.cluster.broker.max_length[self.cluster.topology.tasks] = 0
         d = self.cluster.executor.run(BUILTINS[0], "x")
+        self.cluster.clock.advance(0)
         self.failureResultOf(d, Busy)  # type: ignore[arg-type]
 
     def test_unconfirmed_tasks_fail_when_the_connection_drops(self) -> None:
@@ -269,14 +310,17 @@ class ExecutorTests(SynchronousTestCase):
         """
         self.cluster.broker.hold_confirms = True
         first = self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.clock.advance(0)
         self.cluster.broker.release_confirms()
         second = self.cluster.executor.run(BUILTINS[0], "b")
+        self.cluster.clock.advance(0)
         self.cluster.view.lose()
         self.failureResultOf(second, BrokerUnavailable)  # type: ignore[arg-type]
         self.assertNoResult(first)  # type: ignore[arg-type]
         self.cluster.broker.hold_confirms = False
         self.cluster.view.connect()
         self.cluster.worker("w1")
+        self.cluster.clock.advance(0)
         self.assertEqual(self.successResultOf(first), ("A", "w1/0"))  # type: ignore[arg-type]
 
     def test_correlation_ids_are_unique(self) -> None:
@@ -288,6 +332,7 @@ class ExecutorTests(SynchronousTestCase):
         for cluster in (Cluster(TaskRegistry(BUILTINS)), Cluster(TaskRegistry(BUILTINS))):
             for _ in range(100):
                 cluster.executor.run(BUILTINS[0], "a")
+                cluster.clock.advance(0)
             ids.update(m.correlation_id for m in cluster.broker.queues[TOPOLOGY.tasks])
         self.assertEqual(len(ids), 200)
 
@@ -298,6 +343,7 @@ class ExecutorTests(SynchronousTestCase):
         """
         self.cluster.worker("w1")
         d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.clock.advance(0)
         self.assertEqual(self.successResultOf(d), ("A", "w1/0"))  # type: ignore[arg-type]
         channel = self.cluster.view.channel
         assert channel is not None
@@ -313,6 +359,7 @@ class ExecutorTests(SynchronousTestCase):
         worker = self.cluster.worker("w1")
         proto, transport = self.cluster.client()
         proto.dataReceived(b'{"tarea_id": "n", "tipo": "nunca", "contenido": 1}\n')
+        self.cluster.clock.advance(0)
         self.assertEqual(len(worker.held), 1)
         self.cluster.clock.advance(10)
         self.assertEqual(replies(transport)[0]["codigo"], "timeout")
@@ -328,8 +375,10 @@ class ExecutorTests(SynchronousTestCase):
         """
         worker = self.cluster.worker("w1", capacity=1)
         busy = self.cluster.executor.run(BUILTINS[3], 1.0)
+        self.cluster.clock.advance(0)
         proto, transport = self.cluster.client()
         proto.dataReceived(b'{"tarea_id": "n", "tipo": "nunca", "contenido": 1}\n')
+        self.cluster.clock.advance(0)
         self.assertEqual(len(self.cluster.broker.queues[self.cluster.topology.tasks]), 1)
         proto.connectionLost()
         self.cluster.clock.advance(1)
@@ -369,6 +418,7 @@ class OrphanReplyTests(SynchronousTestCase):
             proto.dataReceived(json.dumps({"tarea_id": tarea_id, "tipo": "sleep",
                                            "contenido": seconds, "esperar": False}).encode()
                                + b"\n")
+            self.clock.advance(0)  # one message each
         self.assertEqual([r["estado"] for r in replies(transport)], ["aceptada"] * len(tarea_ids))
         self.assertEqual(len(worker.held), len(tarea_ids))
         self.cluster.view.lose()
@@ -384,7 +434,9 @@ class OrphanReplyTests(SynchronousTestCase):
         self.accept_then_crash(["a", "b", "c"])
         self.clock.advance(1)
         reply_queue = self.cluster.executor.reply_queue
-        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 3)
+        # Ended in one turn: one batch of three replies.
+        [batch] = self.cluster.broker.queues[reply_queue]
+        self.assertEqual(len(messages.items_of(batch.body, batch.correlation_id)[0]), 3)
         self.assertEqual(self.record("a").estado, RUNNING)
         self.cluster.orchestrator_named("o1")
         self.clock.advance(0)
@@ -454,8 +506,10 @@ class OrphanReplyTests(SynchronousTestCase):
         self.store.get = lambda *key: looked.append(key) or get(*key)  # type: ignore
         proto, transport = self.cluster.client()
         proto.dataReceived(b'{"tarea_id": "a", "tipo": 1, "contenido": "hola"}\n')
+        self.clock.advance(0)
         answered = self.cluster.broker.queues[TOPOLOGY.tasks][0].correlation_id
         self.cluster.worker("w1")
+        self.clock.advance(0)
         self.assertEqual(replies(transport)[0]["resultado"], "HOLA")
         channel = self.cluster.view.channel
         assert channel is not None
@@ -532,6 +586,7 @@ class OrphanReplyTests(SynchronousTestCase):
         self.store.get = get  # type: ignore[method-assign]
         proto, transport = self.cluster.client()
         proto.dataReceived(b'{"tarea_id": "n", "tipo": 1, "contenido": "hola"}\n')
+        self.clock.advance(0)
         self.cluster.worker("w9")
         self.clock.advance(0)
         self.assertEqual([r["resultado"] for r in replies(transport)], ["HOLA"])
@@ -567,6 +622,8 @@ class OrphanReplyTests(SynchronousTestCase):
         cluster = Cluster(TaskRegistry(BUILTINS))
         cluster.executor.run(BUILTINS[0], "a", "", "t1")
         self.cluster.executor.run(BUILTINS[0], "a", "", "t1")
+        cluster.clock.advance(0)
+        self.clock.advance(0)
         self.assertEqual(cluster.broker.queues[TOPOLOGY.tasks][0].body,
                          b'{"v":1,"tipo":"uppercase","contenido":"a"}')
         self.assertEqual(self.cluster.broker.queues[TOPOLOGY.tasks][0].body,
@@ -588,6 +645,7 @@ class AcceptedTests(SynchronousTestCase):
         self.proto.dataReceived(json.dumps({
             "tarea_id": tarea_id, "tipo": "uppercase", "contenido": "a", "esperar": False,
         }).encode() + b"\n")
+        self.cluster.clock.advance(0)
 
     def test_aceptada_waits_for_the_confirmation(self) -> None:
         self.cluster.broker.hold_confirms = True
@@ -779,13 +837,24 @@ class ReplyAckTests(SynchronousTestCase):
         Replies handled in one reactor turn stay unacknowledged until its
         end, then one multiple ack settles them all.
         """
-        broker, reply_queue = self.cluster.broker, self.cluster.executor.reply_queue
-        ds = [self.cluster.executor.run(BUILTINS[0], text) for text in "abc"]
+        cluster = Cluster(TaskRegistry(BUILTINS))  # no worker: the replies come by hand
+        broker, reply_queue = cluster.broker, cluster.executor.reply_queue
+        ds = []
+        for text in "abc":  # one reactor turn each: three task messages
+            ds.append(cluster.executor.run(BUILTINS[0], text))
+            cluster.clock.advance(0)
+        tasks = list(broker.queues[TOPOLOGY.tasks])
+        self.assertEqual(len(tasks), 3)
+        channel = cluster.view.channel
+        assert channel is not None
+        for text, message in zip("ABC", tasks):
+            channel.publish(reply_queue, messages.encode_result(text, "w1/0"),
+                            message.correlation_id or "")
         self.assertEqual([self.successResultOf(d)[0] for d in ds],  # type: ignore[arg-type]
                          ["A", "B", "C"])
         replies = [tag for tag, (q, _, _) in broker.unacked.items() if q == reply_queue]
         self.assertEqual(len(replies), 3)
-        self.cluster.clock.advance(0)
+        cluster.clock.advance(0)
         self.assertEqual(broker.unacked, {})
         self.assertEqual(sorted(set(replies) & set(broker.acked)), sorted(replies))
 
@@ -795,16 +864,23 @@ class ReplyAckTests(SynchronousTestCase):
         is delivered again after the reconnection and dropped: the client
         got one answer.
         """
-        d = self.cluster.executor.run(BUILTINS[0], "a")
+        cluster = Cluster(TaskRegistry(BUILTINS))  # no worker: the reply comes by hand
+        d = cluster.executor.run(BUILTINS[0], "a")
+        cluster.clock.advance(0)
+        [task] = cluster.broker.queues[TOPOLOGY.tasks]
+        reply_queue = cluster.executor.reply_queue
+        channel = cluster.view.channel
+        assert channel is not None
+        channel.publish(reply_queue, messages.encode_result("A", "w1/0"),
+                        task.correlation_id or "")
         self.assertEqual(self.successResultOf(d), ("A", "w1/0"))  # type: ignore[arg-type]
-        self.cluster.view.lose()
-        reply_queue = self.cluster.executor.reply_queue
-        self.assertEqual(len(self.cluster.broker.queues[reply_queue]), 1)
-        self.cluster.view.connect()
-        self.cluster.clock.advance(0)
-        self.assertEqual((self.cluster.broker.unacked, len(
-            self.cluster.broker.queues[reply_queue])), ({}, 0))
-        self.assertEqual(self.cluster.executor._pending, {})
+        cluster.view.lose()
+        self.assertEqual(len(cluster.broker.queues[reply_queue]), 1)
+        cluster.view.connect()
+        cluster.clock.advance(0)
+        self.assertEqual((cluster.broker.unacked, len(cluster.broker.queues[reply_queue])),
+                         ({}, 0))
+        self.assertEqual(cluster.executor._pending, {})
 
 
 class WorkerTests(SynchronousTestCase):
@@ -822,6 +898,7 @@ class WorkerTests(SynchronousTestCase):
         """
         self.cluster.worker("w1", registry=TaskRegistry(BUILTINS[1:]))
         d = self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.clock.advance(0)
         self.failureResultOf(d, UnknownType)  # type: ignore[arg-type]
 
     def test_ack_waits_for_the_reply_confirmation(self) -> None:
@@ -831,6 +908,7 @@ class WorkerTests(SynchronousTestCase):
         """
         self.cluster.broker.hold_confirms = True
         self.cluster.executor.run(BUILTINS[0], "a")
+        self.cluster.clock.advance(0)
         self.cluster.broker.release_confirms()  # the task itself
         worker = self.cluster.worker("w1")
         self.cluster.clock.advance(0)  # the orchestrator acknowledges the reply
@@ -844,11 +922,13 @@ class WorkerTests(SynchronousTestCase):
         client answered reintentos_agotados by a worker.
         """
         d = self.cluster.executor.run(BUILTINS[3], 5.0)
+        self.cluster.clock.advance(0)
         for name in ("k1", "k2"):  # the first delivery and the one redelivery allowed
             dying = self.cluster.worker(name)
             self.assertEqual(len(dying.held), 1)
             dying.broker.lose()  # type: ignore[attr-defined]
         self.cluster.worker("w")
+        self.cluster.clock.advance(0)
         self.failureResultOf(d, DeliveryLimit)  # type: ignore[arg-type]
 
     def test_stop_finishes_what_it_holds(self) -> None:
@@ -858,6 +938,7 @@ class WorkerTests(SynchronousTestCase):
         """
         worker = self.cluster.worker("w1")
         d = self.cluster.executor.run(BUILTINS[3], 1.0)
+        self.cluster.clock.advance(0)
         stopped = worker.stopService()
         self.assertNoResult(stopped)
         self.assertEqual(self.cluster.broker.consumers.keys() & set(worker._consumers), set())
@@ -865,3 +946,258 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d)[0], "Esperé 1 segundo")  # type: ignore
         self.successResultOf(stopped)
         self.assertEqual(self.cluster.broker.unacked, {})
+
+
+class _Publishes:
+    """
+    A channel that records what it publishes and confirms it with
+    C{outcome}.
+    """
+
+    def __init__(self) -> None:
+        self.sent: List[Tuple[str, bytes, str, Optional[str], Optional[float], bool]] = []
+        self.outcome: Any = None
+
+    def publish(self, routing_key: str, body: bytes, correlation_id: str,
+                reply_to: Optional[str] = None, expiration: Optional[float] = None,
+                persistent: bool = True, exchange: str = "") -> Deferred[None]:
+        self.sent.append((routing_key, body, correlation_id, reply_to, expiration, persistent))
+        return fail(self.outcome) if self.outcome is not None else succeed(None)
+
+
+class BatcherTests(SynchronousTestCase):
+    """
+    L{Batcher} publishes what one reactor turn gives it, one batch per
+    destination.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.channel: Optional[_Publishes] = _Publishes()
+        self.batcher = Batcher(self.clock, lambda: self.channel,  # type: ignore[arg-type,return-value]
+                               max_items=3, max_bytes=1000)
+
+    def publish(self, routing_key: str, correlation_id: str, **kw: Any) -> Deferred[None]:
+        return self.batcher.publish(routing_key, messages.encode_task("upper", correlation_id),
+                                    correlation_id, **kw)
+
+    def test_alone_it_goes_as_it_is(self) -> None:
+        """
+        A message alone in its turn goes out at the turn's end, unchanged.
+        """
+        assert self.channel is not None
+        d = self.publish("q", "c1", reply_to="r", expiration=5.0)
+        self.assertEqual(self.channel.sent, [])
+        self.clock.advance(0)
+        self.assertEqual(self.channel.sent, [
+            ("q", messages.encode_task("upper", "c1"), "c1", "r", 5.0, True)])
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_one_batch_per_destination(self) -> None:
+        """
+        Messages of one turn to one destination (queue, reply queue, expiry,
+        persistence) go as one batch; the others apart.  Each one's Deferred
+        fires with its batch's confirmation.
+        """
+        assert self.channel is not None
+        ds = [self.publish("q", "c1"), self.publish("q", "c2"), self.publish("q2", "c3"),
+              self.publish("q", "c4", persistent=False)]
+        self.clock.advance(0)
+        sent = {(key, persistent): (body, cid) for key, body, cid, _, _, persistent
+                in self.channel.sent}
+        self.assertEqual(len(self.channel.sent), 3)
+        body, cid = sent[("q", True)]
+        self.assertEqual([c for c, _ in messages.items_of(body, cid)[0]], ["c1", "c2"])
+        self.assertEqual(sent[("q2", True)][1], "c3")
+        self.assertEqual(sent[("q", False)][1], "c4")
+        self.assertEqual([self.successResultOf(d) for d in ds], [None] * 4)
+
+    def test_a_full_batch_goes_at_once(self) -> None:
+        """
+        A batch that reaches its count or its size goes out at once, without
+        waiting for the end of the turn.
+        """
+        assert self.channel is not None
+        for c in ("c1", "c2", "c3"):
+            self.publish("q", c)
+        self.assertEqual(len(self.channel.sent), 1)
+        self.batcher.publish("q", b'{"v":1,"x":"' + b"y" * 1000 + b'"}', "big")
+        self.assertEqual(len(self.channel.sent), 2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.channel.sent), 2)
+
+    def test_refused_fails_each(self) -> None:
+        """
+        A batch the broker refuses fails every message in it with the
+        refusal; with no channel at all, with L{ChannelGone}.
+        """
+        assert self.channel is not None
+        self.channel.outcome = Refused("q")
+        ds = [self.publish("q", "c1"), self.publish("q", "c2")]
+        self.clock.advance(0)
+        for d in ds:
+            self.failureResultOf(d, Refused)
+        self.channel = None
+        d = self.publish("q", "c3")
+        self.batcher.flush()
+        self.failureResultOf(d, ChannelGone)
+
+
+class BatchTests(SynchronousTestCase):
+    """
+    Tasks of one reactor turn travel as one batch: acknowledged once each of
+    its tasks is answered, split when delivered again, its tasks cancelled
+    and dead-lettered one by one.
+    """
+
+    def setUp(self) -> None:
+        self.never: List[Deferred[Any]] = []
+        registry = TaskRegistry(BUILTINS + (
+            TaskType("nunca", 40, (), "d", self._never, ASYNC),))
+        self.cluster = Cluster(registry)
+        self.published: List[Tuple[str, bytes]] = []
+        broker = self.cluster.broker
+        publish = broker._publish
+
+        def spy(exchange: str, routing_key: str, message: Any) -> Deferred[None]:
+            if not exchange:
+                self.published.append((routing_key, message.body))
+            return publish(exchange, routing_key, message)
+
+        broker._publish = spy  # type: ignore[method-assign]
+
+    def _never(self, clock: Any, arg: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.never.append(d)
+        return d
+
+    def batches(self, queue: str) -> List[int]:
+        """
+        @return: How many items each message published to C{queue} carried
+            (0: a message of its own).
+        """
+        sizes = []
+        for routing_key, body in self.published:
+            if routing_key == queue:
+                items, batch = messages.items_of(body, "")
+                sizes.append(len(items) if batch else 0)
+        return sizes
+
+    def held_reverse(self) -> TaskRegistry:
+        """
+        @return: The built-in types for a worker whose C{reverse} never ends
+            by itself (as one that hangs, or kills its process, would):
+            inline for the orchestrator, which batches it.
+        """
+        return TaskRegistry(tuple(t for t in BUILTINS if t.name != "reverse") + (
+            TaskType("reverse", 2, (), "d", self._never, ASYNC),))
+
+    def test_inline_tasks_of_one_turn_travel_as_one_message(self) -> None:
+        """
+        Inline tasks of one turn go as one message, the others one to a
+        message (the workers' prefetch spreads them); a worker answers the
+        replies of one turn as one message.
+        """
+        run = self.cluster.executor.run
+        ds = [run(BUILTINS[0], "a"), run(BUILTINS[3], 1.0), run(BUILTINS[1], "bc"),
+              run(BUILTINS[3], 1.0)]
+        self.cluster.clock.advance(0)
+        self.assertEqual(sorted(self.batches(TOPOLOGY.tasks)), [0, 0, 2])
+        self.cluster.worker("w1")
+        self.cluster.clock.advance(0)
+        self.assertEqual([self.successResultOf(d) for d in ds[::2]],  # type: ignore[arg-type]
+                         [("A", "w1/0"), ("cb", "w1/0")])
+        self.cluster.clock.advance(1)
+        self.assertEqual([self.successResultOf(d)[0] for d in ds[1::2]],  # type: ignore
+                         ["Esperé 1 segundo"] * 2)
+        self.assertEqual(self.batches(self.cluster.executor.reply_queue), [2, 2])
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_a_batch_is_acknowledged_once_each_task_is_answered(self) -> None:
+        """
+        A worker acknowledges a batch once the last of its tasks is
+        answered.
+        """
+        run = self.cluster.executor.run
+        ds = [run(BUILTINS[0], "a"), run(BUILTINS[1], "bc")]
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.batches(TOPOLOGY.tasks), [2])
+        self.cluster.worker("w1", registry=self.held_reverse())
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.successResultOf(ds[0]), ("A", "w1/0"))  # type: ignore[arg-type]
+        self.assertEqual(len(self.cluster.broker.unacked), 1)  # the batch: one task runs
+        self.never[0].callback("cb")
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.successResultOf(ds[1]), ("cb", "w1/0"))  # type: ignore[arg-type]
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+    def test_a_batch_delivered_again_is_split(self) -> None:
+        """
+        A batch delivered again (its worker died) goes back to the queue as
+        one message per task, and is acknowledged: the task that kills its
+        workers is dead-lettered alone, and its batch-mate, answered before
+        the first death, is answered once.
+        """
+        run = self.cluster.executor.run
+        answered, poison = run(BUILTINS[0], "a"), run(BUILTINS[1], "bc")
+        self.cluster.clock.advance(0)
+        k1 = self.cluster.worker("k1", registry=self.held_reverse())
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.successResultOf(answered), ("A", "k1/0"))  # type: ignore
+        k1.broker.lose()  # type: ignore[attr-defined]
+        k2 = self.cluster.worker("k2", registry=self.held_reverse())
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.batches(TOPOLOGY.tasks), [2, 0, 0])
+        self.assertEqual(len(k2.held), 1)
+        k2.broker.lose()  # type: ignore[attr-defined]
+        k3 = self.cluster.worker("k3", registry=self.held_reverse())  # its one redelivery
+        self.cluster.clock.advance(0)
+        self.assertEqual(len(k3.held), 1)
+        k3.broker.lose()  # type: ignore[attr-defined]
+        self.cluster.worker("w")
+        self.cluster.clock.advance(0)
+        self.failureResultOf(poison, DeliveryLimit)  # type: ignore[arg-type]
+        self.assertEqual(self.cluster.broker.unacked, {})
+        self.assertEqual(len(self.cluster.broker.queues[TOPOLOGY.tasks]), 0)
+
+    def test_a_cancelled_task_of_a_batch_is_not_run(self) -> None:
+        """
+        A task given up on while its batch waited in the queue is dropped;
+        its batch-mates run, and the batch is acknowledged.
+        """
+        worker = self.cluster.worker("w1", capacity=1)
+        busy = self.cluster.executor.run(BUILTINS[3], 1.0)
+        self.cluster.clock.advance(0)
+        leaving, transport1 = self.cluster.client()
+        staying, transport2 = self.cluster.client()
+        leaving.dataReceived(b'{"tarea_id": "n", "tipo": "reverse", "contenido": "ab"}\n')
+        staying.dataReceived(b'{"tarea_id": "b", "tipo": 1, "contenido": "b"}\n')
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.batches(TOPOLOGY.tasks), [0, 2])
+        leaving.connectionLost()
+        ran: List[str] = []
+        run = worker.executor.run
+        worker.executor.run = lambda t, *a: ran.append(t.name) or run(t, *a)  # type: ignore
+        self.cluster.clock.advance(1)
+        self.assertEqual(self.successResultOf(busy)[0], "Esperé 1 segundo")  # type: ignore
+        self.assertEqual(replies(transport2)[0]["resultado"], "B")
+        self.assertEqual((ran, worker.held, self.cluster.broker.unacked),
+                         (["uppercase"], {}, {}))
+
+    def test_a_dead_lettered_batch_answers_each_task(self) -> None:
+        """
+        A batch dead-lettered whole (it came back too often to be split in
+        time) answers each of its tasks reintentos_agotados.
+        """
+        run = self.cluster.executor.run
+        ds = [run(BUILTINS[0], "a"), run(BUILTINS[0], "b")]
+        self.cluster.clock.advance(0)
+        broker = self.cluster.broker
+        batch = broker.queues[TOPOLOGY.tasks].popleft()
+        batch.headers = {DEATH_REASON: "delivery_limit"}
+        broker.queues[TOPOLOGY.dead].append(batch)
+        self.cluster.worker("w")
+        self.cluster.clock.advance(0)
+        for d in ds:
+            self.failureResultOf(d, DeliveryLimit)  # type: ignore[arg-type]
+        self.assertEqual(broker.unacked, {})

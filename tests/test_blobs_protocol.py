@@ -322,13 +322,13 @@ class DistributedTests(SynchronousTestCase):
         factory = TaskFactory(orch)
         executor.start()
         bodies: List[bytes] = []
-        original = messages.decode_task
+        original = messages.task_of
 
-        def spy(body: bytes) -> Any:
-            bodies.append(body)
-            return original(body)
+        def spy(task: Any) -> Any:
+            bodies.append(messages.encode_item(task))
+            return original(task)
 
-        self.patch(messages, "decode_task", spy)
+        self.patch(messages, "task_of", spy)
         wholder: List[Any] = []
         wview = broker.view(lambda raw, ch: wholder[0].setup(raw, ch), prefetch=4)
         worker = WorkerService(

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
+from pfo3.amqp import messages
+
 from .conftest import (
     LineSocket,
     free_port,
@@ -184,7 +186,9 @@ def test_worker_answers_bad_messages_without_crashing(cluster: Cluster) -> None:
             if method is None:
                 time.sleep(0.05)
                 continue
-            got[props.correlation_id] = json.loads(body)
+            # The worker's replies of one turn come as one batch.
+            for correlation_id, reply in messages.items_of(body, props.correlation_id)[0]:
+                got[correlation_id] = reply
     finally:
         connection.close()
     assert got["a"]["codigo"] == "tipo_desconocido"
@@ -440,3 +444,31 @@ def test_killed_orchestrator_loses_no_accepted_task(
         assert queue.method.message_count == 0
     finally:
         connection.close()
+
+
+def test_batch_held_by_a_killed_worker_is_split(cluster: Cluster) -> None:
+    """
+    Inline tasks sent together go to the broker as one batch.  A worker that
+    received it and died before answering (stopped, then killed): the next
+    worker splits the batch into messages of their own and runs them; the
+    client gets one reply per task.
+    """
+    w0 = cluster.worker("w0")
+    port = cluster.orchestrator()
+    w0.send_signal(signal.SIGSTOP)  # it takes the batch and answers nothing
+    client = LineSocket(port, timeout=30)
+    client.send(b"".join(json.dumps({"tarea_id": f"t{i}", "tipo": "mayus",
+                                     "contenido": f"t{i}"}).encode() + b"\n"
+                         for i in range(4)))
+    time.sleep(0.5)  # published as one batch, delivered to w0
+    w0.send_signal(signal.SIGKILL)
+    w0.wait(5)
+    cluster.worker("w1")
+    replies = [client.read_json() for _ in range(4)]
+    assert sorted((r["tarea_id"], r["resultado"], r["worker"][:3]) for r in replies) == [
+        (f"t{i}", f"T{i}", "w1/") for i in range(4)]
+    assert "A batch of 4 tasks came again" in cluster.wait_log("w1.log", "came again")
+    client.sock.settimeout(1.5)
+    with pytest.raises(socket.timeout):
+        client.read_line()  # no second reply
+    client.close()

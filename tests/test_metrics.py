@@ -193,13 +193,15 @@ class BrokerMetricsTests(SynchronousTestCase):
 
     def test_queue_depth_then_worker(self) -> None:
         """
-        A scrape asks the broker for the queue's depth first: two tasks
-        waiting, no consumer; after a worker ran them, an empty queue, one
-        consumer, and the worker's own counters.
+        A scrape asks the broker for the queue's depth first: two messages
+        waiting (tasks sent apart), no consumer; after a worker ran them, an
+        empty queue, one consumer, and the worker's own counters.
         """
         proto, transport = self.cluster.client()
-        proto.dataReceived(b'{"tipo": "uppercase", "contenido": "a"}\n'
-                           b'{"tipo": "reverse", "contenido": "b"}\n')
+        proto.dataReceived(b'{"tipo": "uppercase", "contenido": "a"}\n')
+        self.cluster.clock.advance(0)
+        proto.dataReceived(b'{"tipo": "reverse", "contenido": "b"}\n')
+        self.cluster.clock.advance(0)
         samples = self.samples()
         self.assertEqual((samples["pfo3_broker_up"], samples["pfo3_broker_queue_depth"],
                           samples["pfo3_broker_queue_consumers"]), (1, 2, 0))

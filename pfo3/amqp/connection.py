@@ -46,18 +46,25 @@ class Delivery:
     A message delivered to a consumer.
     """
 
-    __slots__ = ("tag", "body", "correlation_id", "reply_to", "headers", "redelivered")
+    __slots__ = ("tag", "body", "correlation_id", "reply_to", "headers", "redelivered",
+                 "expiration")
 
     def __init__(
         self, tag: int, body: bytes, correlation_id: Optional[str], reply_to: Optional[str],
         headers: Optional[Dict[str, Any]], redelivered: bool,
+        expiration: Optional[float] = None,
     ) -> None:
+        """
+        @param expiration: The seconds its publisher gave it to live (not
+            what is left of them).
+        """
         self.tag = tag
         self.body = body
         self.correlation_id = correlation_id
         self.reply_to = reply_to
         self.headers = headers or {}
         self.redelivered = redelivered
+        self.expiration = expiration
 
 
 class IChannel(Interface):
@@ -365,7 +372,8 @@ def _pump(
         try:
             on_message(Delivery(
                 method.delivery_tag, message.body, props.correlation_id, props.reply_to,
-                props.headers, bool(method.redelivered)))
+                props.headers, bool(method.redelivered),
+                None if props.expiration is None else int(props.expiration) / 1000))
         except Exception:
             log.failure("Handling a message from the broker failed")
         _pump(queue_object, on_message, stopped)

@@ -4,7 +4,9 @@ their replies come back on this orchestrator's own reply queue.
 
 A task is accepted only once the broker confirmed it (publisher confirms);
 until then a refusal (a full task queue: C{ocupado}) or a lost connection
-(C{broker_no_disponible}) fails it at once.  Its reply is matched by
+(C{broker_no_disponible}) fails it at once.  The inline tasks of one
+reactor turn go out as one batch (C{pfo3.amqp.batches}), and a worker's
+replies may come back batched too.  A reply is matched by
 correlation id; a second reply for the same task (a worker that died after
 answering, redelivered) finds nobody waiting and is dropped.  Giving up on a
 task (timeout, client gone, shutdown) tells the workers through the
@@ -30,15 +32,16 @@ import itertools
 import os
 import socket
 import time
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfo3.amqp import messages
+from pfo3.amqp.batches import Batcher
 from pfo3.amqp.connection import AckBatch, Broker, Delivery, IChannel, Refused, Unroutable
 from pfo3.amqp.topology import Topology
 from pfo3.errors import BrokerUnavailable, Busy, InternalError, Pfo3Error
@@ -46,7 +49,8 @@ from pfo3.executor import IExecutor, MaybeDeferredOutcome
 from pfo3.stats import OldestPublished
 from pfo3.store import OK, RUNNING, IStore, Record
 from pfo3.tally import estado_of
-from pfo3.tasks import TaskType
+from pfo3.tasks import INLINE, TaskType
+from pfo3.wire import RefArg
 
 log = Logger(namespace="pfo3.amqp")
 
@@ -87,8 +91,10 @@ class AMQPExecutor:
             task timeout: after it, nobody waits for the reply).
         @param clock: When given, the publish time of each task is kept so
             that C{oldest} can tell the oldest one's age (for the metrics),
-            and the replies handled in one reactor turn are acknowledged
-            together (L{AckBatch}); without it, each one at once.
+            the inline tasks of one reactor turn are published as one
+            batch (L{Batcher}), and the replies handled in one turn are
+            acknowledged together (L{AckBatch}); without it, each one at
+            once.
         @param store: The store the orchestrator records its tasks in, when
             it outlives this process (a database): the outcomes of orphan
             replies (see the module's docstring) are recorded there, and
@@ -109,6 +115,7 @@ class AMQPExecutor:
         self._ids = itertools.count(1)
         self.oldest: Optional[OldestPublished] = None
         self._acks: Optional[AckBatch] = None
+        self._tasks: Optional[Batcher] = None
         self.store = store
         self._clock = clock
         #: Keys of the orphan replies being recorded now.
@@ -119,6 +126,7 @@ class AMQPExecutor:
         if clock is not None:
             self.oldest = OldestPublished(clock, self._pending)
             self._acks = AckBatch(clock)
+            self._tasks = Batcher(clock, lambda: self.broker.channel)
         broker.on_lost(self._lost)
 
     @classmethod
@@ -139,6 +147,8 @@ class AMQPExecutor:
         self.broker.startService()
 
     def stop(self) -> Deferred[None]:
+        if self._tasks is not None:
+            self._tasks.flush()
         if self._acks is not None:
             self._acks.flush()
         return self.broker.stopService()
@@ -174,9 +184,14 @@ class AMQPExecutor:
         self._unconfirmed.add(correlation_id)
         if self.oldest is not None:
             self.oldest.published(correlation_id)
-        confirmed = channel.publish(
-            self.topology.tasks, body, correlation_id, reply_to=self.reply_queue,
-            expiration=self.task_ttl)
+        # Only tasks that run inline on the worker (microseconds, no thread,
+        # no timer) share a message: those that wait or block go one to a
+        # message, so that the workers' prefetch spreads them.
+        publish: Callable[..., Deferred[None]] = channel.publish
+        if self._tasks is not None and tasktype.mode == INLINE and type(arg) is not RefArg:
+            publish = self._tasks.publish
+        confirmed = publish(self.topology.tasks, body, correlation_id,
+                            reply_to=self.reply_queue, expiration=self.task_ttl)
         confirmed.addCallbacks(self._confirmed, self._refused,
                                callbackArgs=(correlation_id, accepted),
                                errbackArgs=(correlation_id,))
@@ -213,46 +228,71 @@ class AMQPExecutor:
             channel.ack(tag)
 
     def _on_reply(self, channel: IChannel, delivery: Delivery) -> None:
-        d = self._pending.pop(delivery.correlation_id or "", None)
-        if d is None:
-            self._orphan(channel, delivery)
-            return
-        self._ack(channel, delivery.tag)
-        outcome = _outcome(delivery)
-        if isinstance(outcome, Pfo3Error):
-            d.errback(outcome)
+        items, _ = messages.items_of(delivery.body, delivery.correlation_id)
+        orphans: List[Tuple[Tuple[str, str], Deferred[Any]]] = []
+        for correlation_id, reply in items:
+            d = self._pending.pop(correlation_id, None)
+            if d is None:
+                orphan = self._orphan(correlation_id, reply)
+                if orphan is not None:
+                    orphans.append(orphan)
+                continue
+            outcome = _outcome(correlation_id, reply)
+            if isinstance(outcome, Pfo3Error):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        if orphans:
+            self._settle_orphans(channel, delivery, orphans)
         else:
-            d.callback(outcome)
+            self._ack(channel, delivery.tag)
 
     # -- orphan replies ---------------------------------------------------------
 
-    def _orphan(self, channel: IChannel, delivery: Delivery) -> None:
+    def _orphan(
+        self, correlation_id: str, reply: Union[Dict[str, Any], messages.BadMessage],
+    ) -> Optional[Tuple[Tuple[str, str], Deferred[Any]]]:
         """
         A reply nobody here waits for: record its outcome if its task's
-        record is still running, then acknowledge it.
+        record is still running.
+
+        @return: Its record's key and a Deferred firing once the store wrote
+            the outcome (failing if it could not), or L{None}: nothing to
+            record.
         """
         store = self.store
-        if store is None or (delivery.correlation_id or "").startswith(self._id_prefix):
+        if store is None or correlation_id.startswith(self._id_prefix):
             # Nowhere to record it, or a task of this process's: answered or
             # given up on, and recorded so, here (no need to ask the store).
-            self._ack(channel, delivery.tag)
-            return
-        key = messages.reply_key(delivery.body)
+            return None
+        key = messages.key_of(reply)
         if key is None or key in self._recovering:
             # Not recorded, or a duplicate of one being recorded now.
-            self._ack(channel, delivery.tag)
-            return
+            return None
+        self._recovering.add(key)
+        d = store.get(*key)
+        d.addCallback(self._record_orphan, store, correlation_id, reply)
+        return key, d
+
+    def _settle_orphans(
+        self, channel: IChannel, delivery: Delivery,
+        orphans: List[Tuple[Tuple[str, str], Deferred[Any]]],
+    ) -> None:
+        """
+        Acknowledge a reply (or batch of replies) with orphans in it once
+        the store wrote their outcomes; if it could not, give the delivery
+        back to the reply queue to be tried again.
+        """
         if self._acks is not None:
             self._acks.flush()  # the replies before it, settled first
         self._orphans += 1
-        self._recovering.add(key)
-        d = store.get(*key)
-        d.addCallback(self._record_orphan, store, delivery)
+        keys = [key for key, _ in orphans]
 
         def settle() -> None:
             # Until here no multiple ack may cover this delivery, nor may
             # another delivery of the same task be taken for a duplicate.
-            self._recovering.discard(key)
+            for key in keys:
+                self._recovering.discard(key)
             self._orphans -= 1
 
         def recorded(_: Any) -> None:
@@ -267,20 +307,22 @@ class AMQPExecutor:
 
         def not_recorded(f: Failure) -> None:
             log.warn("Could not record the outcome of task {tarea_id} ({why}); trying again "
-                     "in {retry:g} s", tarea_id=key[1], why=f.getErrorMessage(),
-                     retry=ORPHAN_RETRY)
+                     "in {retry:g} s", tarea_id=", ".join(key[1] for key in keys),
+                     why=f.value.subFailure.getErrorMessage(), retry=ORPHAN_RETRY)
             if self._clock is None:
                 again()
             else:
                 self._clock.callLater(ORPHAN_RETRY, again)
 
+        d: Deferred[Any] = gatherResults([d for _, d in orphans], consumeErrors=True)
         d.addCallbacks(recorded, not_recorded)
 
     def _record_orphan(
-        self, record: Optional[Record], store: IStore, delivery: Delivery,
+        self, record: Optional[Record], store: IStore, correlation_id: str,
+        reply: Union[Dict[str, Any], messages.BadMessage],
     ) -> Optional[Deferred[None]]:
         """
-        Record the outcome C{delivery} carries in C{record}, unless the store
+        Record the outcome C{reply} carries in C{record}, unless the store
         has none (purged, or never written) or a finished one (a late
         duplicate, a task given up on): those stay as they are.
 
@@ -293,7 +335,7 @@ class AMQPExecutor:
             # Finished: by a reply before this one, or by this very one on
             # an earlier attempt whose write may still be queued.
             return store.flush()
-        outcome = _outcome(delivery)
+        outcome = _outcome(correlation_id, reply)
         record.terminada = self._clock.seconds() if self._clock is not None else time.time()
         if isinstance(outcome, Pfo3Error):
             record.estado = estado_of(outcome)
@@ -326,15 +368,14 @@ class AMQPExecutor:
                      n=len(self._unconfirmed))
 
 
-def _outcome(delivery: Delivery) -> Any:
+def _outcome(correlation_id: str, reply: Union[Dict[str, Any], messages.BadMessage]) -> Any:
     """
     @return: What a reply says: C{(resultado, worker)}, or the task's
         L{Pfo3Error}, or L{InternalError} for a reply that cannot be read
         (logged).
     """
     try:
-        return messages.decode_reply(delivery.body)
+        return messages.reply_of(reply)
     except messages.BadMessage as e:
-        log.error("Unreadable reply for {id}: {why}", id=delivery.correlation_id, why=e)
+        log.error("Unreadable reply for {id}: {why}", id=correlation_id, why=e)
         return InternalError("Error interno: respuesta ilegible de un worker.")
-

@@ -27,13 +27,21 @@ carries C{"contenido_ref": REF} instead of C{contenido}, and C{"refs": true}
 when its client understands result references; a result stored as an object
 comes back as C{"resultado_ref": {...}} instead of C{resultado}.  Large
 payloads never travel through the broker.
+
+A batch (C{lote}) carries several tasks, or several replies, in one
+message: C{{"v": 1, "lote": [ITEM, ...]}}, where each ITEM is the body of
+one task (or reply) message with C{"id"} in front, the correlation id it
+would have carried as a message of its own.  An orchestrator publishes the
+tasks of one reactor turn as one batch, a worker the replies of one turn
+to one orchestrator (C{docs/distributed.md}); a task or reply alone
+travels as a message of its own, as above.
 """
 
 from __future__ import annotations
 
 import json
 from json.encoder import encode_basestring as _quote
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from pfo3.errors import ERROR_CODES, Pfo3Error
 from pfo3.wire import RefArg, ResultRef
@@ -91,6 +99,58 @@ def _load(body: bytes) -> Dict[str, Any]:
     return obj
 
 
+#: What a message carries, each with the correlation id it answers to: the
+#: body's object, or the L{BadMessage} it is instead.
+Item = Tuple[str, Union[Dict[str, Any], BadMessage]]
+
+_BATCH = b'{"v":%d,"lote":[' % VERSION
+
+
+def encode_batch(items: Sequence[Tuple[str, bytes]]) -> bytes:
+    """
+    @param items: C{(correlation_id, body)} of the messages to carry, each
+        body as this module wrote it (a JSON object).
+    @return: One batch message carrying them all.
+    """
+    return _BATCH + b",".join(
+        b'{"id":' + _quote(correlation_id).encode("ascii") + b"," + body[1:]
+        for correlation_id, body in items) + b"]}"
+
+
+def items_of(body: bytes, correlation_id: Optional[str]) -> Tuple[List[Item], bool]:
+    """
+    @return: What C{body} carries, and whether it is a batch: its items each
+        under its own id; or else the body's one object (or L{BadMessage})
+        under the message's C{correlation_id}.
+    """
+    try:
+        obj = _load(body)
+    except BadMessage as e:
+        return [(correlation_id or "", e)], False
+    lote = obj.get("lote")
+    if lote is None:
+        return [(correlation_id or "", obj)], False
+    if type(lote) is not list:
+        return [(correlation_id or "", BadMessage("'lote' is not a list"))], False
+    items: List[Item] = []
+    for item in lote:
+        if type(item) is not dict or type(item.get("id")) is not str:
+            items.append(("", BadMessage("an item of a batch needs an 'id'")))
+        elif item.get("v") != VERSION:
+            items.append((item["id"], BadMessage(f"unknown message version {item.get('v')!r}")))
+        else:
+            items.append((item.pop("id"), item))
+    return items, True
+
+
+def encode_item(item: Dict[str, Any]) -> bytes:
+    """
+    @return: An item of a batch (its C{id} taken out) as a message of its
+        own.
+    """
+    return _dumps(item).encode("utf-8", "backslashreplace")
+
+
 def _key(identidad: str, tarea_id: Optional[str]) -> str:
     """
     @return: The end of a message naming a record's key: C{identidad} when
@@ -139,7 +199,15 @@ def decode_task(body: bytes) -> Task:
     @return: C{(tipo, contenido, identidad, tarea_id)}.
     @raise BadMessage: if C{body} is not a task message.
     """
-    obj = _load(body)
+    return task_of(_load(body))
+
+
+def task_of(obj: Union[Dict[str, Any], BadMessage]) -> Task:
+    """
+    L{decode_task} of an L{Item}'s object.
+    """
+    if isinstance(obj, BadMessage):
+        raise obj
     tipo = obj.get("tipo")
     identidad = obj.get("identidad", "")
     tarea_id = obj.get("tarea_id")
@@ -201,8 +269,16 @@ def reply_key(body: bytes) -> Optional[Tuple[str, str]]:
         L{None} when its task is not recorded (or the body is no reply).
     """
     try:
-        obj = _load(body)
+        return key_of(_load(body))
     except BadMessage:
+        return None
+
+
+def key_of(obj: Union[Dict[str, Any], BadMessage]) -> Optional[Tuple[str, str]]:
+    """
+    L{reply_key} of an L{Item}'s object.
+    """
+    if isinstance(obj, BadMessage):
         return None
     identidad, tarea_id = obj.get("identidad", ""), obj.get("tarea_id")
     if type(identidad) is not str or type(tarea_id) is not str:
@@ -217,7 +293,15 @@ def decode_reply(body: bytes) -> Union[Outcome, Pfo3Error]:
         this version does not know).
     @raise BadMessage: if C{body} is not a reply message.
     """
-    obj = _load(body)
+    return reply_of(_load(body))
+
+
+def reply_of(obj: Union[Dict[str, Any], BadMessage]) -> Union[Outcome, Pfo3Error]:
+    """
+    L{decode_reply} of an L{Item}'s object.
+    """
+    if isinstance(obj, BadMessage):
+        raise obj
     estado = obj.get("estado")
     if estado == "ok" and "resultado" in obj:
         return obj["resultado"], obj.get("worker")

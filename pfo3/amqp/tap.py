@@ -29,8 +29,9 @@ BROKER_PARAMETERS: List[List[Any]] = [
      "running it, before it is set aside and answered 'reintentos_agotados'; "
      "the same on every member of the cluster.", int],
     ["max-backlog", None, 100_000,
-     "Tasks the broker's task queue may hold; past it new tasks are answered "
-     "'ocupado'. The same on every member of the cluster.", int],
+     "Messages the broker's task queue may hold (a message is one task, or "
+     "a batch of up to 16 inline tasks sent together); past it new tasks are "
+     "answered 'ocupado'. The same on every member of the cluster.", int],
     ["broker-ca", None, None,
      "With an amqps:// --broker: the certificate authorities that sign the "
      "broker's certificate (a PEM file, or a folder of *.pem), instead of the "
@@ -95,7 +96,8 @@ class Options(usage.Options):
         ["broker", "b", None, "The broker's amqp:// (or amqps://) URL. Required."],
         ["workers", "w", 4, "Threads in the pool that runs blocking tasks.", int],
         ["capacity", "c", 64,
-         "Tasks this worker holds at once (unacknowledged deliveries).", int],
+         "Messages this worker holds at once (unacknowledged deliveries): each "
+         "one task, or a batch of up to 16 inline tasks sent together.", int],
         ["name", "n", None,
          "This worker's name, shown in replies as 'worker': 'NAME/THREAD' "
          "(default: host name and process id)."],

@@ -43,7 +43,8 @@ class Topology:
     @ivar delivery_limit: Deliveries of a task without an ack before it is
         dead-lettered (RabbitMQ counts redeliveries: the limit is the number
         of times it may come back).
-    @ivar max_backlog: Tasks the task queue may hold.
+    @ivar max_backlog: Messages the task queue may hold (each one task or a
+        batch of tasks, C{pfo3.amqp.batches}).
     @ivar reply_expiry: Seconds an unused reply queue lives.
     """
 

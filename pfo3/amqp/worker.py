@@ -1,17 +1,24 @@
 """
 The worker process of the distributed mode (C{twistd pfo3-worker}).
 
-It consumes the task queue, at most C{capacity} unacknowledged tasks at a
-time (the channel's prefetch), runs each with the very same task registry
-and L{LocalExecutor} as local mode (so C{sleep} is a timer here too), and
-answers on the task's C{reply_to}, echoing the task's record key when it
-has one (C{pfo3.amqp.messages}: so that the orchestrator started again after
-a crash can record the outcome).  It acknowledges a task only once the
+It consumes the task queue, at most C{capacity} unacknowledged messages at
+a time (the channel's prefetch; each one task or a batch), runs each task
+with the very same task registry and L{LocalExecutor} as local mode (so
+C{sleep} is a timer here too), and answers on the task's C{reply_to},
+echoing the task's record key when it has one (C{pfo3.amqp.messages}: so
+that the orchestrator started again after a crash can record the
+outcome).  It acknowledges a task only once the
 broker confirmed its reply: a worker that dies before that leaves the task
 to be delivered again, to another worker (at least once); the orchestrator
 drops the duplicate reply.  A task delivered too many times is
 dead-lettered by the broker; workers consume the dead letters and answer
 their clients C{reintentos_agotados}.
+
+Tasks come one to a message or in batches (C{pfo3.amqp.batches}); a batch
+is acknowledged once each of its tasks is answered, and a batch delivered
+again goes back to the queue split into messages of its own (a task that
+kills its workers is then dead-lettered alone).  The replies of one
+reactor turn to one orchestrator go out as one batch.
 
 Cancellations (published by an orchestrator that gave up on a task) drop a
 task not yet started and cancel a running one; a task whose message expired
@@ -22,14 +29,15 @@ and acknowledges what it holds (within the shutdown timeout), and exits.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3.amqp import messages
+from pfo3.amqp.batches import Batcher, SharedAck
 from pfo3.amqp.connection import Broker, Delivery, IChannel, OrderedAcks, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
@@ -54,7 +62,9 @@ class _Held:
     __slots__ = ("delivery", "channel", "work", "cancelled", "timer", "identity", "tipo",
                  "started", "tarea_id")
 
-    def __init__(self, delivery: Delivery, channel: IChannel, started: float = 0.0) -> None:
+    def __init__(
+        self, delivery: Delivery, channel: Union[IChannel, SharedAck], started: float = 0.0,
+    ) -> None:
         self.identity = ""
         #: Its id in its orchestrator's store (L{None}: not recorded), echoed
         #: in the reply with C{identity}.
@@ -82,7 +92,9 @@ class WorkerService(Service):
         shutdown_timeout: float = 10.0, broker: Optional[Broker] = None,
     ) -> None:
         """
-        @param capacity: Tasks held at once (the channel's prefetch).
+        @param capacity: Messages held at once (the channel's prefetch):
+            each one task or a batch of inline tasks
+            (C{pfo3.amqp.batches}).
         @param timeout: Seconds a task may run here before it is cancelled
             (its orchestrator has answered C{timeout} by then).
         @param broker: A connection to use instead of a new one to C{url}
@@ -110,6 +122,7 @@ class WorkerService(Service):
         self._acks: Optional[OrderedAcks] = None
         self._stopping = False
         self._idle: List[Deferred[None]] = []
+        self._replies = Batcher(reactor, lambda: self._channel)
 
     def startService(self) -> None:
         super().startService()
@@ -150,20 +163,69 @@ class WorkerService(Service):
     # -- tasks ----------------------------------------------------------------
 
     def _on_task(self, channel: IChannel, delivery: Delivery) -> None:
-        correlation_id = delivery.correlation_id or ""
-        if correlation_id in self._cancelled or self._stopping:
-            log.debug("Dropping task {id}: {why}", id=correlation_id,
-                      why="stopping" if self._stopping else "cancelled")
-            # Given up on before it started, or arriving while stopping (it
-            # goes back to the queue, for another worker).
-            if self._stopping:
+        if self._stopping:
+            # Arriving while stopping: back to the queue, for another worker.
+            log.debug("Dropping task {id}: stopping", id=delivery.correlation_id)
+            channel.reject(delivery.tag, requeue=True)
+            return
+        items, batch = messages.items_of(delivery.body, delivery.correlation_id)
+        if not batch:
+            self._start(channel, delivery, items[0][1])
+            return
+        if delivery.redelivered and len(items) > 1:
+            self._split(channel, delivery, items)
+            return
+        shared = SharedAck(channel, len(items))
+        for correlation_id, item in items:
+            self._start(shared, Delivery(
+                delivery.tag, b"", correlation_id, delivery.reply_to, delivery.headers,
+                delivery.redelivered, delivery.expiration), item)
+
+    def _split(self, channel: IChannel, delivery: Delivery, items: List[messages.Item]) -> None:
+        """
+        A batch delivered again (a worker may have died of one of its
+        tasks): its tasks go back to the queue each as a message of its own,
+        and the batch is acknowledged once the broker has them all.  Each
+        lives as long again as the batch had to live: a late reply is
+        dropped by its orchestrator.
+        """
+        sent: List[Deferred[None]] = []
+        for correlation_id, item in items:
+            if isinstance(item, messages.BadMessage):
+                log.error("Dropping an unreadable task of a batch {id}: {why}",
+                          id=correlation_id, why=item)
+            elif correlation_id not in self._cancelled:
+                sent.append(channel.publish(
+                    self.topology.tasks, messages.encode_item(item), correlation_id,
+                    reply_to=delivery.reply_to, expiration=delivery.expiration))
+        log.info("A batch of {n} tasks came again; its tasks go back one by one",
+                 n=len(items))
+
+        def requeue(f: Failure) -> None:
+            log.warn("Could not split a batch ({why}); it goes back to the queue",
+                     why=f.getErrorMessage())
+            if channel is self._channel:
                 channel.reject(delivery.tag, requeue=True)
-            else:
-                channel.ack(delivery.tag)
+
+        d: Deferred[Any] = gatherResults(sent, consumeErrors=True)
+        d.addCallbacks(lambda _: channel.ack(delivery.tag), requeue)
+
+    def _start(
+        self, channel: Union[IChannel, SharedAck], delivery: Delivery,
+        task: Union[Dict[str, Any], messages.BadMessage],
+    ) -> None:
+        """
+        Run a task (C{task}: the message's object, or what is wrong with it).
+        """
+        correlation_id = delivery.correlation_id or ""
+        if correlation_id in self._cancelled:
+            # Given up on before it started.
+            log.debug("Dropping task {id}: cancelled", id=correlation_id)
+            channel.ack(delivery.tag)
             return
         held = _Held(delivery, channel, self.reactor.seconds())
         try:
-            tipo, contenido, held.identity, held.tarea_id = messages.decode_task(delivery.body)
+            tipo, contenido, held.identity, held.tarea_id = messages.task_of(task)
             held.tipo = str(tipo)
             tasktype = self.registry.lookup(tipo)
             # Content in an object is read and validated by the executor
@@ -269,8 +331,8 @@ class WorkerService(Service):
             self._check_idle()
             return
         self._unacked += 1
-        d = channel.publish(delivery.reply_to, body, delivery.correlation_id or "",
-                            persistent=False)
+        d = self._replies.publish(delivery.reply_to, body, delivery.correlation_id or "",
+                                  persistent=False)
 
         def published(_: Any) -> None:
             channel.ack(delivery.tag)
@@ -310,19 +372,23 @@ class WorkerService(Service):
         reason = delivery.headers.get(DEATH_REASON)
         if isinstance(reason, bytes):
             reason = reason.decode()
-        held = _Held(delivery, channel)
-        if reason == "delivery_limit":
-            log.warn("Task {id} dead-lettered after too many deliveries",
-                     id=delivery.correlation_id)
+        if reason != "delivery_limit":
+            channel.ack(delivery.tag)  # expired (nobody waits for it) or rejected
+            return
+        items, batch = messages.items_of(delivery.body, delivery.correlation_id)
+        log.warn("Task {id} dead-lettered after too many deliveries",
+                 id=", ".join(c for c, _ in items))
+        shared = SharedAck(channel, len(items)) if batch else channel
+        for correlation_id, item in items:
+            held = _Held(Delivery(delivery.tag, b"", correlation_id, delivery.reply_to,
+                                  delivery.headers, delivery.redelivered), shared)
             try:
-                held.identity, held.tarea_id = messages.decode_task(delivery.body)[2:]
+                held.identity, held.tarea_id = messages.task_of(item)[2:]
             except messages.BadMessage:
                 pass  # answered all the same; nothing to record by
             self._fail(held, DeliveryLimit(
                 f"La tarea se entregó {self.topology.delivery_limit + 1} veces sin terminar "
                 "(su worker se detuvo cada vez) y se descartó."))
-        else:
-            channel.ack(delivery.tag)  # expired (nobody waits for it) or rejected
 
     # -- life ---------------------------------------------------------------------
 
