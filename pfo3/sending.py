@@ -16,8 +16,10 @@ For a protocol that already writes once per read both are pure cost: two
 system calls and a poll event, or a delayed call, per read.  L{writers_for}
 gives the protocol a write function without them, also through a wrapper
 that passes writes through unchanged (the PROXY protocol's, on
-C{haproxy:} ports).  Every other transport (UNIX sockets...) is written to
-as it is.
+C{haproxy:} ports).  Over TLS it skips both: the protocol writes one TLS
+record per write, and the TLS layer's write of that record to the TCP
+transport sends at once too.  Every other transport (UNIX sockets...) is
+written to as it is.
 """
 
 from __future__ import annotations
@@ -44,10 +46,23 @@ def writers_for(transport: Any) -> Tuple[Callable[[bytes], None], Callable[[byte
         sender = SendNow(transport)
         return sender.write, sender.soon
     if kind is BufferingTLSTransport:
-        # Past the aggregator, to the TLS layer: one record per write; the
-        # TCP transport under it sends once per turn.
+        # Past the aggregator, to the TLS layer: one record per write.
         write = partial(TLSMemoryBIOProtocol.write, transport)
-        return write, write
+        under = transport.transport
+        if type(under) is not tcp.Server:
+            return write, write
+        # The TLS layer writes each record (and its handshake and alerts)
+        # with its TCP transport's write, the one place it writes: on this
+        # connection a SendNow's takes that method's place, so that records
+        # leave as plain TCP replies do.
+        sender = SendNow(under)
+        under.write = sender.write  # type: ignore[method-assign]
+
+        def soon(data: bytes) -> None:
+            sender.buffered = True  # as SendNow.soon: this and what follows
+            write(data)
+
+        return write, soon
     if isinstance(transport, ProtocolWrapper) and kind.write is ProtocolWrapper.write:
         # A wrapper that passes writes through as they are (the PROXY
         # protocol's): write to what it wraps.
@@ -65,10 +80,12 @@ class SendNow:
     reporting of errors.
     """
 
-    __slots__ = ("transport", "buffered")
+    __slots__ = ("transport", "buffered", "_buffered_write")
 
     def __init__(self, transport: tcp.Connection) -> None:
         self.transport = transport
+        #: The transport's own write (taken before anything replaces it).
+        self._buffered_write = transport.write
         #: Whether the transport may hold unsent bytes of ours: from then on
         #: every write is the transport's (it never tells when it drained).
         self.buffered = False
@@ -77,7 +94,8 @@ class SendNow:
         transport = self.transport
         if not self.buffered:
             if transport.disconnecting or not transport.connected:
-                transport.write(data)  # the transport's rules for a closing connection
+                # The transport's rules for a closing connection.
+                self._buffered_write(data)
                 return
             sent = transport.writeSomeData(data)
             if type(sent) is int:
@@ -87,7 +105,7 @@ class SendNow:
             # else: the connection is lost; the transport finds that out
             # itself when it tries to send what follows.
             self.buffered = True
-        transport.write(data)
+        self._buffered_write(data)
 
     def soon(self, data: bytes) -> None:
         """
@@ -97,4 +115,4 @@ class SendNow:
         rather than one each.  Every later write goes there too.
         """
         self.buffered = True
-        self.transport.write(data)
+        self._buffered_write(data)

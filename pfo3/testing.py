@@ -187,7 +187,7 @@ class MemoryChannel:
         if not self.open:
             return fail(ConnectionDone("channel closed"))
         return self.broker._publish(exchange, routing_key, _Message(
-            body, correlation_id, reply_to))
+            body, correlation_id, reply_to), self)
 
     def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> Deferred[str]:
         tag = f"ctag-{next(self.broker._names)}"
@@ -244,6 +244,7 @@ class MemoryBroker:
         self.max_length: Dict[str, int] = {}
         self.hold_confirms = False
         self.held_confirms: List[Deferred[None]] = []
+        self._confirms_of: Dict[Deferred[None], Optional[MemoryChannel]] = {}
         self._names = itertools.count(1)
         self._tags = itertools.count(1)
         self._views: List[MemoryBrokerView] = []
@@ -276,7 +277,10 @@ class MemoryBroker:
         self._views.append(v)
         return v
 
-    def _publish(self, exchange: str, routing_key: str, message: _Message) -> Deferred[None]:
+    def _publish(
+        self, exchange: str, routing_key: str, message: _Message,
+        channel: Optional[MemoryChannel] = None,
+    ) -> Deferred[None]:
         if exchange:
             for name in self.bindings.get(exchange, []):
                 self.queues[name].append(message)
@@ -290,6 +294,7 @@ class MemoryBroker:
         d: Deferred[None] = Deferred()
         if self.hold_confirms:
             self.held_confirms.append(d)
+            self._confirms_of[d] = channel
         else:
             d.callback(None)
         self._dispatch()
@@ -300,6 +305,7 @@ class MemoryBroker:
         Confirm every publish held back.
         """
         held, self.held_confirms = self.held_confirms, []
+        self._confirms_of.clear()
         for d in held:
             d.callback(None)
 
@@ -343,8 +349,11 @@ class MemoryBroker:
             if ch is channel:
                 del self.unacked[tag]
                 self.queues[queue].appendleft(message)
-        held, self.held_confirms = self.held_confirms, []
-        for d in held:
+        # The confirms this channel waits for fail; the others' still wait.
+        lost = [d for d in self.held_confirms if self._confirms_of.get(d) is channel]
+        self.held_confirms = [d for d in self.held_confirms if d not in lost]
+        for d in lost:
+            del self._confirms_of[d]
             d.errback(ConnectionDone("connection lost"))
         self._dispatch()
 

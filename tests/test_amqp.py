@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from pfo3.amqp import messages
-from pfo3.amqp.batches import Batcher, ChannelGone
+from pfo3.amqp.batches import Batcher, ChannelGone, SharedAck
 from pfo3.amqp.connection import AckBatch, Delivery, OrderedAcks, Refused
 from pfo3.amqp.executor import ORPHAN_RETRY, AMQPExecutor
 from pfo3.amqp.topology import DEATH_REASON, Topology
@@ -1042,6 +1042,25 @@ class BatcherTests(SynchronousTestCase):
         self.batcher.flush()
         self.failureResultOf(d, ChannelGone)
 
+    def test_a_publish_that_raises_fails_each(self) -> None:
+        """
+        A channel that raises as it is asked to publish (pika, on a channel
+        closing) fails each message of the batch, and the batches after it
+        still go.
+        """
+        assert self.channel is not None
+        raising = _Publishes()
+        raising.publish = lambda *a, **kw: 1 / 0  # type: ignore[method-assign]
+        channels = [raising, self.channel]
+        self.batcher = Batcher(self.clock, lambda: channels.pop(0),  # type: ignore[arg-type]
+                               max_items=3, max_bytes=1000)
+        ds = [self.publish("q", "c1"), self.publish("q", "c2"), self.publish("q2", "c3")]
+        self.clock.advance(0)
+        for d in ds[:2]:
+            self.failureResultOf(d, ZeroDivisionError)
+        self.assertIsNone(self.successResultOf(ds[2]))
+        self.assertEqual([sent[2] for sent in self.channel.sent], ["c3"])
+
 
 class BatchTests(SynchronousTestCase):
     """
@@ -1059,10 +1078,10 @@ class BatchTests(SynchronousTestCase):
         broker = self.cluster.broker
         publish = broker._publish
 
-        def spy(exchange: str, routing_key: str, message: Any) -> Deferred[None]:
+        def spy(exchange: str, routing_key: str, message: Any, channel: Any) -> Deferred[None]:
             if not exchange:
                 self.published.append((routing_key, message.body))
-            return publish(exchange, routing_key, message)
+            return publish(exchange, routing_key, message, channel)
 
         broker._publish = spy  # type: ignore[method-assign]
 
@@ -1201,3 +1220,82 @@ class BatchTests(SynchronousTestCase):
         for d in ds:
             self.failureResultOf(d, DeliveryLimit)  # type: ignore[arg-type]
         self.assertEqual(broker.unacked, {})
+
+    def split_batch_at(
+        self, worker_name: str, capacity: int = 8,
+    ) -> Tuple[List[Deferred[Any]], WorkerService]:
+        """
+        Two inline tasks in one batch, delivered to a worker that holds its
+        C{reverse} and loses its connection; C{worker_name} then gets the
+        batch again (and so splits it).
+        """
+        run = self.cluster.executor.run
+        ds = [run(BUILTINS[0], "a"), run(BUILTINS[1], "bc")]
+        self.cluster.clock.advance(0)
+        k1 = self.cluster.worker("k1", registry=self.held_reverse())
+        self.cluster.clock.advance(0)
+        k1.broker.lose()  # type: ignore[attr-defined]
+        return ds, self.cluster.worker(worker_name, capacity=capacity)
+
+    def test_a_task_the_full_queue_refuses_when_split_is_answered_ocupado(self) -> None:
+        """
+        Splitting a batch into a queue that is full: a task the queue takes
+        goes back to it, one it refuses is answered ocupado, and the batch is
+        acknowledged; nothing is delivered again.
+        """
+        broker = self.cluster.broker
+        broker.max_length[TOPOLOGY.tasks] = 1  # the batch, back in the queue, fills it
+        ds, _ = self.split_batch_at("w", capacity=1)
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.successResultOf(ds[0]), ("A", "k1/0"))  # type: ignore[arg-type]
+        self.failureResultOf(ds[1], Busy)  # type: ignore[arg-type]
+        self.assertEqual((broker.unacked, len(broker.queues[TOPOLOGY.tasks])), ({}, 0))
+
+    def test_a_stopping_worker_waits_for_its_split(self) -> None:
+        """
+        A worker stopped while the copies of a batch it split wait for the
+        broker's confirmation acknowledges the batch before it closes: each
+        task goes back to the queue once.
+        """
+        broker = self.cluster.broker
+        broker.hold_confirms = True
+        _, worker = self.split_batch_at("w", capacity=1)  # the copies stay in the queue
+        stopped = worker.stopService()
+        self.assertNoResult(stopped)
+        broker.hold_confirms = False
+        broker.release_confirms()
+        self.cluster.clock.advance(0)
+        self.successResultOf(stopped)
+        self.assertEqual(broker.unacked, {})
+        copies = [messages.items_of(m.body, m.correlation_id)
+                  for m in broker.queues[TOPOLOGY.tasks]]
+        self.assertEqual([(len(items), batch) for items, batch in copies], [(1, False)] * 2)
+
+    def test_an_empty_batch_is_answered_and_acknowledged(self) -> None:
+        """
+        A batch with nothing in it (no orchestrator sends one) is answered
+        error_interno and acknowledged, not left holding a prefetch slot.
+        """
+        self.cluster.worker("w1")
+        channel = self.cluster.view.channel
+        assert channel is not None
+        channel.publish(TOPOLOGY.tasks, b'{"v":1,"lote":[]}', "lote.x",
+                        reply_to=self.cluster.executor.reply_queue)
+        self.cluster.clock.advance(0)
+        self.assertEqual(self.cluster.broker.unacked, {})
+
+
+class SharedAckTests(SynchronousTestCase):
+    """
+    L{SharedAck} acknowledges a batch once each part did, each part once.
+    """
+
+    def test_each_part_once(self) -> None:
+        channel = _AckRecorder()
+        shared = SharedAck(channel, 2)  # type: ignore[arg-type]
+        first, second = shared.part(), shared.part()
+        first.ack(7)
+        first.ack(7)
+        self.assertEqual(channel.acks, [])
+        second.ack(7)
+        self.assertEqual(channel.acks, [(7, False)])

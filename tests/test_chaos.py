@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -23,7 +24,14 @@ import pytest
 
 from pfo3.chaos import fuzz
 
-from .conftest import LineSocket, read_to_end, start_server
+from .conftest import (
+    LineSocket,
+    RunningServer,
+    TLSFiles,
+    free_port,
+    read_to_end,
+    start_server,
+)
 from .pgdb import Database, pg_database  # noqa: F401
 from .test_distributed import Cluster, cluster  # noqa: F401
 
@@ -259,39 +267,77 @@ def test_client_that_stops_reading_costs_bounded_memory(tmp_path: Path) -> None:
     """
     server = start_server(tmp_path)
     try:
-        before = rss_kib(server.proc.pid)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        line = json.dumps({"tipo": 1, "contenido": "a" * 60_000}).encode() + b"\n"
-        progress = [0]
-
-        def flood() -> None:
-            try:
-                for _ in range(2000):
-                    sock.sendall(line)
-                    progress[0] += len(line)
-            except OSError:
-                pass
-
-        sender = threading.Thread(target=flood, daemon=True)
-        sender.start()
-        time.sleep(4)
-        stuck_at = progress[0]
-        time.sleep(1)
-        assert progress[0] == stuck_at, "the server kept reading a client that does not read"
-        assert stuck_at < 32 * 1024 * 1024, stuck_at
-        peak = rss_kib(server.proc.pid)
-        assert peak - before < 64 * 1024, (before, peak)
-        assert ping_time(server.port) < 1.0
-        print(f"client stuck after {stuck_at} bytes; RSS {before} -> {peak} KiB")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.shutdown(socket.SHUT_RDWR)
-        sender.join(10)
-        sock.close()
+        _flood_without_reading(server, socket.socket, lambda: ping_time(server.port))
     finally:
         server.stop()
     no_tracebacks(server.log)
+
+
+def test_tls_client_that_stops_reading_costs_bounded_memory(tmp_path: Path) -> None:
+    """
+    The same over TLS, where the server sends each record at once while the
+    socket takes it (C{pfo3.sending}): once it does not, the TCP transport's
+    buffer and flow control take over as they do over TCP.
+    """
+    files = TLSFiles(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, port=port, endpoint=files.endpoint(port))
+    context = ssl.create_default_context(cafile=str(files.ca))
+
+    def tls_socket() -> socket.socket:
+        return context.wrap_socket(socket.socket(), server_hostname="localhost")
+
+    def tls_ping() -> float:
+        started = time.monotonic()
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                                 server_hostname="localhost") as c:
+            c.sendall(b'{"op": "ping"}\n')
+            assert json.loads(c.makefile("rb").readline())["resultado"] == "pong"
+        return time.monotonic() - started
+
+    try:
+        _flood_without_reading(server, tls_socket, tls_ping)
+    finally:
+        server.stop()
+    no_tracebacks(server.log)
+
+
+def _flood_without_reading(
+    server: RunningServer, new_socket: Callable[[], socket.socket], ping: Callable[[], float],
+) -> None:
+    before = rss_kib(server.proc.pid)
+    sock = new_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    line = json.dumps({"tipo": 1, "contenido": "a" * 60_000}).encode() + b"\n"
+    progress = [0]
+
+    def flood() -> None:
+        try:
+            for _ in range(2000):
+                sock.sendall(line)
+                progress[0] += len(line)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    time.sleep(4)
+    stuck_at = progress[0]
+    time.sleep(1)
+    assert progress[0] == stuck_at, "the server kept reading a client that does not read"
+    assert stuck_at < 32 * 1024 * 1024, stuck_at
+    peak = rss_kib(server.proc.pid)
+    assert peak - before < 64 * 1024, (before, peak)
+    assert ping() < 1.0
+    print(f"client stuck after {stuck_at} bytes; RSS {before} -> {peak} KiB")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # a TLS socket a thread is still writing to
+    sender.join(10)
+    sock.close()
 
 
 def test_ten_thousand_connections_opened_and_dropped(tmp_path: Path) -> None:

@@ -4,17 +4,27 @@ Tests for L{pfo3.sending}: how the line protocol writes to its transport.
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
+from pathlib import Path
 from typing import Any, List, Union
 
-from twisted.internet import main
+import pytest
+import pytest_twisted
+from twisted.internet import endpoints, main, tcp
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfo3.sending import SendNow, writers_for
+from pfo3.testing import make_server
+
+from .conftest import TLSFiles
 
 
 class FakeTCP:
@@ -149,3 +159,49 @@ class WriterForTests(SynchronousTestCase):
         """
         t = StringTransport()
         self.assertEqual(writers_for(t), (t.write, t.write))
+
+
+def _serial_tls_client(port: int, files: TLSFiles, calls: List[Any], n: int) -> List[int]:
+    """
+    Over TLS, send C{n} requests one at a time, each after the reply to the
+    one before; note how many C{calls} there were after the first reply and
+    after the last.
+    """
+    context = ssl.create_default_context(cafile=str(files.ca))
+    seen = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            reader = sock.makefile("rb")
+            for i in range(n):
+                sock.sendall(b'{"tarea_id": "%d", "tipo": 1, "contenido": "a"}\n' % i)
+                assert json.loads(reader.readline())["resultado"] == "A"
+                if i in (0, n - 1):
+                    seen.append(len(calls))
+    return seen
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_records_leave_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """
+    Over TLS the replies of a read leave as over TCP: the TLS layer's record
+    is sent at once, without the server's TCP transport registering for
+    writability and waiting for the next poll.
+    """
+    from twisted.internet import reactor
+
+    files = TLSFiles(tmp_path)
+    calls: List[Any] = []
+    start_writing = tcp.Server.startWriting
+
+    def counted(self: tcp.Server) -> None:
+        calls.append(self)
+        start_writing(self)
+
+    monkeypatch.setattr(tcp.Server, "startWriting", counted)
+    port = yield endpoints.serverFromString(reactor, files.endpoint(0)).listen(make_server())
+    try:
+        first, last = yield deferToThread(
+            _serial_tls_client, port.getHost().port, files, calls, 50)
+    finally:
+        yield port.stopListening()
+    assert last == first, f"{last - first} waits for writability in 49 replies"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -30,7 +30,8 @@ from pfo3.amqp.connection import IChannel
 #: Messages in one batch at most.
 MAX_ITEMS = 16
 
-#: A batch this large (bytes of its messages' bodies) goes out at once.
+#: Bytes of the bodies in one batch at most (unless one body alone is
+#: larger: it goes alone).
 MAX_BYTES = 256 * 1024
 
 
@@ -89,6 +90,10 @@ class Batcher:
         d: Deferred[None] = Deferred()
         key = (routing_key, reply_to, expiration, persistent)
         waiting = self._waiting.get(key)
+        if waiting is not None and waiting.size + len(body) > self.max_bytes:
+            del self._waiting[key]  # full: it goes now, and this one starts the next
+            self._send(key, waiting.items)
+            waiting = None
         if waiting is None:
             waiting = self._waiting[key] = _Waiting()
         waiting.items.append((correlation_id, body, d))
@@ -114,19 +119,23 @@ class Batcher:
     def _send(self, key: _Key, items: List[Tuple[str, bytes, Deferred[None]]]) -> None:
         routing_key, reply_to, expiration, persistent = key
         channel = self._channel()
-        if channel is None:
-            failure = Failure(ChannelGone("not connected to the broker"))
-            for _, _, d in items:
-                d.errback(failure)
-            return
         if len(items) == 1:
-            correlation_id, body, d = items[0]
-            channel.publish(routing_key, body, correlation_id, reply_to, expiration,
-                            persistent).chainDeferred(d)
+            correlation_id, body = items[0][:2]
+        else:
+            correlation_id = f"lote.{items[0][0]}"
+            body = messages.encode_batch([(c, body) for c, body, _ in items])
+        try:
+            if channel is None:
+                raise ChannelGone("not connected to the broker")
+            sent = channel.publish(routing_key, body, correlation_id, reply_to, expiration,
+                                   persistent)
+        except Exception:
+            # No channel, or one closing under pika (which raises): each
+            # message fails, as a publish on a lost channel does.
+            sent = fail()
+        if len(items) == 1:
+            sent.chainDeferred(items[0][2])
             return
-        sent = channel.publish(
-            routing_key, messages.encode_batch([(c, body) for c, body, _ in items]),
-            f"lote.{items[0][0]}", reply_to, expiration, persistent)
 
         def confirmed(_: Any) -> None:
             for _c, _b, d in items:
@@ -142,7 +151,7 @@ class Batcher:
 class SharedAck:
     """
     The acknowledgement of a batch's delivery, shared by its tasks: it goes
-    out once every task acknowledged its part.
+    out once each task's part (L{part}) acknowledged.
     """
 
     __slots__ = ("_channel", "_left")
@@ -151,7 +160,30 @@ class SharedAck:
         self._channel = channel
         self._left = parts
 
-    def ack(self, tag: int) -> None:
+    def part(self) -> Part:
+        """
+        @return: What one task acknowledges its part of the batch with.
+        """
+        return Part(self)
+
+    def _settled(self, tag: int) -> None:
         self._left -= 1
         if self._left == 0:
             self._channel.ack(tag)
+
+
+class Part:
+    """
+    One task's part of a L{SharedAck}: acknowledging it twice counts once.
+    """
+
+    __slots__ = ("_shared", "_done")
+
+    def __init__(self, shared: SharedAck) -> None:
+        self._shared = shared
+        self._done = False
+
+    def ack(self, tag: int) -> None:
+        if not self._done:
+            self._done = True
+            self._shared._settled(tag)

@@ -175,7 +175,7 @@ class PikaChannel:
             properties = self._properties[key] = pika.BasicProperties(
                 content_type="application/json", reply_to=reply_to,
                 delivery_mode=2 if persistent else 1,
-                expiration=None if expiration is None else str(max(1, int(expiration * 1000))),
+                expiration=None if expiration is None else str(max(1, round(expiration * 1000))),
             )
         return properties
 

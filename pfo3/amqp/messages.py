@@ -130,8 +130,8 @@ def items_of(body: bytes, correlation_id: Optional[str]) -> Tuple[List[Item], bo
     lote = obj.get("lote")
     if lote is None:
         return [(correlation_id or "", obj)], False
-    if type(lote) is not list:
-        return [(correlation_id or "", BadMessage("'lote' is not a list"))], False
+    if type(lote) is not list or not lote:
+        return [(correlation_id or "", BadMessage("'lote' is not a list of messages"))], False
     items: List[Item] = []
     for item in lote:
         if type(item) is not dict or type(item.get("id")) is not str:

@@ -32,15 +32,15 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pfo3.amqp import messages
-from pfo3.amqp.batches import Batcher, SharedAck
-from pfo3.amqp.connection import Broker, Delivery, IChannel, OrderedAcks, Unroutable
+from pfo3.amqp.batches import Batcher, Part, SharedAck
+from pfo3.amqp.connection import Broker, Delivery, IChannel, OrderedAcks, Refused, Unroutable
 from pfo3.amqp.topology import DEATH_REASON, Topology
-from pfo3.errors import DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
+from pfo3.errors import Busy, DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
 from pfo3.executor import IExecutor
 from pfo3.store import ABANDONED, ERROR, OK
 from pfo3.tally import Tally, estado_of
@@ -63,7 +63,7 @@ class _Held:
                  "started", "tarea_id")
 
     def __init__(
-        self, delivery: Delivery, channel: Union[IChannel, SharedAck], started: float = 0.0,
+        self, delivery: Delivery, channel: Union[IChannel, Part], started: float = 0.0,
     ) -> None:
         self.identity = ""
         #: Its id in its orchestrator's store (L{None}: not recorded), echoed
@@ -177,9 +177,7 @@ class WorkerService(Service):
             return
         shared = SharedAck(channel, len(items))
         for correlation_id, item in items:
-            self._start(shared, Delivery(
-                delivery.tag, b"", correlation_id, delivery.reply_to, delivery.headers,
-                delivery.redelivered, delivery.expiration), item)
+            self._start(shared.part(), _item(delivery, correlation_id), item)
 
     def _split(self, channel: IChannel, delivery: Delivery, items: List[messages.Item]) -> None:
         """
@@ -187,31 +185,56 @@ class WorkerService(Service):
         tasks): its tasks go back to the queue each as a message of its own,
         and the batch is acknowledged once the broker has them all.  Each
         lives as long again as the batch had to live: a late reply is
-        dropped by its orchestrator.
+        dropped by its orchestrator.  A task the queue refuses (it is full)
+        is answered C{ocupado}; one that cannot go back as it came (not
+        readable) is answered its error here.  If the channel closes first,
+        the batch is delivered again, and split again.  The publishes count
+        as replies in flight (a stopping worker waits for them).
         """
-        sent: List[Deferred[None]] = []
-        for correlation_id, item in items:
-            if isinstance(item, messages.BadMessage):
-                log.error("Dropping an unreadable task of a batch {id}: {why}",
-                          id=correlation_id, why=item)
-            elif correlation_id not in self._cancelled:
-                sent.append(channel.publish(
-                    self.topology.tasks, messages.encode_item(item), correlation_id,
-                    reply_to=delivery.reply_to, expiration=delivery.expiration))
         log.info("A batch of {n} tasks came again; its tasks go back one by one",
                  n=len(items))
+        shared = SharedAck(channel, len(items))
+        for correlation_id, item in items:
+            part, one = shared.part(), _item(delivery, correlation_id)
+            if correlation_id in self._cancelled:
+                part.ack(delivery.tag)
+                continue
+            try:
+                if isinstance(item, messages.BadMessage):
+                    raise item
+                body = messages.encode_item(item)
+            except ValueError as e:
+                self._start(part, one, messages.BadMessage(str(e)))
+                continue
+            self._unacked += 1
+            d = channel.publish(self.topology.tasks, body, correlation_id,
+                                reply_to=delivery.reply_to, expiration=delivery.expiration)
+            d.addCallbacks(lambda _, part=part: part.ack(delivery.tag), self._not_split,
+                           errbackArgs=(channel, part, one))
+            d.addBoth(self._published)
 
-        def requeue(f: Failure) -> None:
-            log.warn("Could not split a batch ({why}); it goes back to the queue",
+    def _not_split(self, f: Failure, channel: IChannel, part: Part, one: Delivery) -> None:
+        if f.check(Refused):
+            self._fail(_Held(one, part), Busy(
+                "La cola de tareas del broker está llena. Reintente más tarde."))
+        elif channel is self._channel:
+            # Not a lost channel: the broker would not take it (no task
+            # queue).  Answered, so that the batch is settled.
+            log.error("Task {id} of a batch could not go back to the queue: {why}",
+                      id=one.correlation_id, why=f.getErrorMessage())
+            self._fail(_Held(one, part), InternalError(
+                "Error interno: la tarea no pudo volver a la cola del broker."))
+        else:
+            log.warn("Could not put task {id} of a batch back in the queue ({why}); the "
+                     "batch will be delivered again", id=one.correlation_id,
                      why=f.getErrorMessage())
-            if channel is self._channel:
-                channel.reject(delivery.tag, requeue=True)
 
-        d: Deferred[Any] = gatherResults(sent, consumeErrors=True)
-        d.addCallbacks(lambda _: channel.ack(delivery.tag), requeue)
+    def _published(self, ignored: Any) -> None:
+        self._unacked -= 1
+        self._check_idle()
 
     def _start(
-        self, channel: Union[IChannel, SharedAck], delivery: Delivery,
+        self, channel: Union[IChannel, Part], delivery: Delivery,
         task: Union[Dict[str, Any], messages.BadMessage],
     ) -> None:
         """
@@ -344,12 +367,8 @@ class WorkerService(Service):
                 log.warn("Reply to {id} not confirmed ({why}); the task will be delivered "
                          "again", id=delivery.correlation_id, why=f.getErrorMessage())
 
-        def settled(_: Any) -> None:
-            self._unacked -= 1
-            self._check_idle()
-
         d.addCallbacks(published, not_published)
-        d.addBoth(settled)
+        d.addBoth(self._published)
 
     def _count(self, held: _Held, estado: str) -> None:
         now = self.reactor.seconds()
@@ -378,10 +397,10 @@ class WorkerService(Service):
         items, batch = messages.items_of(delivery.body, delivery.correlation_id)
         log.warn("Task {id} dead-lettered after too many deliveries",
                  id=", ".join(c for c, _ in items))
-        shared = SharedAck(channel, len(items)) if batch else channel
+        shared = SharedAck(channel, len(items)) if batch else None
         for correlation_id, item in items:
-            held = _Held(Delivery(delivery.tag, b"", correlation_id, delivery.reply_to,
-                                  delivery.headers, delivery.redelivered), shared)
+            held = _Held(_item(delivery, correlation_id),
+                         channel if shared is None else shared.part())
             try:
                 held.identity, held.tarea_id = messages.task_of(item)[2:]
             except messages.BadMessage:
@@ -395,6 +414,7 @@ class WorkerService(Service):
     def _lost(self) -> None:
         # The broker delivers the unacknowledged tasks again, to whoever
         # consumes next; what runs here now would be answered twice.
+        self._channel = None
         for held in list(self.held.values()):
             self._cancel(held)
         self.held.clear()
@@ -437,3 +457,12 @@ class WorkerService(Service):
         self._idle.append(d)
         d.addTimeout(self.shutdown_timeout, self.reactor)
         return d.addErrback(lambda _: None)
+
+
+def _item(batch: Delivery, correlation_id: str) -> Delivery:
+    """
+    @return: The delivery of one task of a batch, as its worker sees it: the
+        batch's, under the task's correlation id.
+    """
+    return Delivery(batch.tag, b"", correlation_id, batch.reply_to, batch.headers,
+                    batch.redelivered, batch.expiration)
