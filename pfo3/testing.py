@@ -243,8 +243,8 @@ class MemoryBroker:
         self.acked: List[int] = []
         self.max_length: Dict[str, int] = {}
         self.hold_confirms = False
-        self.held_confirms: List[Deferred[None]] = []
-        self._confirms_of: Dict[Deferred[None], Optional[MemoryChannel]] = {}
+        #: The confirms held back, each with the channel that waits for it.
+        self.held_confirms: List[Tuple[Optional[MemoryChannel], Deferred[None]]] = []
         self._names = itertools.count(1)
         self._tags = itertools.count(1)
         self._views: List[MemoryBrokerView] = []
@@ -293,8 +293,7 @@ class MemoryBroker:
             queue.append(message)
         d: Deferred[None] = Deferred()
         if self.hold_confirms:
-            self.held_confirms.append(d)
-            self._confirms_of[d] = channel
+            self.held_confirms.append((channel, d))
         else:
             d.callback(None)
         self._dispatch()
@@ -305,8 +304,7 @@ class MemoryBroker:
         Confirm every publish held back.
         """
         held, self.held_confirms = self.held_confirms, []
-        self._confirms_of.clear()
-        for d in held:
+        for _, d in held:
             d.callback(None)
 
     def _dispatch(self) -> None:
@@ -350,10 +348,9 @@ class MemoryBroker:
                 del self.unacked[tag]
                 self.queues[queue].appendleft(message)
         # The confirms this channel waits for fail; the others' still wait.
-        lost = [d for d in self.held_confirms if self._confirms_of.get(d) is channel]
-        self.held_confirms = [d for d in self.held_confirms if d not in lost]
+        lost = [d for ch, d in self.held_confirms if ch is channel]
+        self.held_confirms = [(ch, d) for ch, d in self.held_confirms if ch is not channel]
         for d in lost:
-            del self._confirms_of[d]
             d.errback(ConnectionDone("connection lost"))
         self._dispatch()
 

@@ -133,9 +133,6 @@ class Batcher:
             # No channel, or one closing under pika (which raises): each
             # message fails, as a publish on a lost channel does.
             sent = fail()
-        if len(items) == 1:
-            sent.chainDeferred(items[0][2])
-            return
 
         def confirmed(_: Any) -> None:
             for _c, _b, d in items:

@@ -124,6 +124,11 @@ class Refused(Exception):
     """
 
 
+#: What a task the full task queue refused (L{Refused}) is answered, as
+#: C{ocupado}.
+QUEUE_FULL = "La cola de tareas del broker está llena. Reintente más tarde."
+
+
 #: Sets of message properties a L{PikaChannel} keeps, one per kind of
 #: message it publishes (reply queue, persistence, expiry): three in
 #: practice (tasks, cancellations, replies).

@@ -42,7 +42,15 @@ from zope.interface import implementer
 
 from pfo3.amqp import messages
 from pfo3.amqp.batches import Batcher
-from pfo3.amqp.connection import AckBatch, Broker, Delivery, IChannel, Refused, Unroutable
+from pfo3.amqp.connection import (
+    QUEUE_FULL,
+    AckBatch,
+    Broker,
+    Delivery,
+    IChannel,
+    Refused,
+    Unroutable,
+)
 from pfo3.amqp.topology import Topology
 from pfo3.errors import BrokerUnavailable, Busy, InternalError, Pfo3Error
 from pfo3.executor import IExecutor, MaybeDeferredOutcome
@@ -210,8 +218,7 @@ class AMQPExecutor:
         if d is None:
             return
         if failure.check(Refused):
-            d.errback(Busy(
-                "La cola de tareas del broker está llena. Reintente más tarde."))
+            d.errback(Busy(QUEUE_FULL))
         elif failure.check(Unroutable):
             d.errback(BrokerUnavailable("El broker no tiene la cola de tareas."))
         else:

@@ -38,7 +38,15 @@ from twisted.python.failure import Failure
 
 from pfo3.amqp import messages
 from pfo3.amqp.batches import Batcher, Part, SharedAck
-from pfo3.amqp.connection import Broker, Delivery, IChannel, OrderedAcks, Refused, Unroutable
+from pfo3.amqp.connection import (
+    QUEUE_FULL,
+    Broker,
+    Delivery,
+    IChannel,
+    OrderedAcks,
+    Refused,
+    Unroutable,
+)
 from pfo3.amqp.topology import DEATH_REASON, Topology
 from pfo3.errors import Busy, DeliveryLimit, InternalError, Pfo3Error, TaskTimeout
 from pfo3.executor import IExecutor
@@ -199,11 +207,12 @@ class WorkerService(Service):
             if correlation_id in self._cancelled:
                 part.ack(delivery.tag)
                 continue
+            if isinstance(item, messages.BadMessage):
+                self._start(part, one, item)  # answered its error
+                continue
             try:
-                if isinstance(item, messages.BadMessage):
-                    raise item
                 body = messages.encode_item(item)
-            except ValueError as e:
+            except ValueError as e:  # JSON that cannot be written back (NaN)
                 self._start(part, one, messages.BadMessage(str(e)))
                 continue
             self._unacked += 1
@@ -215,8 +224,7 @@ class WorkerService(Service):
 
     def _not_split(self, f: Failure, channel: IChannel, part: Part, one: Delivery) -> None:
         if f.check(Refused):
-            self._fail(_Held(one, part), Busy(
-                "La cola de tareas del broker está llena. Reintente más tarde."))
+            self._fail(_Held(one, part), Busy(QUEUE_FULL))
         elif channel is self._channel:
             # Not a lost channel: the broker would not take it (no task
             # queue).  Answered, so that the batch is settled.
